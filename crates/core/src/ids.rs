@@ -1,0 +1,239 @@
+//! Identifiers. Each newtype has one checking constructor, so a value that exists is valid.
+
+use std::fmt;
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use crate::clock::Millis;
+
+/// Longest user id, in bytes. Long enough for UUIDs and app-scoped ids, short enough that a
+/// group of thousands stays a small request body.
+pub const USER_ID_LEN_MAX: usize = 64;
+/// Longest request id, in bytes: a UUID with a prefix fits.
+pub const REQUEST_ID_LEN_MAX: usize = 128;
+/// How many sets a packet id can name (10 bits).
+pub const SETS_MAX: u32 = 1 << SET_BITS;
+
+const SET_BITS: u32 = 10;
+const SEQ_BITS: u32 = 20;
+const TIME_BITS: u32 = 33;
+/// Packet ids count seconds from 2025-01-01T00:00:00Z; 33 bits last until the year 2297.
+const EPOCH_S: i64 = 1_735_689_600;
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum IdError {
+    #[error("user id must be 1 to {USER_ID_LEN_MAX} characters of [A-Za-z0-9_.-]")]
+    BadUserId,
+    #[error("packet id must be a positive decimal number")]
+    BadPacketId,
+    #[error("request_id must be 1 to {REQUEST_ID_LEN_MAX} printable ASCII characters")]
+    BadRequestId,
+}
+
+/// A user: 1 to 64 characters of `[A-Za-z0-9_.-]`. Cheap to clone: the engine keeps one
+/// allocation per user and shares it between wallets, claims and holds.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct UserId(Arc<str>);
+
+impl UserId {
+    pub fn parse(s: &str) -> Result<UserId, IdError> {
+        let ok = !s.is_empty()
+            && s.len() <= USER_ID_LEN_MAX
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+        if ok {
+            Ok(UserId(Arc::from(s)))
+        } else {
+            Err(IdError::BadUserId)
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The set that holds a user's wallet. The hash is xxh3, fixed forever: the data dir records
+/// the set count and refuses to start with another one.
+pub fn set_of_user(user: &UserId, sets: u32) -> u32 {
+    assert!(sets >= 1 && sets <= SETS_MAX, "set count out of range");
+    let h = xxhash_rust::xxh3::xxh3_64(user.as_str().as_bytes());
+    (h % u64::from(sets)) as u32
+}
+
+/// A client-chosen idempotency key: 1 to 128 printable ASCII characters.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RequestId(Arc<str>);
+
+impl RequestId {
+    pub fn parse(s: &str) -> Result<RequestId, IdError> {
+        let ok = !s.is_empty()
+            && s.len() <= REQUEST_ID_LEN_MAX
+            && s.bytes().all(|b| b.is_ascii_graphic());
+        if ok {
+            Ok(RequestId(Arc::from(s)))
+        } else {
+            Err(IdError::BadRequestId)
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A packet id carries its home: 33 bits of creation second, 10 bits of set, 20 bits of
+/// sequence within that second. It is positive in an `i64`, so every store keeps it as is, and
+/// it is written as a decimal string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PacketId(u64);
+
+impl PacketId {
+    pub fn parse(s: &str) -> Result<PacketId, IdError> {
+        if s.is_empty() || s.len() > 19 || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(IdError::BadPacketId);
+        }
+        let v: u64 = s.parse().map_err(|_| IdError::BadPacketId)?;
+        PacketId::from_raw(v)
+    }
+
+    /// Rebuilds an id read back from a store.
+    pub fn from_raw(v: u64) -> Result<PacketId, IdError> {
+        if v == 0 || v >> (TIME_BITS + SET_BITS + SEQ_BITS) != 0 {
+            return Err(IdError::BadPacketId);
+        }
+        Ok(PacketId(v))
+    }
+
+    pub fn raw(self) -> u64 {
+        self.0
+    }
+
+    /// The store's form: always fits, ids use 63 bits.
+    pub fn as_i64(self) -> i64 {
+        self.0 as i64
+    }
+
+    pub fn set(self) -> u32 {
+        ((self.0 >> SEQ_BITS) & u64::from(SETS_MAX - 1)) as u32
+    }
+
+    /// The second the packet was created, as Unix milliseconds.
+    pub fn created_s_ms(self) -> Millis {
+        ((self.0 >> (SEQ_BITS + SET_BITS)) as i64 + EPOCH_S) * 1000
+    }
+
+    fn compose(time_s: u64, set: u32, seq: u32) -> PacketId {
+        PacketId((time_s << (SEQ_BITS + SET_BITS)) | (u64::from(set) << SEQ_BITS) | u64::from(seq))
+    }
+}
+
+impl fmt::Display for PacketId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Hands out packet ids for one set, strictly increasing. When a second's 2^20 sequence
+/// numbers run out it borrows the next second, so ids never repeat even if the clock stalls or
+/// steps back.
+#[derive(Debug, Clone)]
+pub struct PacketIdGen {
+    set: u32,
+    last_s: u64,
+    next_seq: u32,
+}
+
+impl PacketIdGen {
+    /// `after` is the largest id this set has issued (from its store), if any.
+    pub fn new(set: u32, after: Option<PacketId>) -> PacketIdGen {
+        assert!(set < SETS_MAX, "set index out of range");
+        match after {
+            Some(id) => PacketIdGen {
+                set,
+                last_s: id.0 >> (SEQ_BITS + SET_BITS),
+                next_seq: (id.0 & ((1 << SEQ_BITS) - 1)) as u32 + 1,
+            },
+            None => PacketIdGen { set, last_s: 0, next_seq: 0 },
+        }
+    }
+
+    pub fn next(&mut self, now_ms: Millis) -> PacketId {
+        let now_s = u64::try_from(now_ms / 1000 - EPOCH_S).unwrap_or(0).max(1);
+        if now_s > self.last_s {
+            self.last_s = now_s;
+            self.next_seq = 0;
+        }
+        if self.next_seq >= 1 << SEQ_BITS {
+            self.last_s += 1;
+            self.next_seq = 0;
+        }
+        assert!(self.last_s < 1 << TIME_BITS, "packet id time overflow");
+        let id = PacketId::compose(self.last_s, self.set, self.next_seq);
+        self.next_seq += 1;
+        id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_ids() {
+        assert!(UserId::parse("alice_01.x-y").is_ok());
+        assert!(UserId::parse(&"a".repeat(64)).is_ok());
+        for bad in ["", "a b", "ä", "a/b", "a\n", &"a".repeat(65)] {
+            assert_eq!(UserId::parse(bad), Err(IdError::BadUserId), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn packet_ids_carry_set_and_time() {
+        let now_ms = 1_767_225_600_123; // 2026-01-01T00:00:00.123Z
+        let mut gen = PacketIdGen::new(7, None);
+        let a = gen.next(now_ms);
+        let b = gen.next(now_ms);
+        assert!(b > a);
+        assert_eq!(a.set(), 7);
+        assert_eq!(a.created_s_ms(), 1_767_225_600_000);
+        assert_eq!(PacketId::parse(&a.to_string()), Ok(a));
+        let mut resumed = PacketIdGen::new(7, Some(b));
+        assert!(resumed.next(now_ms - 5_000) > b, "a clock step back never reuses an id");
+    }
+
+    #[test]
+    fn packet_id_sequence_rollover_borrows_next_second() {
+        let mut gen = PacketIdGen::new(0, None);
+        let now_ms = 1_767_225_600_000;
+        let mut last = gen.next(now_ms);
+        for _ in 0..(1 << SEQ_BITS) {
+            let id = gen.next(now_ms);
+            assert!(id > last);
+            last = id;
+        }
+        assert_eq!(last.created_s_ms(), now_ms + 1000);
+    }
+
+    #[test]
+    fn bad_packet_ids() {
+        for bad in ["", "0", "-1", "1.5", "abc", "99999999999999999999", "18446744073709551615"] {
+            assert_eq!(PacketId::parse(bad), Err(IdError::BadPacketId), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn set_of_user_is_stable() {
+        let u = UserId::parse("alice").unwrap();
+        assert_eq!(set_of_user(&u, 1), 0);
+        let s = set_of_user(&u, 4);
+        assert_eq!(s, set_of_user(&u, 4));
+        assert!(s < 4);
+    }
+}

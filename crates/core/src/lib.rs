@@ -1,0 +1,21 @@
+//! hongbao-core: the vocabulary of a red packet service and its rules.
+//!
+//! Money, ids, the packet state machine and the amount rules live here. This crate is pure:
+//! it never does I/O, never reads the clock and never draws from an unseeded random source.
+//! Time and randomness come in as arguments, so every outcome can be replayed from its inputs.
+
+pub mod amount;
+pub mod clock;
+pub mod ids;
+pub mod limits;
+pub mod money;
+pub mod packet;
+
+pub use amount::{equal_share, lucky_share};
+pub use clock::{Clock, ManualClock, Millis, SystemClock};
+pub use ids::{set_of_user, IdError, PacketId, PacketIdGen, RequestId, UserId};
+pub use limits::{Limits, SendError, SendRequest, ValidSend};
+pub use money::{Amount, AmountError};
+pub use packet::{
+    Audience, BestLuck, Claim, ClaimError, GrabOutcome, Kind, OpenOutcome, Packet, PacketStatus,
+};

@@ -1,0 +1,409 @@
+//! The packet state machine: send, grab (reserve with a hold), open (settle), claim (both),
+//! hold timeout, expiry with a single refund, and best luck.
+//!
+//! Expected outcomes that turn a user away (not eligible, exhausted, expired, not grabbed) are
+//! `ClaimError` values. A broken invariant (DESIGN.md §2 items 2–5) is a bug and panics.
+
+use std::collections::HashMap;
+
+use thiserror::Error;
+
+use crate::amount::{equal_share, lucky_share};
+use crate::clock::Millis;
+use crate::ids::{PacketId, UserId};
+use crate::limits::ValidSend;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Lucky,
+    Equal,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Lucky => "lucky",
+            Kind::Equal => "equal",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        match s {
+            "lucky" => Some(Kind::Lucky),
+            "equal" => Some(Kind::Equal),
+            _ => None,
+        }
+    }
+}
+
+/// Who may claim: a group (sorted, without duplicates; one user is a 1:1 packet) or anyone.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Audience {
+    Users(Box<[UserId]>),
+    Anyone,
+}
+
+impl Audience {
+    pub fn users(users: impl IntoIterator<Item = UserId>) -> Audience {
+        let mut v: Vec<UserId> = users.into_iter().collect();
+        v.sort_unstable();
+        v.dedup();
+        Audience::Users(v.into_boxed_slice())
+    }
+
+    pub fn admits(&self, user: &UserId) -> bool {
+        match self {
+            Audience::Anyone => true,
+            Audience::Users(users) => users.binary_search(user).is_ok(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PacketStatus {
+    /// Open for grabs until it is fully opened or expires.
+    Active,
+    /// Every share is opened.
+    Exhausted,
+    /// Closed by expiry; what was left went back to the sender.
+    Expired,
+}
+
+impl PacketStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PacketStatus::Active => "active",
+            PacketStatus::Exhausted => "exhausted",
+            PacketStatus::Expired => "expired",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<PacketStatus> {
+        match s {
+            "active" => Some(PacketStatus::Active),
+            "exhausted" => Some(PacketStatus::Exhausted),
+            "expired" => Some(PacketStatus::Expired),
+            _ => None,
+        }
+    }
+}
+
+/// A settled share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub user: UserId,
+    pub amount_fen: i64,
+    pub at_ms: Millis,
+    /// Position among the packet's shares, from 0.
+    pub index: u32,
+}
+
+pub type BestLuck = Claim;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum ClaimError {
+    #[error("not in this packet's audience")]
+    NotEligible,
+    #[error("every share of this packet is taken")]
+    Exhausted,
+    #[error("this packet has expired")]
+    Expired,
+    #[error("no live grab to open: grab first")]
+    NotGrabbed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrabOutcome {
+    /// A share is reserved for the user until the hold expires.
+    Grabbed { hold_expires_at_ms: Millis },
+    /// The user had opened a share already.
+    AlreadyOpened(Claim),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenOutcome {
+    pub claim: Claim,
+    /// False when the user asked again for a share settled earlier: no money moves.
+    pub fresh: bool,
+}
+
+/// What never changes after a send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PacketHeader {
+    pub id: PacketId,
+    pub sender: UserId,
+    pub kind: Kind,
+    pub total_fen: i64,
+    pub count: u32,
+    pub audience: Audience,
+    pub greeting: String,
+    pub created_at_ms: Millis,
+    pub expires_at_ms: Millis,
+    /// Seed of the per-packet random source that decides lucky amounts.
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Packet {
+    header: PacketHeader,
+    status: PacketStatus,
+    opened_count: u32,
+    opened_fen: i64,
+    refunded_fen: i64,
+    claims: HashMap<UserId, Claim>,
+    /// Live reservations: user → when the hold lapses. Not stored: a restart drops holds, which
+    /// moves no money and only puts the shares back in the pool.
+    holds: HashMap<UserId, Millis>,
+    best: Option<Claim>,
+}
+
+impl Packet {
+    pub fn new(id: PacketId, send: &ValidSend, now_ms: Millis, seed: u64) -> Packet {
+        let header = PacketHeader {
+            id,
+            sender: send.sender.clone(),
+            kind: send.kind,
+            total_fen: send.total.fen(),
+            count: send.count,
+            audience: send.audience.clone(),
+            greeting: send.greeting.clone(),
+            created_at_ms: now_ms,
+            expires_at_ms: now_ms + send.expires_in_s * 1000,
+            seed,
+        };
+        Packet::restore(header, PacketStatus::Active, 0, Vec::new())
+    }
+
+    /// Rebuilds a packet from what a store holds, checking that it adds up.
+    pub fn restore(
+        header: PacketHeader,
+        status: PacketStatus,
+        refunded_fen: i64,
+        claims: Vec<Claim>,
+    ) -> Packet {
+        let mut p = Packet {
+            header,
+            status,
+            opened_count: 0,
+            opened_fen: 0,
+            refunded_fen,
+            claims: HashMap::with_capacity(claims.len()),
+            holds: HashMap::new(),
+            best: None,
+        };
+        let mut claims = claims;
+        claims.sort_by_key(|c| c.index);
+        for c in claims {
+            p.opened_count += 1;
+            p.opened_fen = p.opened_fen.checked_add(c.amount_fen).expect("opened sum overflows");
+            p.note_best(&c);
+            let dup = p.claims.insert(c.user.clone(), c);
+            assert!(dup.is_none(), "a user holds two shares of packet {}", p.header.id);
+        }
+        p.check_invariants();
+        p
+    }
+
+    pub fn header(&self) -> &PacketHeader {
+        &self.header
+    }
+
+    pub fn id(&self) -> PacketId {
+        self.header.id
+    }
+
+    pub fn status(&self) -> PacketStatus {
+        self.status
+    }
+
+    pub fn opened_count(&self) -> u32 {
+        self.opened_count
+    }
+
+    pub fn opened_fen(&self) -> i64 {
+        self.opened_fen
+    }
+
+    pub fn refunded_fen(&self) -> i64 {
+        self.refunded_fen
+    }
+
+    pub fn remaining_fen(&self) -> i64 {
+        self.header.total_fen - self.opened_fen
+    }
+
+    pub fn remaining_count(&self) -> u32 {
+        self.header.count - self.opened_count
+    }
+
+    /// Money still held for this packet: neither paid out nor refunded.
+    pub fn escrow_fen(&self) -> i64 {
+        self.header.total_fen - self.opened_fen - self.refunded_fen
+    }
+
+    pub fn claim_of(&self, user: &UserId) -> Option<&Claim> {
+        self.claims.get(user)
+    }
+
+    pub fn claims(&self) -> impl Iterator<Item = &Claim> {
+        self.claims.values()
+    }
+
+    /// The largest share once every share is opened; ties go to the earliest.
+    pub fn best_luck(&self) -> Option<&Claim> {
+        match self.status {
+            PacketStatus::Exhausted => self.best.as_ref(),
+            _ => None,
+        }
+    }
+
+    pub fn is_due(&self, now_ms: Millis) -> bool {
+        self.status == PacketStatus::Active && now_ms >= self.header.expires_at_ms
+    }
+
+    /// Closes a due packet and returns the refund owed to the sender, exactly once.
+    pub fn expire(&mut self, now_ms: Millis) -> Option<i64> {
+        if !self.is_due(now_ms) {
+            return None;
+        }
+        let refund = self.remaining_fen();
+        assert!(refund >= 1, "an active packet always has something left");
+        self.status = PacketStatus::Expired;
+        self.refunded_fen = refund;
+        self.holds.clear();
+        self.check_invariants();
+        Some(refund)
+    }
+
+    /// Checks shared by grab, open and claim; `Ok(Some)` is a share the user already has.
+    fn admit(&self, user: &UserId, now_ms: Millis) -> Result<Option<Claim>, ClaimError> {
+        if let Some(c) = self.claims.get(user) {
+            return Ok(Some(c.clone()));
+        }
+        if !self.header.audience.admits(user) {
+            return Err(ClaimError::NotEligible);
+        }
+        if self.status == PacketStatus::Expired || now_ms >= self.header.expires_at_ms {
+            return Err(ClaimError::Expired);
+        }
+        if self.status == PacketStatus::Exhausted {
+            return Err(ClaimError::Exhausted);
+        }
+        Ok(None)
+    }
+
+    /// Whether a share is free for someone without a hold, dropping lapsed holds if needed.
+    fn has_free_share(&mut self, now_ms: Millis) -> bool {
+        let taken = |p: &Packet| p.opened_count as usize + p.holds.len();
+        if taken(self) < self.header.count as usize {
+            return true;
+        }
+        self.holds.retain(|_, until| *until > now_ms);
+        taken(self) < self.header.count as usize
+    }
+
+    pub fn grab(&mut self, user: &UserId, now_ms: Millis, hold_ms: i64) -> Result<GrabOutcome, ClaimError> {
+        if let Some(c) = self.admit(user, now_ms)? {
+            return Ok(GrabOutcome::AlreadyOpened(c));
+        }
+        if let Some(until) = self.holds.get(user) {
+            if *until > now_ms {
+                return Ok(GrabOutcome::Grabbed { hold_expires_at_ms: *until });
+            }
+            self.holds.remove(user);
+        }
+        if !self.has_free_share(now_ms) {
+            return Err(ClaimError::Exhausted);
+        }
+        let until = now_ms + hold_ms;
+        self.holds.insert(user.clone(), until);
+        Ok(GrabOutcome::Grabbed { hold_expires_at_ms: until })
+    }
+
+    pub fn open(&mut self, user: &UserId, now_ms: Millis) -> Result<OpenOutcome, ClaimError> {
+        if let Some(claim) = self.admit(user, now_ms)? {
+            return Ok(OpenOutcome { claim, fresh: false });
+        }
+        match self.holds.remove(user) {
+            Some(until) if until > now_ms => Ok(OpenOutcome { claim: self.settle(user, now_ms), fresh: true }),
+            _ => Err(ClaimError::NotGrabbed),
+        }
+    }
+
+    pub fn claim(&mut self, user: &UserId, now_ms: Millis) -> Result<OpenOutcome, ClaimError> {
+        if let Some(claim) = self.admit(user, now_ms)? {
+            return Ok(OpenOutcome { claim, fresh: false });
+        }
+        let held = matches!(self.holds.remove(user), Some(until) if until > now_ms);
+        if !held && !self.has_free_share(now_ms) {
+            return Err(ClaimError::Exhausted);
+        }
+        Ok(OpenOutcome { claim: self.settle(user, now_ms), fresh: true })
+    }
+
+    fn settle(&mut self, user: &UserId, now_ms: Millis) -> Claim {
+        assert_eq!(self.status, PacketStatus::Active);
+        let rc = self.remaining_count();
+        let ra = self.remaining_fen();
+        assert!(rc >= 1, "settling a share of a packet with none left");
+        let index = self.opened_count;
+        let amount_fen = match self.header.kind {
+            Kind::Equal => equal_share(self.header.total_fen, self.header.count),
+            Kind::Lucky => lucky_share(self.header.seed, index, ra, rc),
+        };
+        // DESIGN.md §2.3 and §2.4: at least 1 fen, at most twice the remaining average unless last.
+        assert!(amount_fen >= 1 && amount_fen <= ra, "share {amount_fen} out of [1, {ra}]");
+        if self.header.kind == Kind::Lucky && rc > 1 {
+            assert!(amount_fen <= ra * 2 / i64::from(rc), "double-average rule broken");
+        }
+        let claim = Claim { user: user.clone(), amount_fen, at_ms: now_ms, index };
+        self.opened_count += 1;
+        self.opened_fen += amount_fen;
+        self.note_best(&claim);
+        self.claims.insert(user.clone(), claim.clone());
+        if self.opened_count == self.header.count {
+            self.status = PacketStatus::Exhausted;
+            self.holds.clear();
+        }
+        self.check_invariants();
+        claim
+    }
+
+    fn note_best(&mut self, c: &Claim) {
+        let better = match &self.best {
+            None => true,
+            Some(b) => c.amount_fen > b.amount_fen || (c.amount_fen == b.amount_fen && c.index < b.index),
+        };
+        if better {
+            self.best = Some(c.clone());
+        }
+    }
+
+    /// DESIGN.md §2 items 2 and 3 for this packet.
+    fn check_invariants(&self) {
+        let h = &self.header;
+        assert!(self.opened_count <= h.count, "packet {} paid more shares than count", h.id);
+        assert_eq!(self.opened_count as usize, self.claims.len());
+        assert!(self.opened_fen <= h.total_fen, "packet {} paid more than its total", h.id);
+        assert!(self.refunded_fen >= 0 && self.escrow_fen() >= 0);
+        assert!(
+            self.opened_fen >= i64::from(self.opened_count),
+            "packet {} has a share under 1 fen",
+            h.id
+        );
+        match self.status {
+            PacketStatus::Active => {
+                assert!(self.opened_count < h.count && self.refunded_fen == 0);
+                assert!(self.remaining_fen() >= i64::from(self.remaining_count()));
+            }
+            PacketStatus::Exhausted => {
+                assert_eq!(self.opened_count, h.count);
+                assert_eq!(self.opened_fen, h.total_fen, "packet {} shares do not sum to its total", h.id);
+                assert_eq!(self.refunded_fen, 0);
+            }
+            PacketStatus::Expired => {
+                assert_eq!(self.escrow_fen(), 0, "packet {} expired with money in escrow", h.id);
+            }
+        }
+    }
+}
