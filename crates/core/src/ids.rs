@@ -148,6 +148,7 @@ pub struct PacketIdGen {
     set: u32,
     last_s: u64,
     next_seq: u32,
+    last: Option<PacketId>,
 }
 
 impl PacketIdGen {
@@ -159,8 +160,9 @@ impl PacketIdGen {
                 set,
                 last_s: id.0 >> (SEQ_BITS + SET_BITS),
                 next_seq: (id.0 & ((1 << SEQ_BITS) - 1)) as u32 + 1,
+                last: Some(id),
             },
-            None => PacketIdGen { set, last_s: 0, next_seq: 0 },
+            None => PacketIdGen { set, last_s: 0, next_seq: 0, last: None },
         }
     }
 
@@ -177,7 +179,13 @@ impl PacketIdGen {
         assert!(self.last_s < 1 << TIME_BITS, "packet id time overflow");
         let id = PacketId::compose(self.last_s, self.set, self.next_seq);
         self.next_seq += 1;
+        self.last = Some(id);
         id
+    }
+
+    /// The largest id handed out so far: any larger id of this set does not exist.
+    pub fn last_issued(&self) -> Option<PacketId> {
+        self.last
     }
 }
 

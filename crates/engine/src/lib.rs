@@ -1,1 +1,13 @@
+//! hongbao-engine: sets, each one thread that owns its wallets and packets.
+//!
+//! Commands reach a set through a bounded queue; the set applies them in memory in batches,
+//! commits each batch in one store transaction, and only then replies (DESIGN.md §3). The
+//! engine never parses HTTP or JSON and never blocks an async task: callers await a reply.
 
+mod engine;
+mod queries;
+mod reply;
+mod set;
+
+pub use engine::{Engine, EngineConfig};
+pub use reply::*;

@@ -1,1 +1,288 @@
+//! hongbao-store: where a set's state is made durable, and where queries read it back.
+//!
+//! A set engine owns one [`Store`] (its write side) and commits each batch of effects in one
+//! transaction through it. Queries (history, details, balances) go through a [`Reader`], on
+//! connections of their own, never through the engine's queue. This crate never decides
+//! anything about money: it writes what the engine computed and reads back what was written.
 
+mod sqlite;
+
+pub use sqlite::{open_sqlite, SqliteReader, SqliteStore};
+
+use hongbao_core::packet::PacketHeader;
+use hongbao_core::{Claim, Millis, Packet, PacketId, PacketStatus, UserId};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// The store could not do its job (disk full, I/O error, lost connection). The engine
+    /// treats this as fail-stop for the set: nothing in the batch was acknowledged.
+    #[error("store I/O failed: {0}")]
+    Io(String),
+    /// The data on disk is not what this build can use (newer schema, other set count).
+    #[error("store is incompatible: {0}")]
+    Incompatible(String),
+    /// Rows that break an invariant were read back: a bug, or tampering.
+    #[error("store holds corrupt data: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// What moved a wallet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EntryKind {
+    Deposit,
+    Withdraw,
+    /// Money left the wallet into a packet's escrow.
+    Send,
+    /// A share of someone's packet was credited.
+    Claim,
+    /// The unclaimed rest of an expired packet came back.
+    Refund,
+}
+
+impl EntryKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryKind::Deposit => "deposit",
+            EntryKind::Withdraw => "withdraw",
+            EntryKind::Send => "send",
+            EntryKind::Claim => "claim",
+            EntryKind::Refund => "refund",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<EntryKind> {
+        Some(match s {
+            "deposit" => EntryKind::Deposit,
+            "withdraw" => EntryKind::Withdraw,
+            "send" => EntryKind::Send,
+            "claim" => EntryKind::Claim,
+            "refund" => EntryKind::Refund,
+            _ => return None,
+        })
+    }
+}
+
+/// One line of a wallet's history. `amount_fen` is always positive; `kind` says the direction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub user: UserId,
+    pub kind: EntryKind,
+    pub amount_fen: i64,
+    pub packet_id: Option<PacketId>,
+    pub at_ms: Millis,
+}
+
+/// An entry read back, with the id that orders a wallet's history (and pages it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryRow {
+    pub id: i64,
+    pub kind: EntryKind,
+    pub amount_fen: i64,
+    pub packet_id: Option<PacketId>,
+    pub at_ms: Millis,
+}
+
+/// The mutable part of a packet row, written whenever a batch changed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PacketUpdate {
+    pub id: PacketId,
+    pub status: PacketStatus,
+    pub opened_count: u32,
+    pub opened_fen: i64,
+    pub refunded_fen: i64,
+    /// Set once the packet is exhausted.
+    pub best: Option<(UserId, i64)>,
+}
+
+/// A settled share to record under its packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimRow {
+    pub packet_id: PacketId,
+    pub claim: Claim,
+}
+
+/// A credit owed to a wallet in another set. `seq` counts from 1 per (source set, target
+/// set); the target applies each seq once, in order, and remembers the last one applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxItem {
+    pub target_set: u32,
+    pub seq: u64,
+    pub user: UserId,
+    pub amount_fen: i64,
+    pub packet_id: PacketId,
+    pub at_ms: Millis,
+}
+
+/// What an idempotent request returned the first time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdemResult {
+    Deposit { balance_fen: i64 },
+    Withdraw { balance_fen: i64 },
+    Send { packet_id: PacketId },
+}
+
+/// An idempotency record: key (user, request_id), the fingerprint of the request body, and
+/// the first result. Kept for the engine's retention window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdemRecord {
+    pub user: UserId,
+    pub request_id: String,
+    pub fingerprint: u64,
+    pub result: IdemResult,
+    pub at_ms: Millis,
+}
+
+/// Running totals of money that entered and left through this set's wallets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub deposits_fen: i64,
+    pub withdrawals_fen: i64,
+}
+
+/// Everything one engine batch changed, written in one transaction.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    /// Final balances of the wallets the batch touched (upsert).
+    pub wallets: Vec<(UserId, i64)>,
+    pub entries: Vec<Entry>,
+    /// New packets (with their audience) in their initial state.
+    pub new_packets: Vec<PacketHeader>,
+    pub packet_updates: Vec<PacketUpdate>,
+    pub claims: Vec<ClaimRow>,
+    pub outbox_new: Vec<OutboxItem>,
+    /// (target set, seq): every outbox row to that target up to seq was applied there.
+    pub outbox_acked: Vec<(u32, u64)>,
+    /// (source set, seq): the last credit applied from that source.
+    pub watermarks: Vec<(u32, u64)>,
+    pub idempotency: Vec<IdemRecord>,
+    /// The new running totals, when the batch moved them.
+    pub totals: Option<Totals>,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.wallets.is_empty()
+            && self.entries.is_empty()
+            && self.new_packets.is_empty()
+            && self.packet_updates.is_empty()
+            && self.claims.is_empty()
+            && self.outbox_new.is_empty()
+            && self.outbox_acked.is_empty()
+            && self.watermarks.is_empty()
+            && self.idempotency.is_empty()
+            && self.totals.is_none()
+    }
+}
+
+/// What a set reads on start to rebuild its memory.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub wallets: Vec<(UserId, i64)>,
+    /// Packets still `active`, with their claims.
+    pub active_packets: Vec<Packet>,
+    /// The largest packet id this set has issued.
+    pub max_packet_id: Option<PacketId>,
+    /// Idempotency records at or after the retention cut-off given to `load`.
+    pub idempotency: Vec<IdemRecord>,
+    /// Credits not yet acknowledged by their target set, in seq order per target.
+    pub outbox_pending: Vec<OutboxItem>,
+    /// (target set, last seq issued), including acknowledged rows.
+    pub outbox_last_seq: Vec<(u32, u64)>,
+    /// (source set, last seq applied).
+    pub watermarks: Vec<(u32, u64)>,
+    pub totals: Totals,
+    /// Sum of escrow of active packets, as the store computes it (checked against memory).
+    pub escrow_fen: i64,
+}
+
+/// Sums the audit compares with the engine's own figures.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreSums {
+    pub balances_fen: i64,
+    pub escrow_fen: i64,
+    pub totals: Totals,
+    pub outbox_pending: Vec<OutboxItem>,
+    pub watermarks: Vec<(u32, u64)>,
+}
+
+/// The write side of one set's store. Owned by the set's engine thread; never shared.
+pub trait Store: Send + 'static {
+    /// Reads the whole state the set needs in memory; idempotency records older than
+    /// `idempotency_since_ms` are left out (and may be pruned).
+    fn load(&mut self, idempotency_since_ms: Millis) -> Result<Loaded>;
+
+    /// Writes one batch in one durable transaction: when this returns `Ok`, it survives
+    /// `kill -9` and power loss. On `Err`, nothing of the batch is visible.
+    fn commit(&mut self, batch: &Batch) -> Result<()>;
+
+    /// Reads one packet (with claims) that is no longer in memory, e.g. closed long ago.
+    fn packet(&mut self, id: PacketId) -> Result<Option<Packet>>;
+
+    /// Sums for the audit, read in one consistent snapshot.
+    fn sums(&mut self) -> Result<StoreSums>;
+}
+
+/// A packet as queries see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PacketRow {
+    pub header: PacketHeader,
+    pub status: PacketStatus,
+    pub opened_count: u32,
+    pub opened_fen: i64,
+    pub refunded_fen: i64,
+    pub best: Option<(UserId, i64)>,
+}
+
+/// A page of `received` history: the totals cover the whole year, not just the page.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReceivedPage {
+    pub count: u64,
+    pub total_fen: i64,
+    pub items: Vec<EntryRow>,
+}
+
+/// A page of `sent` history.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SentPage {
+    pub count: u64,
+    pub total_fen: i64,
+    pub items: Vec<PacketRow>,
+}
+
+/// The read side of one set's store: shareable, blocking, on its own connections.
+/// Time ranges are `[from_ms, to_ms)`. Cursors are exclusive: pages go newest first, and a
+/// cursor is the id of the last item of the previous page.
+pub trait Reader: Send + Sync + 'static {
+    fn balance(&self, user: &UserId) -> Result<Option<i64>>;
+    fn entries(&self, user: &UserId, before_id: Option<i64>, limit: u32) -> Result<Vec<EntryRow>>;
+    fn packet(&self, id: PacketId) -> Result<Option<PacketRow>>;
+    /// A packet's claims in opening order, from share index `after_index + 1`.
+    fn claims(&self, id: PacketId, after_index: Option<u32>, limit: u32) -> Result<Vec<Claim>>;
+    /// Packets sent by `user` created in the range, newest first, before packet id `before`.
+    fn sent(&self, user: &UserId, from_ms: Millis, to_ms: Millis, before: Option<PacketId>, limit: u32)
+        -> Result<SentPage>;
+    /// Claim credits to `user`'s wallet in the range, newest first, before entry id `before`.
+    fn received(&self, user: &UserId, from_ms: Millis, to_ms: Millis, before: Option<i64>, limit: u32)
+        -> Result<ReceivedPage>;
+    /// How many exhausted packets of this set created in the range have `user` as best luck.
+    fn best_luck_count(&self, user: &UserId, from_ms: Millis, to_ms: Millis) -> Result<u64>;
+
+    /// One user's share of a packet. The default pages through the claims; a store with an
+    /// index on (packet, user) answers it in one lookup.
+    fn claim_of(&self, id: PacketId, user: &UserId) -> Result<Option<Claim>> {
+        let mut after = None;
+        loop {
+            let page = self.claims(id, after, 1_000)?;
+            if let Some(c) = page.iter().find(|c| &c.user == user) {
+                return Ok(Some(c.clone()));
+            }
+            match page.last() {
+                Some(last) if page.len() == 1_000 => after = Some(last.index),
+                _ => return Ok(None),
+            }
+        }
+    }
+}

@@ -1,0 +1,350 @@
+//! The engine handle: starts the sets, routes each command to its set and awaits the reply.
+//!
+//! Routing: a wallet lives in set hash(user) mod S; a packet in the set its id names (its
+//! sender's wallet set). The handle never blocks an async task: commands go in with
+//! `try_send`, and a full queue is an immediate `Overloaded`.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Sender, TrySendError};
+use hongbao_core::{set_of_user, Amount, Clock, Limits, PacketId, RequestId, UserId, ValidSend};
+use hongbao_store::{Reader, Store};
+use tokio::sync::oneshot;
+
+use crate::reply::*;
+use crate::set::{self, Command, SetContext};
+
+/// How the engine runs. Every bound has a reason in its doc.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Sets on this node (≥ 1). Fixed for the life of a data dir: a user's wallet set is
+    /// hash(user) mod sets.
+    pub sets: u32,
+    /// Where the SQLite files live, one per set.
+    pub data_dir: PathBuf,
+    pub limits: Limits,
+    /// Commands waiting per set. A full queue refuses new work at once (503) instead of
+    /// letting latency grow without bound.
+    pub queue_depth: usize,
+    /// Most commands applied and committed in one batch: bounds commit latency and memory.
+    pub batch_max: usize,
+    /// How long a request_id is remembered.
+    pub idempotency_retention_s: i64,
+    /// Seed for packet seeds; `None` draws one from the operating system.
+    pub seed: Option<u64>,
+}
+
+impl EngineConfig {
+    pub fn new(data_dir: PathBuf) -> EngineConfig {
+        EngineConfig {
+            sets: 1,
+            data_dir,
+            limits: Limits::default(),
+            queue_depth: 16_384,
+            batch_max: 2_048,
+            idempotency_retention_s: 24 * 3600,
+            seed: None,
+        }
+    }
+}
+
+/// A cheap, cloneable handle to the running sets.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: EngineConfig,
+    queues: Vec<Sender<Command>>,
+    readers: Vec<Arc<dyn Reader>>,
+    ready: Vec<Arc<AtomicBool>>,
+    /// Set once shutdown begins: new commands are refused.
+    stopping: AtomicBool,
+    /// Set threads, joined at shutdown. Guarded by a std mutex, never held across `.await`.
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// One audit at a time: an audit pauses every set. Held across `.await` by design.
+    audit_lock: tokio::sync::Mutex<()>,
+}
+
+impl Engine {
+    /// Opens (or creates) one SQLite store per set under the data dir, rebuilds each set's
+    /// memory from it and starts the set threads. Blocks until every set has loaded.
+    pub fn start(config: EngineConfig, clock: Arc<dyn Clock>) -> Result<Engine, String> {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| format!("cannot create data dir {}: {e}", config.data_dir.display()))?;
+        check_no_extra_sets(&config)?;
+        let mut stores: Vec<(Box<dyn Store>, Arc<dyn Reader>)> = Vec::new();
+        for set in 0..config.sets {
+            let (store, reader) = hongbao_store::open_sqlite(&config.data_dir, set, config.sets)
+                .map_err(|e| format!("set {set}: {e}"))?;
+            stores.push((Box::new(store), Arc::new(reader)));
+        }
+        Engine::start_with(config, stores, clock)
+    }
+
+    /// Starts the sets on stores opened by the caller (tests, other store kinds).
+    pub fn start_with(
+        config: EngineConfig,
+        stores: Vec<(Box<dyn Store>, Arc<dyn Reader>)>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Engine, String> {
+        assert_eq!(stores.len(), config.sets as usize, "one store per set");
+        if config.sets == 0 || config.sets > hongbao_core::ids::SETS_MAX {
+            return Err(format!("sets must be between 1 and {}", hongbao_core::ids::SETS_MAX));
+        }
+        let seed = config.seed.unwrap_or_else(rand::random);
+        let mut queues = Vec::new();
+        let mut receivers = Vec::new();
+        for _ in 0..config.sets {
+            let (tx, rx) = crossbeam_channel::bounded(config.queue_depth);
+            queues.push(tx);
+            receivers.push(rx);
+        }
+        let mut readers = Vec::new();
+        let mut ready = Vec::new();
+        let mut threads = Vec::new();
+        let mut started = Vec::new();
+        for (set, ((store, reader), rx)) in stores.into_iter().zip(receivers).enumerate() {
+            let flag = Arc::new(AtomicBool::new(false));
+            let ctx = SetContext {
+                set: set as u32,
+                sets: config.sets,
+                limits: config.limits.clone(),
+                batch_max: config.batch_max,
+                idempotency_retention_ms: config.idempotency_retention_s * 1000,
+                clock: clock.clone(),
+                seed,
+                peers: queues.clone(),
+                ready: flag.clone(),
+            };
+            let (tx, started_rx) = std::sync::mpsc::channel();
+            let handle = std::thread::Builder::new()
+                .name(format!("hongbao-set-{set}"))
+                .spawn(move || set::run(ctx, store, rx, tx))
+                .map_err(|e| format!("cannot start set thread: {e}"))?;
+            readers.push(reader);
+            ready.push(flag);
+            threads.push(handle);
+            started.push(started_rx);
+        }
+        for rx in started {
+            rx.recv().map_err(|_| "a set thread died while loading".to_string())??;
+        }
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                config,
+                queues,
+                readers,
+                ready,
+                stopping: AtomicBool::new(false),
+                threads: Mutex::new(threads),
+                audit_lock: tokio::sync::Mutex::new(()),
+            }),
+        })
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.inner.config.limits
+    }
+
+    pub fn sets(&self) -> u32 {
+        self.inner.config.sets
+    }
+
+    pub fn status(&self) -> Vec<SetStatus> {
+        (0..self.inner.config.sets)
+            .map(|set| SetStatus {
+                set,
+                queue_depth: self.inner.queues[set as usize].len(),
+                ready: self.inner.ready[set as usize].load(Ordering::SeqCst)
+                    && !self.inner.stopping.load(Ordering::SeqCst),
+            })
+            .collect()
+    }
+
+    pub(crate) fn reader(&self, set: u32) -> Arc<dyn Reader> {
+        self.inner.readers[set as usize].clone()
+    }
+
+    pub(crate) fn readers(&self) -> &[Arc<dyn Reader>] {
+        &self.inner.readers
+    }
+
+    pub(crate) fn user_set(&self, user: &UserId) -> u32 {
+        set_of_user(user, self.inner.config.sets)
+    }
+
+    /// Sends a command to a set and awaits its reply.
+    async fn call<T>(&self, set: u32, make: impl FnOnce(set::Reply<T>) -> Command) -> Result<T, EngineError> {
+        if self.inner.stopping.load(Ordering::Relaxed) {
+            return Err(EngineError::Unavailable);
+        }
+        let (tx, rx) = oneshot::channel();
+        match self.inner.queues[set as usize].try_send(make(tx)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                metrics::counter!("hongbao_overloaded_total").increment(1);
+                return Err(EngineError::Overloaded);
+            }
+            Err(TrySendError::Disconnected(_)) => return Err(EngineError::Unavailable),
+        }
+        // A dropped reply sender means the set stopped before applying the command.
+        rx.await.unwrap_or(Err(EngineError::Unavailable))
+    }
+
+    fn packet_set(&self, packet: PacketId) -> Result<u32, EngineError> {
+        let set = packet.set();
+        if set < self.inner.config.sets {
+            Ok(set)
+        } else {
+            Err(EngineError::NotFound)
+        }
+    }
+
+    pub async fn deposit(&self, user: UserId, amount: Amount, request_id: RequestId) -> Result<WalletReply, EngineError> {
+        let set = self.user_set(&user);
+        self.call(set, |reply| Command::Deposit { user, amount, request_id, reply }).await
+    }
+
+    pub async fn withdraw(&self, user: UserId, amount: Amount, request_id: RequestId) -> Result<WalletReply, EngineError> {
+        let set = self.user_set(&user);
+        self.call(set, |reply| Command::Withdraw { user, amount, request_id, reply }).await
+    }
+
+    pub async fn send(&self, send: ValidSend) -> Result<PacketSummary, EngineError> {
+        let set = self.user_set(&send.sender);
+        self.call(set, |reply| Command::Send { send, reply }).await
+    }
+
+    pub async fn grab(&self, packet: PacketId, user: UserId) -> Result<GrabReply, EngineError> {
+        let set = self.packet_set(packet)?;
+        self.call(set, |reply| Command::Grab { packet, user, reply }).await
+    }
+
+    pub async fn open(&self, packet: PacketId, user: UserId) -> Result<ClaimReply, EngineError> {
+        let set = self.packet_set(packet)?;
+        self.call(set, |reply| Command::Open { packet, user, reply }).await
+    }
+
+    pub async fn claim(&self, packet: PacketId, user: UserId) -> Result<ClaimReply, EngineError> {
+        let set = self.packet_set(packet)?;
+        self.call(set, |reply| Command::Claim { packet, user, reply }).await
+    }
+
+    /// Checks conservation across every set (DESIGN.md §2.1). Each set pauses at a batch
+    /// boundary and stays paused until every set has given its snapshot, so money moving
+    /// between sets is counted exactly once: a credit is in flight while its seq is above the
+    /// target set's watermark for its source.
+    pub async fn audit(&self) -> Result<AuditReport, EngineError> {
+        let _one_at_a_time = self.inner.audit_lock.lock().await;
+        let mut resumes = Vec::new();
+        let mut snapshots = Vec::new();
+        for set in 0..self.inner.config.sets {
+            let (snap_tx, snap_rx) = oneshot::channel();
+            let (resume_tx, resume_rx) = oneshot::channel();
+            let mut cmd = Command::Audit { snapshot: snap_tx, resume: resume_rx };
+            // Control commands wait for room rather than being refused.
+            loop {
+                if self.inner.stopping.load(Ordering::Relaxed) {
+                    return Err(EngineError::Unavailable);
+                }
+                match self.inner.queues[set as usize].try_send(cmd) {
+                    Ok(()) => break,
+                    Err(TrySendError::Full(c)) => {
+                        cmd = c;
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    Err(TrySendError::Disconnected(_)) => return Err(EngineError::Unavailable),
+                }
+            }
+            resumes.push(resume_tx);
+            snapshots.push(snap_rx);
+        }
+        let mut snaps = Vec::new();
+        for rx in snapshots {
+            match rx.await {
+                Ok(Ok(s)) => snaps.push(s),
+                Ok(Err(e)) => return Err(EngineError::Store(e)),
+                Err(_) => return Err(EngineError::Unavailable),
+            }
+        }
+        drop(resumes);
+        let mut r = AuditReport {
+            ok: true,
+            deposits_fen: 0,
+            withdrawals_fen: 0,
+            balances_fen: 0,
+            escrow_fen: 0,
+            in_flight_fen: 0,
+            problems: Vec::new(),
+        };
+        for s in &snaps {
+            r.deposits_fen += s.totals.deposits_fen;
+            r.withdrawals_fen += s.totals.withdrawals_fen;
+            r.balances_fen += s.balances_fen;
+            r.escrow_fen += s.escrow_fen;
+            r.problems.extend(s.problems.iter().cloned());
+            for item in &s.outbox_pending {
+                let applied = snaps
+                    .iter()
+                    .find(|t| t.set == item.target_set)
+                    .and_then(|t| t.watermarks.get(&s.set))
+                    .copied()
+                    .unwrap_or(0);
+                if item.seq > applied {
+                    r.in_flight_fen += item.amount_fen;
+                }
+            }
+        }
+        let held = r.balances_fen + r.escrow_fen + r.in_flight_fen;
+        if r.deposits_fen - r.withdrawals_fen != held {
+            r.problems.push(format!(
+                "conservation: deposits {} - withdrawals {} != balances {} + escrow {} + in flight {}",
+                r.deposits_fen, r.withdrawals_fen, r.balances_fen, r.escrow_fen, r.in_flight_fen
+            ));
+        }
+        r.ok = r.problems.is_empty();
+        if !r.ok {
+            tracing::error!(problems = ?r.problems, "audit failed");
+        }
+        Ok(r)
+    }
+
+    /// Stops taking commands, lets every set finish and commit what it has, joins the threads.
+    pub async fn shutdown(&self) {
+        if self.inner.stopping.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        for q in &self.inner.queues {
+            let q = q.clone();
+            // Shutdown waits for room: it must reach the set.
+            let _ = tokio::task::spawn_blocking(move || q.send(Command::Shutdown)).await;
+        }
+        let threads: Vec<JoinHandle<()>> = std::mem::take(&mut *self.inner.threads.lock().expect("threads lock"));
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+        tracing::info!("engine stopped");
+    }
+}
+
+/// A data dir made with more sets than configured would strand the wallets of the extra sets.
+fn check_no_extra_sets(config: &EngineConfig) -> Result<(), String> {
+    let extra = config.data_dir.join(format!("set-{}.sqlite", config.sets));
+    if extra.exists() {
+        return Err(format!(
+            "data dir {} holds more than {} sets: start with the set count it was made with",
+            config.data_dir.display(),
+            config.sets
+        ));
+    }
+    Ok(())
+}

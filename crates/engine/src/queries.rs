@@ -1,0 +1,169 @@
+//! Queries: balances, history and packet details, read from the stores on read connections.
+//!
+//! They never pass through a set's queue, so a flood of history requests cannot slow claims.
+//! They see committed state only; credits between sets appear once delivered (usually
+//! within milliseconds).
+
+use std::sync::Arc;
+
+use chrono::{NaiveDate, TimeZone, Utc};
+use hongbao_core::{Millis, PacketId, UserId};
+use hongbao_store::{PacketRow, Reader, StoreError};
+
+use crate::engine::Engine;
+use crate::reply::*;
+
+fn store_err(e: StoreError) -> EngineError {
+    EngineError::Store(e.to_string())
+}
+
+/// Runs a blocking read on the blocking pool.
+async fn read<T: Send + 'static>(
+    reader: Arc<dyn Reader>,
+    f: impl FnOnce(&dyn Reader) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, EngineError> {
+    tokio::task::spawn_blocking(move || f(reader.as_ref()))
+        .await
+        .map_err(|e| EngineError::Store(format!("read task failed: {e}")))?
+        .map_err(store_err)
+}
+
+/// `[from, to)` in Unix ms for a UTC calendar year; all time when `None`.
+fn year_range(year: Option<i32>) -> (Millis, Millis) {
+    let start = |y: i32| {
+        NaiveDate::from_ymd_opt(y, 1, 1)
+            .map(|d| Utc.from_utc_datetime(&d.and_hms_opt(0, 0, 0).expect("midnight")).timestamp_millis())
+    };
+    match year {
+        None => (i64::MIN, i64::MAX),
+        Some(y) => match (start(y), start(y + 1)) {
+            (Some(a), Some(b)) => (a, b),
+            _ => (0, 0),
+        },
+    }
+}
+
+fn summary(row: &PacketRow) -> PacketSummary {
+    let h = &row.header;
+    PacketSummary {
+        id: h.id,
+        sender: h.sender.clone(),
+        kind: h.kind,
+        total_fen: h.total_fen,
+        count: h.count,
+        greeting: h.greeting.clone(),
+        created_at_ms: h.created_at_ms,
+        expires_at_ms: h.expires_at_ms,
+    }
+}
+
+impl Engine {
+    pub async fn wallet(&self, user: UserId) -> Result<WalletReply, EngineError> {
+        let reader = self.reader(self.user_set(&user));
+        let u = user.clone();
+        let balance_fen = read(reader, move |r| r.balance(&u)).await?.unwrap_or(0);
+        Ok(WalletReply { user, balance_fen })
+    }
+
+    /// Newest first; `cursor` is the id of the last entry of the previous page.
+    pub async fn entries(&self, user: UserId, cursor: Option<i64>, limit: u32) -> Result<EntriesPage, EngineError> {
+        let reader = self.reader(self.user_set(&user));
+        let rows = read(reader, move |r| r.entries(&user, cursor, limit + 1)).await?;
+        let more = rows.len() > limit as usize;
+        let entries: Vec<EntryView> = rows
+            .into_iter()
+            .take(limit as usize)
+            .map(|e| EntryView { id: e.id, kind: e.kind, amount_fen: e.amount_fen, packet_id: e.packet_id, at_ms: e.at_ms })
+            .collect();
+        let next_cursor = if more { entries.last().map(|e| e.id) } else { None };
+        Ok(EntriesPage { entries, next_cursor })
+    }
+
+    /// A packet with a page of its claims in opening order.
+    pub async fn packet(&self, id: PacketId, cursor: Option<u32>, limit: u32) -> Result<PacketDetails, EngineError> {
+        if id.set() >= self.sets() {
+            return Err(EngineError::NotFound);
+        }
+        let reader = self.reader(id.set());
+        let (row, claims, best) = read(reader, move |r| {
+            let Some(row) = r.packet(id)? else { return Ok(None) };
+            let claims = r.claims(id, cursor, limit + 1)?;
+            let best = match &row.best {
+                Some((user, _)) => r.claim_of(id, user)?,
+                None => None,
+            };
+            Ok(Some((row, claims, best)))
+        })
+        .await?
+        .ok_or(EngineError::NotFound)?;
+        let more = claims.len() > limit as usize;
+        let claims: Vec<_> = claims.into_iter().take(limit as usize).collect();
+        let next_cursor = if more { claims.last().map(|c| c.index) } else { None };
+        Ok(PacketDetails {
+            summary: summary(&row),
+            remaining_fen: row.header.total_fen - row.opened_fen - row.refunded_fen,
+            remaining_count: row.header.count - row.opened_count,
+            status: row.status,
+            best_luck: best.map(|c| ClaimView { user: c.user, amount_fen: c.amount_fen, at_ms: c.at_ms }),
+            claims: claims.into_iter().map(|c| ClaimView { user: c.user, amount_fen: c.amount_fen, at_ms: c.at_ms }).collect(),
+            next_cursor,
+        })
+    }
+
+    /// Packets a user sent, newest first; the totals cover the whole year.
+    pub async fn sent(&self, user: UserId, year: Option<i32>, cursor: Option<PacketId>, limit: u32) -> Result<SentHistory, EngineError> {
+        let (from, to) = year_range(year);
+        let reader = self.reader(self.user_set(&user));
+        let page = read(reader, move |r| r.sent(&user, from, to, cursor, limit + 1)).await?;
+        let more = page.items.len() > limit as usize;
+        let items: Vec<SentItem> = page
+            .items
+            .iter()
+            .take(limit as usize)
+            .map(|row| SentItem {
+                summary: summary(row),
+                status: row.status,
+                remaining_fen: row.header.total_fen - row.opened_fen - row.refunded_fen,
+                remaining_count: row.header.count - row.opened_count,
+            })
+            .collect();
+        let next_cursor = if more { items.last().map(|i| i.summary.id) } else { None };
+        Ok(SentHistory { count: page.count, total_fen: page.total_fen, items, next_cursor })
+    }
+
+    /// Shares a user received, newest first, with best-luck count over every set.
+    pub async fn received(&self, user: UserId, year: Option<i32>, cursor: Option<i64>, limit: u32) -> Result<ReceivedHistory, EngineError> {
+        let (from, to) = year_range(year);
+        let reader = self.reader(self.user_set(&user));
+        let u = user.clone();
+        let page = read(reader, move |r| r.received(&u, from, to, cursor, limit + 1)).await?;
+        let mut best_luck_count = 0;
+        for reader in self.readers() {
+            let u = user.clone();
+            best_luck_count += read(reader.clone(), move |r| r.best_luck_count(&u, from, to)).await?;
+        }
+        let more = page.items.len() > limit as usize;
+        let items: Vec<ReceivedItem> = page
+            .items
+            .iter()
+            .take(limit as usize)
+            .filter_map(|e| e.packet_id.map(|p| (e, p)))
+            .map(|(e, packet_id)| ReceivedItem { packet_id, amount_fen: e.amount_fen, at_ms: e.at_ms })
+            .collect();
+        let next_cursor = if more { page.items.get(limit as usize - 1).map(|e| e.id) } else { None };
+        Ok(ReceivedHistory { count: page.count, total_fen: page.total_fen, best_luck_count, items, next_cursor })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn year_ranges() {
+        let (a, b) = year_range(Some(2026));
+        assert_eq!(a, 1_767_225_600_000);
+        assert_eq!(b - a, 365 * 24 * 3600 * 1000);
+        assert_eq!(year_range(None), (i64::MIN, i64::MAX));
+    }
+}

@@ -1,0 +1,836 @@
+//! One set: a thread that owns its wallets and packets, applies commands in batches and
+//! commits each batch in one store transaction before it replies.
+//!
+//! Nothing here is shared: the thread owns every field of [`SetState`]. Other threads talk to
+//! it only through its bounded queue. It must never block on another set (credits and acks
+//! between sets are sent with `try_send` and retried from the outbox), and it must never reply
+//! before the batch that holds the reply's effects is committed.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use hongbao_core::{
+    set_of_user, Amount, Claim, Clock, GrabOutcome, Limits, Millis, Packet, PacketId,
+    PacketIdGen, PacketStatus, RequestId, UserId, ValidSend,
+};
+use hongbao_store::{
+    Batch, ClaimRow, Entry, EntryKind, IdemRecord, IdemResult, Loaded, OutboxItem, PacketUpdate,
+    Store, StoreError, Totals,
+};
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tokio::sync::oneshot;
+
+use crate::reply::*;
+
+/// Closed packets kept in memory (with their claims) so the crowd that arrives after a packet
+/// is exhausted is turned away, and repeat claims answered, without a disk read. Bounded by
+/// claims held: about 100 bytes each, so 1,000,000 claims is ~100 MB at most per set.
+const CLOSED_CLAIMS_MAX: usize = 1_000_000;
+/// And by closed packets, for the many-small-packets case.
+const CLOSED_PACKETS_MAX: usize = 100_000;
+/// How often an idle set wakes to expire packets and retry undelivered credits.
+const TICK: Duration = Duration::from_millis(50);
+/// How long a credit waits for its acknowledgement before it is sent again.
+const RELAY_RETRY_MS: i64 = 500;
+/// Most credits in one relay message: bounds the receiver's batch.
+const RELAY_CHUNK_MAX: usize = 4_096;
+/// How long a set waits before it reloads from a store that failed.
+const RELOAD_BACKOFF: Duration = Duration::from_millis(200);
+
+pub(crate) type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
+
+pub(crate) enum Command {
+    Deposit { user: UserId, amount: Amount, request_id: RequestId, reply: Reply<WalletReply> },
+    Withdraw { user: UserId, amount: Amount, request_id: RequestId, reply: Reply<WalletReply> },
+    Send { send: ValidSend, reply: Reply<PacketSummary> },
+    Grab { packet: PacketId, user: UserId, reply: Reply<GrabReply> },
+    Open { packet: PacketId, user: UserId, reply: Reply<ClaimReply> },
+    Claim { packet: PacketId, user: UserId, reply: Reply<ClaimReply> },
+    /// Credits from another set's outbox, in seq order.
+    Credit { from_set: u32, items: Vec<OutboxItem> },
+    /// The target set applied every credit from us up to `upto`.
+    Ack { from_set: u32, upto: u64 },
+    /// Take an audit snapshot at a batch boundary, then pause until `resume` is dropped.
+    Audit { snapshot: oneshot::Sender<Result<SetSnapshot, String>>, resume: oneshot::Receiver<()> },
+    /// Finish the current batch, commit it and stop.
+    Shutdown,
+}
+
+/// One set's figures at a moment when it is paused between batches.
+#[derive(Debug, Clone)]
+pub(crate) struct SetSnapshot {
+    pub set: u32,
+    pub totals: Totals,
+    pub balances_fen: i64,
+    pub escrow_fen: i64,
+    pub outbox_pending: Vec<OutboxItem>,
+    pub watermarks: HashMap<u32, u64>,
+    pub problems: Vec<String>,
+}
+
+/// Everything a set thread needs from outside.
+pub(crate) struct SetContext {
+    pub set: u32,
+    pub sets: u32,
+    pub limits: Limits,
+    pub batch_max: usize,
+    pub idempotency_retention_ms: i64,
+    pub clock: Arc<dyn Clock>,
+    pub seed: u64,
+    /// Queues of every set, this one included, for the credit relay.
+    pub peers: Vec<Sender<Command>>,
+    /// False while the set is loading or reloading after a store failure.
+    pub ready: Arc<AtomicBool>,
+}
+
+/// A reply to send once the batch is committed.
+enum Pending {
+    Wallet(Reply<WalletReply>, Result<WalletReply, EngineError>),
+    Summary(Reply<PacketSummary>, Result<PacketSummary, EngineError>),
+    Grab(Reply<GrabReply>, Result<GrabReply, EngineError>),
+    Claim(Reply<ClaimReply>, Result<ClaimReply, EngineError>),
+}
+
+impl Pending {
+    fn send(self) {
+        // A caller that went away (timeout, disconnect) is no longer waiting: nothing to do.
+        match self {
+            Pending::Wallet(tx, r) => drop(tx.send(r)),
+            Pending::Summary(tx, r) => drop(tx.send(r)),
+            Pending::Grab(tx, r) => drop(tx.send(r)),
+            Pending::Claim(tx, r) => drop(tx.send(r)),
+        }
+    }
+
+    fn fail(self, e: EngineError) {
+        match self {
+            Pending::Wallet(tx, _) => drop(tx.send(Err(e))),
+            Pending::Summary(tx, _) => drop(tx.send(Err(e))),
+            Pending::Grab(tx, _) => drop(tx.send(Err(e))),
+            Pending::Claim(tx, _) => drop(tx.send(Err(e))),
+        }
+    }
+}
+
+/// The set's memory. Owned by the set thread alone.
+struct SetState {
+    wallets: HashMap<UserId, i64>,
+    /// Active packets, and closed ones still in the closed cache.
+    packets: HashMap<PacketId, Packet>,
+    expiries: BTreeSet<(Millis, PacketId)>,
+    closed: VecDeque<PacketId>,
+    closed_claims: usize,
+    idem: HashMap<(UserId, RequestId), IdemRecord>,
+    idem_order: VecDeque<(Millis, UserId, RequestId)>,
+    id_gen: PacketIdGen,
+    rng: ChaCha8Rng,
+    /// Credits not yet acknowledged, per target set, in seq order.
+    outbox: HashMap<u32, VecDeque<OutboxItem>>,
+    outbox_last_seq: HashMap<u32, u64>,
+    last_relay_ms: HashMap<u32, Millis>,
+    /// Per source set: the last credit seq applied here.
+    watermarks: HashMap<u32, u64>,
+    totals: Totals,
+    balances_fen: i64,
+    escrow_fen: i64,
+}
+
+/// What one batch changed, collected while commands are applied.
+#[derive(Default)]
+struct Work {
+    batch: Batch,
+    dirty_wallets: HashSet<UserId>,
+    dirty_packets: HashSet<PacketId>,
+    replies: Vec<Pending>,
+    /// Acks to send after commit: (source set, upto).
+    acks: Vec<(u32, u64)>,
+    totals_moved: bool,
+    /// Money that came in from, and went out to, other sets in this batch.
+    credits_in_fen: i64,
+    credits_out_fen: i64,
+    deposits_fen: i64,
+    withdrawals_fen: i64,
+    /// Balances plus escrow when the batch began.
+    base_fen: i64,
+}
+
+pub(crate) fn run(ctx: SetContext, mut store: Box<dyn Store>, rx: Receiver<Command>, started: std::sync::mpsc::Sender<Result<(), String>>) {
+    let mut state = match load(&ctx, store.as_mut()) {
+        Ok(s) => {
+            ctx.ready.store(true, Ordering::SeqCst);
+            let _ = started.send(Ok(()));
+            s
+        }
+        Err(e) => {
+            let _ = started.send(Err(format!("set {}: {e}", ctx.set)));
+            return;
+        }
+    };
+    tracing::info!(set = ctx.set, wallets = state.wallets.len(), packets = state.packets.len(), "set ready");
+    // Credits left undelivered by the last run go out again.
+    state.relay_all(&ctx, i64::MIN);
+    let mut last_tick = Instant::now();
+    loop {
+        let first = match rx.recv_timeout(TICK) {
+            Ok(c) => Some(c),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        let mut commands = Vec::with_capacity(64);
+        commands.extend(first);
+        while commands.len() < ctx.batch_max {
+            match rx.try_recv() {
+                Ok(c) => commands.push(c),
+                Err(_) => break,
+            }
+        }
+        let tick = last_tick.elapsed() >= TICK;
+        if tick {
+            last_tick = Instant::now();
+        }
+        let mut stop = false;
+        let mut audit = None;
+        let mut work = state.work();
+        let now_ms = ctx.clock.now_ms();
+        let mut rest = commands.into_iter();
+        for cmd in rest.by_ref() {
+            match cmd {
+                Command::Shutdown => {
+                    stop = true;
+                    break;
+                }
+                Command::Audit { snapshot, resume } => {
+                    audit = Some((snapshot, resume));
+                    break;
+                }
+                cmd => state.apply(&ctx, store.as_mut(), cmd, now_ms, &mut work),
+            }
+        }
+        if tick {
+            state.expire_due(now_ms, &mut work);
+            state.prune_idempotency(now_ms - ctx.idempotency_retention_ms);
+        }
+        let commit_ok = state.finish(&ctx, store.as_mut(), work, now_ms);
+        if !commit_ok {
+            // Fail-stop: memory holds effects the store does not. Drop it and reload.
+            ctx.ready.store(false, Ordering::SeqCst);
+            state = reload(&ctx, store.as_mut(), &rx);
+            ctx.ready.store(true, Ordering::SeqCst);
+            state.relay_all(&ctx, i64::MIN);
+        }
+        if tick {
+            state.relay_all(&ctx, now_ms);
+        }
+        if let Some((snapshot_tx, resume)) = audit {
+            let snap = state.snapshot(&ctx, store.as_mut());
+            if snapshot_tx.send(snap).is_ok() {
+                // Paused until the audit has every set's snapshot; a dropped sender resumes too.
+                let _ = resume.blocking_recv();
+            }
+            // Commands drained behind the audit in this round go back to the front.
+            let remaining: Vec<Command> = rest.collect();
+            if !remaining.is_empty() {
+                let mut work = state.work();
+                let now_ms = ctx.clock.now_ms();
+                for cmd in remaining {
+                    match cmd {
+                        Command::Shutdown => stop = true,
+                        Command::Audit { snapshot, .. } => drop(snapshot.send(Err("audit already running".into()))),
+                        cmd if !stop => state.apply(&ctx, store.as_mut(), cmd, now_ms, &mut work),
+                        cmd => reject(cmd),
+                    }
+                }
+                if !state.finish(&ctx, store.as_mut(), work, now_ms) {
+                    ctx.ready.store(false, Ordering::SeqCst);
+                    state = reload(&ctx, store.as_mut(), &rx);
+                    ctx.ready.store(true, Ordering::SeqCst);
+                }
+            }
+        } else if stop {
+            for cmd in rest {
+                reject(cmd);
+            }
+        }
+        if stop {
+            tracing::info!(set = ctx.set, "set stopped");
+            return;
+        }
+    }
+}
+
+/// Answers a command that will not be applied: the engine is stopping.
+fn reject(cmd: Command) {
+    let e = EngineError::Unavailable;
+    match cmd {
+        Command::Deposit { reply, .. } | Command::Withdraw { reply, .. } => drop(reply.send(Err(e))),
+        Command::Send { reply, .. } => drop(reply.send(Err(e))),
+        Command::Grab { reply, .. } => drop(reply.send(Err(e))),
+        Command::Open { reply, .. } | Command::Claim { reply, .. } => drop(reply.send(Err(e))),
+        Command::Audit { snapshot, .. } => drop(snapshot.send(Err("engine stopping".into()))),
+        Command::Credit { .. } | Command::Ack { .. } | Command::Shutdown => {}
+    }
+}
+
+fn load(ctx: &SetContext, store: &mut dyn Store) -> Result<SetState, StoreError> {
+    let since = ctx.clock.now_ms() - ctx.idempotency_retention_ms;
+    let loaded = store.load(since)?;
+    Ok(SetState::from_loaded(ctx, loaded))
+}
+
+/// Reloads after a failed commit, retrying until the store works again. Commands that arrive
+/// meanwhile wait in the queue (and a full queue turns new work away at once).
+fn reload(ctx: &SetContext, store: &mut dyn Store, _rx: &Receiver<Command>) -> SetState {
+    loop {
+        match load(ctx, store) {
+            Ok(s) => {
+                tracing::warn!(set = ctx.set, "set reloaded from its store");
+                return s;
+            }
+            Err(e) => {
+                tracing::error!(set = ctx.set, error = %e, "reload failed; retrying");
+                std::thread::sleep(RELOAD_BACKOFF);
+            }
+        }
+    }
+}
+
+fn summary(p: &Packet) -> PacketSummary {
+    let h = p.header();
+    PacketSummary {
+        id: h.id,
+        sender: h.sender.clone(),
+        kind: h.kind,
+        total_fen: h.total_fen,
+        count: h.count,
+        greeting: h.greeting.clone(),
+        created_at_ms: h.created_at_ms,
+        expires_at_ms: h.expires_at_ms,
+    }
+}
+
+fn claim_reply(packet: PacketId, c: &Claim) -> ClaimReply {
+    ClaimReply { packet_id: packet, user: c.user.clone(), amount_fen: c.amount_fen, at_ms: c.at_ms }
+}
+
+/// A stable fingerprint of an idempotent request: xxh3 over a canonical text form.
+fn fingerprint(parts: &[&str]) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update(&[0x1f]);
+    }
+    h.digest()
+}
+
+fn send_fingerprint(s: &ValidSend) -> u64 {
+    let audience = match &s.audience {
+        hongbao_core::Audience::Anyone => "*".to_string(),
+        hongbao_core::Audience::Users(u) => u.iter().map(|u| u.as_str()).collect::<Vec<_>>().join(","),
+    };
+    fingerprint(&[
+        "send",
+        s.kind.as_str(),
+        &s.total.fen().to_string(),
+        &s.count.to_string(),
+        &audience,
+        &s.greeting,
+        &s.expires_in_s.to_string(),
+    ])
+}
+
+enum IdemCheck<T> {
+    New,
+    Replay(T),
+    Conflict,
+}
+
+impl SetState {
+    fn from_loaded(ctx: &SetContext, l: Loaded) -> SetState {
+        let mut s = SetState {
+            wallets: HashMap::with_capacity(l.wallets.len()),
+            packets: HashMap::with_capacity(l.active_packets.len()),
+            expiries: BTreeSet::new(),
+            closed: VecDeque::new(),
+            closed_claims: 0,
+            idem: HashMap::with_capacity(l.idempotency.len()),
+            idem_order: VecDeque::new(),
+            id_gen: PacketIdGen::new(ctx.set, l.max_packet_id),
+            rng: ChaCha8Rng::seed_from_u64(ctx.seed ^ (u64::from(ctx.set) << 32) ^ l.max_packet_id.map_or(0, |p| p.raw())),
+            outbox: HashMap::new(),
+            outbox_last_seq: l.outbox_last_seq.into_iter().collect(),
+            last_relay_ms: HashMap::new(),
+            watermarks: l.watermarks.into_iter().collect(),
+            totals: l.totals,
+            balances_fen: 0,
+            escrow_fen: 0,
+        };
+        for (user, balance) in l.wallets {
+            s.balances_fen = s.balances_fen.checked_add(balance).expect("balances overflow");
+            s.wallets.insert(user, balance);
+        }
+        for p in l.active_packets {
+            assert_eq!(p.status(), PacketStatus::Active, "store loaded a closed packet as active");
+            s.escrow_fen += p.escrow_fen();
+            s.expiries.insert((p.header().expires_at_ms, p.id()));
+            s.packets.insert(p.id(), p);
+        }
+        assert_eq!(s.escrow_fen, l.escrow_fen, "set {}: escrow in memory differs from the store", ctx.set);
+        let mut idem: Vec<IdemRecord> = l.idempotency;
+        idem.sort_by_key(|r| r.at_ms);
+        for r in idem {
+            let rid = RequestId::parse(&r.request_id).expect("stored request id is valid");
+            s.idem_order.push_back((r.at_ms, r.user.clone(), rid.clone()));
+            s.idem.insert((r.user.clone(), rid), r);
+        }
+        for item in l.outbox_pending {
+            let last = s.outbox_last_seq.entry(item.target_set).or_insert(0);
+            *last = (*last).max(item.seq);
+            s.outbox.entry(item.target_set).or_default().push_back(item);
+        }
+        s
+    }
+
+    fn work(&self) -> Work {
+        Work { base_fen: self.balances_fen + self.escrow_fen, ..Work::default() }
+    }
+
+    fn apply(&mut self, ctx: &SetContext, store: &mut dyn Store, cmd: Command, now_ms: Millis, w: &mut Work) {
+        match cmd {
+            Command::Deposit { user, amount, request_id, reply } => {
+                let r = self.deposit(ctx, user, amount, request_id, now_ms, w);
+                w.replies.push(Pending::Wallet(reply, r));
+            }
+            Command::Withdraw { user, amount, request_id, reply } => {
+                let r = self.withdraw(user, amount, request_id, now_ms, w);
+                w.replies.push(Pending::Wallet(reply, r));
+            }
+            Command::Send { send, reply } => {
+                let r = self.send(ctx, store, send, now_ms, w);
+                w.replies.push(Pending::Summary(reply, r));
+            }
+            Command::Grab { packet, user, reply } => {
+                let r = self.grab(ctx, store, packet, &user, now_ms, w);
+                w.replies.push(Pending::Grab(reply, r));
+            }
+            Command::Open { packet, user, reply } => {
+                let r = self.settle(ctx, store, packet, &user, now_ms, w, false);
+                w.replies.push(Pending::Claim(reply, r));
+            }
+            Command::Claim { packet, user, reply } => {
+                let r = self.settle(ctx, store, packet, &user, now_ms, w, true);
+                w.replies.push(Pending::Claim(reply, r));
+            }
+            Command::Credit { from_set, items } => self.credit(from_set, items, w),
+            Command::Ack { from_set, upto } => self.ack(from_set, upto, w),
+            Command::Audit { .. } | Command::Shutdown => unreachable!("handled by the loop"),
+        }
+    }
+
+    fn check_idem<T>(
+        &self,
+        user: &UserId,
+        request_id: &RequestId,
+        fp: u64,
+        map: impl FnOnce(IdemResult) -> Option<T>,
+    ) -> IdemCheck<T> {
+        match self.idem.get(&(user.clone(), request_id.clone())) {
+            None => IdemCheck::New,
+            Some(r) if r.fingerprint == fp => match map(r.result) {
+                Some(t) => IdemCheck::Replay(t),
+                None => IdemCheck::Conflict,
+            },
+            Some(_) => IdemCheck::Conflict,
+        }
+    }
+
+    fn remember(&mut self, user: &UserId, request_id: &RequestId, fp: u64, result: IdemResult, now_ms: Millis, w: &mut Work) {
+        let rec = IdemRecord {
+            user: user.clone(),
+            request_id: request_id.as_str().to_string(),
+            fingerprint: fp,
+            result,
+            at_ms: now_ms,
+        };
+        w.batch.idempotency.push(rec.clone());
+        self.idem_order.push_back((now_ms, user.clone(), request_id.clone()));
+        self.idem.insert((user.clone(), request_id.clone()), rec);
+    }
+
+    fn prune_idempotency(&mut self, before_ms: Millis) {
+        while let Some((at, _, _)) = self.idem_order.front() {
+            if *at >= before_ms {
+                break;
+            }
+            let (_, user, rid) = self.idem_order.pop_front().expect("front exists");
+            self.idem.remove(&(user, rid));
+        }
+    }
+
+    fn balance(&self, user: &UserId) -> i64 {
+        self.wallets.get(user).copied().unwrap_or(0)
+    }
+
+    fn set_balance(&mut self, user: &UserId, balance: i64, w: &mut Work) {
+        assert!(balance >= 0, "negative balance for {user}");
+        let old = self.wallets.insert(user.clone(), balance).unwrap_or(0);
+        self.balances_fen = self.balances_fen - old + balance;
+        w.dirty_wallets.insert(user.clone());
+    }
+
+    fn entry(&self, user: &UserId, kind: EntryKind, amount_fen: i64, packet_id: Option<PacketId>, at_ms: Millis, w: &mut Work) {
+        w.batch.entries.push(Entry { user: user.clone(), kind, amount_fen, packet_id, at_ms });
+    }
+
+    fn deposit(&mut self, ctx: &SetContext, user: UserId, amount: Amount, request_id: RequestId, now_ms: Millis, w: &mut Work) -> Result<WalletReply, EngineError> {
+        let fp = fingerprint(&["deposit", &amount.fen().to_string()]);
+        match self.check_idem(&user, &request_id, fp, |r| match r {
+            IdemResult::Deposit { balance_fen } => Some(balance_fen),
+            _ => None,
+        }) {
+            IdemCheck::Replay(balance_fen) => return Ok(WalletReply { user, balance_fen }),
+            IdemCheck::Conflict => return Err(EngineError::IdempotencyConflict),
+            IdemCheck::New => {}
+        }
+        let balance = self
+            .balance(&user)
+            .checked_add(amount.fen())
+            .filter(|b| *b <= ctx.limits.balance_max_fen)
+            .ok_or(EngineError::BalanceLimit)?;
+        self.set_balance(&user, balance, w);
+        self.totals.deposits_fen = self.totals.deposits_fen.checked_add(amount.fen()).expect("deposit total overflows");
+        w.deposits_fen += amount.fen();
+        w.totals_moved = true;
+        self.entry(&user, EntryKind::Deposit, amount.fen(), None, now_ms, w);
+        self.remember(&user, &request_id, fp, IdemResult::Deposit { balance_fen: balance }, now_ms, w);
+        Ok(WalletReply { user, balance_fen: balance })
+    }
+
+    fn withdraw(&mut self, user: UserId, amount: Amount, request_id: RequestId, now_ms: Millis, w: &mut Work) -> Result<WalletReply, EngineError> {
+        let fp = fingerprint(&["withdraw", &amount.fen().to_string()]);
+        match self.check_idem(&user, &request_id, fp, |r| match r {
+            IdemResult::Withdraw { balance_fen } => Some(balance_fen),
+            _ => None,
+        }) {
+            IdemCheck::Replay(balance_fen) => return Ok(WalletReply { user, balance_fen }),
+            IdemCheck::Conflict => return Err(EngineError::IdempotencyConflict),
+            IdemCheck::New => {}
+        }
+        let balance = hongbao_core::money::sub_fen(self.balance(&user), amount.fen()).ok_or(EngineError::InsufficientFunds)?;
+        self.set_balance(&user, balance, w);
+        self.totals.withdrawals_fen = self.totals.withdrawals_fen.checked_add(amount.fen()).expect("withdrawal total overflows");
+        w.withdrawals_fen += amount.fen();
+        w.totals_moved = true;
+        self.entry(&user, EntryKind::Withdraw, amount.fen(), None, now_ms, w);
+        self.remember(&user, &request_id, fp, IdemResult::Withdraw { balance_fen: balance }, now_ms, w);
+        Ok(WalletReply { user, balance_fen: balance })
+    }
+
+    fn send(&mut self, ctx: &SetContext, store: &mut dyn Store, send: ValidSend, now_ms: Millis, w: &mut Work) -> Result<PacketSummary, EngineError> {
+        let fp = send_fingerprint(&send);
+        match self.check_idem(&send.sender, &send.request_id, fp, |r| match r {
+            IdemResult::Send { packet_id } => Some(packet_id),
+            _ => None,
+        }) {
+            IdemCheck::Replay(id) => {
+                self.find_packet(ctx, store, id)?;
+                return Ok(summary(&self.packets[&id]));
+            }
+            IdemCheck::Conflict => return Err(EngineError::IdempotencyConflict),
+            IdemCheck::New => {}
+        }
+        let total = send.total.fen();
+        let balance = hongbao_core::money::sub_fen(self.balance(&send.sender), total).ok_or(EngineError::InsufficientFunds)?;
+        let id = self.id_gen.next(now_ms);
+        let packet = Packet::new(id, &send, now_ms, self.rng.next_u64());
+        self.set_balance(&send.sender, balance, w);
+        self.entry(&send.sender, EntryKind::Send, total, Some(id), now_ms, w);
+        self.escrow_fen += total;
+        self.remember(&send.sender, &send.request_id, fp, IdemResult::Send { packet_id: id }, now_ms, w);
+        w.batch.new_packets.push(packet.header().clone());
+        self.expiries.insert((packet.header().expires_at_ms, id));
+        let s = summary(&packet);
+        self.packets.insert(id, packet);
+        Ok(s)
+    }
+
+    /// Makes sure a packet of this set is in memory: active packets always are; one closed
+    /// long ago is read from the store once and kept in the closed cache.
+    fn find_packet(&mut self, ctx: &SetContext, store: &mut dyn Store, id: PacketId) -> Result<(), EngineError> {
+        if self.packets.contains_key(&id) {
+            return Ok(());
+        }
+        if id.set() != ctx.set || self.id_gen.last_issued().is_none_or(|last| id > last) {
+            return Err(EngineError::NotFound);
+        }
+        let p = store.packet(id).map_err(|e| EngineError::Store(e.to_string()))?.ok_or(EngineError::NotFound)?;
+        if p.status() == PacketStatus::Active {
+            // Every active packet is resident; one found only in the store is a bug.
+            panic!("set {}: active packet {id} was not in memory", ctx.set);
+        }
+        self.packets.insert(id, p);
+        self.note_closed(id);
+        Ok(())
+    }
+
+    /// Closes a due packet: its remainder goes back to the sender's wallet, once.
+    fn expire_packet(&mut self, id: PacketId, now_ms: Millis, w: &mut Work) {
+        let Some(p) = self.packets.get_mut(&id) else { return };
+        let Some(refund) = p.expire(now_ms) else { return };
+        let sender = p.header().sender.clone();
+        let expires_at = p.header().expires_at_ms;
+        self.expiries.remove(&(expires_at, id));
+        self.escrow_fen -= refund;
+        let balance = self.balance(&sender).checked_add(refund).expect("refund overflows a balance");
+        self.set_balance(&sender, balance, w);
+        self.entry(&sender, EntryKind::Refund, refund, Some(id), now_ms, w);
+        w.dirty_packets.insert(id);
+        self.note_closed(id);
+    }
+
+    fn expire_due(&mut self, now_ms: Millis, w: &mut Work) {
+        while let Some(&(at, id)) = self.expiries.first() {
+            if at > now_ms {
+                break;
+            }
+            self.expiries.pop_first();
+            self.expire_packet(id, now_ms, w);
+        }
+    }
+
+    fn note_closed(&mut self, id: PacketId) {
+        let claims = self.packets.get(&id).map_or(0, |p| p.opened_count() as usize);
+        self.closed.push_back(id);
+        self.closed_claims += claims;
+        while self.closed_claims > CLOSED_CLAIMS_MAX || self.closed.len() > CLOSED_PACKETS_MAX {
+            let Some(old) = self.closed.pop_front() else { break };
+            if let Some(p) = self.packets.remove(&old) {
+                self.closed_claims -= p.opened_count() as usize;
+            }
+        }
+    }
+
+    /// Looks a packet up for a grab, open or claim, and closes it first if it is due.
+    fn prepare_packet(&mut self, ctx: &SetContext, store: &mut dyn Store, id: PacketId, now_ms: Millis, w: &mut Work) -> Result<(), EngineError> {
+        self.find_packet(ctx, store, id)?;
+        if self.packets[&id].is_due(now_ms) {
+            self.expire_packet(id, now_ms, w);
+        }
+        Ok(())
+    }
+
+    fn grab(&mut self, ctx: &SetContext, store: &mut dyn Store, id: PacketId, user: &UserId, now_ms: Millis, w: &mut Work) -> Result<GrabReply, EngineError> {
+        self.prepare_packet(ctx, store, id, now_ms, w)?;
+        let hold_ms = ctx.limits.hold_s * 1000;
+        let p = self.packets.get_mut(&id).expect("prepared");
+        match p.grab(user, now_ms, hold_ms)? {
+            GrabOutcome::Grabbed { hold_expires_at_ms } => Ok(GrabReply::Grabbed { hold_expires_at_ms }),
+            GrabOutcome::AlreadyOpened(c) => Ok(GrabReply::AlreadyOpened(claim_reply(id, &c))),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn settle(&mut self, ctx: &SetContext, store: &mut dyn Store, id: PacketId, user: &UserId, now_ms: Millis, w: &mut Work, claim: bool) -> Result<ClaimReply, EngineError> {
+        self.prepare_packet(ctx, store, id, now_ms, w)?;
+        let p = self.packets.get_mut(&id).expect("prepared");
+        let outcome = if claim { p.claim(user, now_ms) } else { p.open(user, now_ms) }?;
+        let c = outcome.claim;
+        if !outcome.fresh {
+            return Ok(claim_reply(id, &c));
+        }
+        let exhausted = p.status() == PacketStatus::Exhausted;
+        let expires_at = p.header().expires_at_ms;
+        self.escrow_fen -= c.amount_fen;
+        w.batch.claims.push(ClaimRow { packet_id: id, claim: c.clone() });
+        w.dirty_packets.insert(id);
+        let target = set_of_user(user, ctx.sets);
+        if target == ctx.set {
+            let balance = self.balance(user).checked_add(c.amount_fen).expect("credit overflows a balance");
+            self.set_balance(user, balance, w);
+            self.entry(user, EntryKind::Claim, c.amount_fen, Some(id), c.at_ms, w);
+        } else {
+            let seq = self.outbox_last_seq.entry(target).or_insert(0);
+            *seq += 1;
+            let item = OutboxItem { target_set: target, seq: *seq, user: user.clone(), amount_fen: c.amount_fen, packet_id: id, at_ms: c.at_ms };
+            self.outbox.entry(target).or_default().push_back(item.clone());
+            w.batch.outbox_new.push(item);
+            w.credits_out_fen += c.amount_fen;
+        }
+        if exhausted {
+            self.expiries.remove(&(expires_at, id));
+            self.note_closed(id);
+        }
+        Ok(claim_reply(id, &c))
+    }
+
+    /// Applies credits from another set, each seq once and in order. A gap (an earlier message
+    /// was lost) stops the run: the source resends from its outbox.
+    fn credit(&mut self, from_set: u32, items: Vec<OutboxItem>, w: &mut Work) {
+        let mut mark = self.watermarks.get(&from_set).copied().unwrap_or(0);
+        let before = mark;
+        for item in items {
+            if item.seq <= mark {
+                continue;
+            }
+            if item.seq != mark + 1 {
+                break;
+            }
+            let balance = self.balance(&item.user).checked_add(item.amount_fen).expect("credit overflows a balance");
+            self.set_balance(&item.user, balance, w);
+            self.entry(&item.user, EntryKind::Claim, item.amount_fen, Some(item.packet_id), item.at_ms, w);
+            w.credits_in_fen += item.amount_fen;
+            mark = item.seq;
+        }
+        if mark != before {
+            self.watermarks.insert(from_set, mark);
+            w.batch.watermarks.retain(|(s, _)| *s != from_set);
+            w.batch.watermarks.push((from_set, mark));
+        }
+        // Acknowledge even duplicates, so the source stops resending.
+        if mark > 0 {
+            w.acks.retain(|(s, _)| *s != from_set);
+            w.acks.push((from_set, mark));
+        }
+    }
+
+    fn ack(&mut self, from_set: u32, upto: u64, w: &mut Work) {
+        let Some(q) = self.outbox.get_mut(&from_set) else { return };
+        let mut acked = false;
+        while q.front().is_some_and(|i| i.seq <= upto) {
+            q.pop_front();
+            acked = true;
+        }
+        if acked {
+            w.batch.outbox_acked.push((from_set, upto));
+        }
+    }
+
+    /// Writes the batch, checks the books, and sends replies, credits and acks. Returns false
+    /// when the commit failed: the caller must reload the set from its store.
+    fn finish(&mut self, ctx: &SetContext, store: &mut dyn Store, mut w: Work, now_ms: Millis) -> bool {
+        for user in w.dirty_wallets.drain() {
+            let balance = self.wallets[&user];
+            w.batch.wallets.push((user, balance));
+        }
+        for id in w.dirty_packets.drain() {
+            let p = &self.packets[&id];
+            w.batch.packet_updates.push(PacketUpdate {
+                id,
+                status: p.status(),
+                opened_count: p.opened_count(),
+                opened_fen: p.opened_fen(),
+                refunded_fen: p.refunded_fen(),
+                best: p.best_luck().map(|c| (c.user.clone(), c.amount_fen)),
+            });
+        }
+        if w.totals_moved {
+            w.batch.totals = Some(self.totals);
+        }
+        self.check_books(ctx, &w);
+        if !w.batch.is_empty() {
+            let started = Instant::now();
+            let size = w.replies.len();
+            if let Err(e) = store.commit(&w.batch) {
+                tracing::error!(set = ctx.set, error = %e, "commit failed; the set reloads from its store");
+                metrics::counter!("hongbao_commit_failures_total").increment(1);
+                for r in w.replies {
+                    r.fail(EngineError::Unavailable);
+                }
+                return false;
+            }
+            let set = ctx.set.to_string();
+            metrics::histogram!("hongbao_commit_seconds", "set" => set.clone()).record(started.elapsed().as_secs_f64());
+            metrics::histogram!("hongbao_batch_commands", "set" => set).record(size as f64);
+        }
+        for r in w.replies {
+            r.send();
+        }
+        let new_targets: HashSet<u32> = w.batch.outbox_new.iter().map(|i| i.target_set).collect();
+        for target in new_targets {
+            self.relay(ctx, target, now_ms);
+        }
+        for (source, upto) in w.acks {
+            // A lost ack is harmless: the source resends and we acknowledge again.
+            let _ = ctx.peers[source as usize].try_send(Command::Ack { from_set: ctx.set, upto });
+        }
+        true
+    }
+
+    /// Sends the pending credits for `target` (a bounded chunk from the oldest).
+    fn relay(&mut self, ctx: &SetContext, target: u32, now_ms: Millis) {
+        let Some(q) = self.outbox.get(&target) else { return };
+        if q.is_empty() {
+            return;
+        }
+        let items: Vec<OutboxItem> = q.iter().take(RELAY_CHUNK_MAX).cloned().collect();
+        match ctx.peers[target as usize].try_send(Command::Credit { from_set: ctx.set, items }) {
+            Ok(()) => {}
+            // Full or stopping: the retry tick sends it again.
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {}
+        }
+        self.last_relay_ms.insert(target, now_ms);
+    }
+
+    /// Resends credits whose acknowledgement is overdue (`now_ms` = i64::MIN: resend all).
+    fn relay_all(&mut self, ctx: &SetContext, now_ms: Millis) {
+        let targets: Vec<u32> = self.outbox.iter().filter(|(_, q)| !q.is_empty()).map(|(t, _)| *t).collect();
+        for target in targets {
+            let last = self.last_relay_ms.get(&target).copied().unwrap_or(i64::MIN);
+            if now_ms == i64::MIN || now_ms.saturating_sub(last) >= RELAY_RETRY_MS {
+                self.relay(ctx, target, if now_ms == i64::MIN { ctx.clock.now_ms() } else { now_ms });
+            }
+        }
+    }
+
+    /// DESIGN.md §2.1 for this set's books: what came in and went out in this batch equals
+    /// the change of balances plus escrow. A mismatch is a bug: stop before it is written.
+    fn check_books(&self, ctx: &SetContext, w: &Work) {
+        let moved = w.deposits_fen - w.withdrawals_fen + w.credits_in_fen - w.credits_out_fen;
+        assert_eq!(
+            self.balances_fen + self.escrow_fen - w.base_fen,
+            moved,
+            "set {}: conservation broken in a batch",
+            ctx.set
+        );
+        if cfg!(debug_assertions) {
+            let balances: i64 = self.wallets.values().sum();
+            let escrow: i64 = self.packets.values().map(|p| p.escrow_fen()).sum();
+            assert_eq!(balances, self.balances_fen, "set {}: balance sum drifted", ctx.set);
+            // Closed packets hold no escrow, so evicting them never changes the sum.
+            assert_eq!(escrow, self.escrow_fen, "set {}: escrow sum drifted", ctx.set);
+        }
+    }
+
+    fn snapshot(&mut self, ctx: &SetContext, store: &mut dyn Store) -> Result<SetSnapshot, String> {
+        let sums = store.sums().map_err(|e| format!("set {}: {e}", ctx.set))?;
+        let mut problems = Vec::new();
+        let outbox_pending: Vec<OutboxItem> = self.outbox.values().flat_map(|q| q.iter().cloned()).collect();
+        if sums.balances_fen != self.balances_fen {
+            problems.push(format!("set {}: balances in store {} != memory {}", ctx.set, sums.balances_fen, self.balances_fen));
+        }
+        if sums.escrow_fen != self.escrow_fen {
+            problems.push(format!("set {}: escrow in store {} != memory {}", ctx.set, sums.escrow_fen, self.escrow_fen));
+        }
+        if sums.totals != self.totals {
+            problems.push(format!("set {}: totals in store {:?} != memory {:?}", ctx.set, sums.totals, self.totals));
+        }
+        let mem_pending: i64 = outbox_pending.iter().map(|i| i.amount_fen).sum();
+        let store_pending: i64 = sums.outbox_pending.iter().map(|i| i.amount_fen).sum();
+        if mem_pending != store_pending {
+            problems.push(format!("set {}: outbox in store {} != memory {}", ctx.set, store_pending, mem_pending));
+        }
+        Ok(SetSnapshot {
+            set: ctx.set,
+            totals: sums.totals,
+            balances_fen: sums.balances_fen,
+            escrow_fen: sums.escrow_fen,
+            outbox_pending: sums.outbox_pending,
+            watermarks: sums.watermarks.into_iter().collect(),
+            problems,
+        })
+    }
+}
+

@@ -1,0 +1,230 @@
+//! Engine tests on real SQLite stores in a temp dir, with an injected clock: expiry and hold
+//! timeouts without sleeping for real, credits across sets, idempotency and restarts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hongbao_core::{
+    Amount, Audience, ClaimError, Kind, Limits, ManualClock, PacketId, RequestId, SendRequest, UserId, ValidSend,
+};
+use hongbao_engine::{Engine, EngineConfig, EngineError, GrabReply};
+
+const T0_MS: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+
+fn user(s: &str) -> UserId {
+    UserId::parse(s).unwrap()
+}
+
+fn rid(s: &str) -> RequestId {
+    RequestId::parse(s).unwrap()
+}
+
+fn fen(v: i64) -> Amount {
+    Amount::new(v).unwrap()
+}
+
+fn start(dir: &std::path::Path, sets: u32, clock: &ManualClock) -> Engine {
+    let mut config = EngineConfig::new(dir.to_path_buf());
+    config.sets = sets;
+    config.seed = Some(7);
+    Engine::start(config, Arc::new(clock.clone())).expect("engine starts")
+}
+
+fn send(engine: &Engine, sender: &str, kind: Kind, total: i64, count: i64, audience: Audience, expires_in_s: Option<i64>, r: &str) -> ValidSend {
+    engine
+        .limits()
+        .validate_send(SendRequest {
+            sender: user(sender),
+            kind,
+            total_fen: total,
+            count,
+            audience,
+            greeting: Some("恭喜发财".into()),
+            expires_in_s,
+            request_id: rid(r),
+        })
+        .expect("valid send")
+}
+
+/// Waits until the audit shows no credit in flight, and returns it.
+async fn settled_audit(engine: &Engine) -> hongbao_engine::AuditReport {
+    for _ in 0..200 {
+        let a = engine.audit().await.expect("audit");
+        assert!(a.ok, "audit failed: {:?}", a.problems);
+        if a.in_flight_fen == 0 {
+            return a;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("credits did not settle");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_across_sets_credit_each_receiver_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0_MS);
+    let engine = start(dir.path(), 4, &clock);
+    engine.deposit(user("boss"), fen(100_000), rid("d1")).await.unwrap();
+    let users: Vec<UserId> = (0..40).map(|i| user(&format!("u{i}"))).collect();
+    let v = send(&engine, "boss", Kind::Lucky, 10_000, 30, Audience::users(users.clone()), None, "s1");
+    let p = engine.send(v).await.unwrap();
+
+    let mut paid = 0;
+    let mut turned_away = 0;
+    for u in &users {
+        match engine.claim(p.id, u.clone()).await {
+            Ok(c) => {
+                assert!(c.amount_fen >= 1);
+                paid += c.amount_fen;
+                let again = engine.claim(p.id, u.clone()).await.unwrap();
+                assert_eq!(again, c, "a repeated claim returns the same share");
+            }
+            Err(EngineError::Claim(ClaimError::Exhausted)) => turned_away += 1,
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!(paid, 10_000);
+    assert_eq!(turned_away, 10);
+    let a = settled_audit(&engine).await;
+    assert_eq!(a.deposits_fen, 100_000);
+    assert_eq!(a.escrow_fen, 0);
+    assert_eq!(a.balances_fen, 100_000);
+    let mut sum = 0;
+    for u in &users {
+        sum += engine.wallet(u.clone()).await.unwrap().balance_fen;
+    }
+    assert_eq!(sum, 10_000, "every share reached its wallet exactly once");
+    let details = engine.packet(p.id, None, 100).await.unwrap();
+    assert_eq!(details.claims.len(), 30);
+    let best = details.best_luck.expect("best luck once exhausted");
+    assert_eq!(best.amount_fen, details.claims.iter().map(|c| c.amount_fen).max().unwrap());
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_refunds_the_remainder_once_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0_MS);
+    let engine = start(dir.path(), 2, &clock);
+    engine.deposit(user("s"), fen(1_000), rid("d")).await.unwrap();
+    let v = send(&engine, "s", Kind::Equal, 600, 3, Audience::Anyone, Some(60), "p");
+    let p = engine.send(v).await.unwrap();
+    let c = engine.claim(p.id, user("a")).await.unwrap();
+    assert_eq!(c.amount_fen, 200);
+    engine.shutdown().await;
+
+    clock.advance_ms(61_000);
+    let engine = start(dir.path(), 2, &clock);
+    // The late claim closes the packet itself if the timer has not yet.
+    let late = engine.claim(p.id, user("b")).await;
+    assert_eq!(late, Err(EngineError::Claim(ClaimError::Expired)));
+    let again = engine.claim(p.id, user("a")).await.unwrap();
+    assert_eq!(again.amount_fen, 200, "a share opened before expiry is still answered");
+    assert_eq!(engine.wallet(user("s")).await.unwrap().balance_fen, 400 + 400);
+    engine.shutdown().await;
+
+    clock.advance_ms(3_600_000);
+    let engine = start(dir.path(), 2, &clock);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(engine.wallet(user("s")).await.unwrap().balance_fen, 800, "refunded once");
+    let entries = engine.entries(user("s"), None, 50).await.unwrap();
+    let refunds: Vec<_> = entries.entries.iter().filter(|e| e.kind.as_str() == "refund").collect();
+    assert_eq!(refunds.len(), 1);
+    assert_eq!(refunds[0].amount_fen, 400);
+    let a = settled_audit(&engine).await;
+    assert_eq!(a.deposits_fen, a.balances_fen + a.escrow_fen);
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tick_expires_idle_packets() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0_MS);
+    let engine = start(dir.path(), 1, &clock);
+    engine.deposit(user("s"), fen(500), rid("d")).await.unwrap();
+    let p = engine.send(send(&engine, "s", Kind::Lucky, 500, 5, Audience::Anyone, Some(5), "p")).await.unwrap();
+    assert_eq!(engine.wallet(user("s")).await.unwrap().balance_fen, 0);
+    clock.advance_ms(5_000);
+    let mut refunded = false;
+    for _ in 0..100 {
+        if engine.wallet(user("s")).await.unwrap().balance_fen == 500 {
+            refunded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refunded, "the expiry timer refunds without any request for the packet");
+    let d = engine.packet(p.id, None, 10).await.unwrap();
+    assert_eq!(d.status.as_str(), "expired");
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_reserve_a_share_until_they_lapse() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0_MS);
+    let engine = start(dir.path(), 1, &clock);
+    engine.deposit(user("s"), fen(100), rid("d")).await.unwrap();
+    let p = engine.send(send(&engine, "s", Kind::Equal, 100, 1, Audience::Anyone, None, "p")).await.unwrap();
+
+    assert_eq!(engine.open(p.id, user("a")).await, Err(EngineError::Claim(ClaimError::NotGrabbed)));
+    let g = engine.grab(p.id, user("a")).await.unwrap();
+    let GrabReply::Grabbed { hold_expires_at_ms } = g else { panic!("{g:?}") };
+    assert_eq!(hold_expires_at_ms, T0_MS + Limits::default().hold_s * 1000);
+    assert_eq!(engine.grab(p.id, user("b")).await, Err(EngineError::Claim(ClaimError::Exhausted)));
+    clock.advance_ms(Limits::default().hold_s * 1000 + 1);
+    assert!(matches!(engine.grab(p.id, user("b")).await, Ok(GrabReply::Grabbed { .. })), "a lapsed hold frees the share");
+    assert_eq!(engine.open(p.id, user("a")).await, Err(EngineError::Claim(ClaimError::NotGrabbed)));
+    let c = engine.open(p.id, user("b")).await.unwrap();
+    assert_eq!(c.amount_fen, 100);
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_make_money_moves_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0_MS);
+    let engine = start(dir.path(), 2, &clock);
+    let a = engine.deposit(user("s"), fen(1_000), rid("d1")).await.unwrap();
+    let b = engine.deposit(user("s"), fen(1_000), rid("d1")).await.unwrap();
+    assert_eq!(a, b);
+    assert_eq!(engine.deposit(user("s"), fen(5), rid("d1")).await, Err(EngineError::IdempotencyConflict));
+    let v = send(&engine, "s", Kind::Lucky, 300, 3, Audience::Anyone, None, "p1");
+    let p1 = engine.send(v.clone()).await.unwrap();
+    let p2 = engine.send(v).await.unwrap();
+    assert_eq!(p1, p2);
+    assert_eq!(engine.wallet(user("s")).await.unwrap().balance_fen, 700, "debited once");
+    let other = send(&engine, "s", Kind::Lucky, 301, 3, Audience::Anyone, None, "p1");
+    assert_eq!(engine.send(other).await, Err(EngineError::IdempotencyConflict));
+    assert_eq!(engine.withdraw(user("s"), fen(701), rid("w1")).await, Err(EngineError::InsufficientFunds));
+    assert_eq!(engine.withdraw(user("s"), fen(700), rid("w1")).await.unwrap().balance_fen, 0);
+    engine.shutdown().await;
+    // Still remembered after a restart.
+    let engine = start(dir.path(), 2, &clock);
+    assert_eq!(engine.withdraw(user("s"), fen(700), rid("w1")).await.unwrap().balance_fen, 0);
+    assert_eq!(engine.deposit(user("s"), fen(1_000), rid("d1")).await.unwrap().balance_fen, 1_000);
+    assert_eq!(engine.wallet(user("s")).await.unwrap().balance_fen, 0);
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_and_foreign_packets_are_not_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0_MS);
+    let engine = start(dir.path(), 2, &clock);
+    let bogus = PacketId::parse("123456789").unwrap();
+    assert_eq!(engine.claim(bogus, user("a")).await, Err(EngineError::NotFound));
+    assert_eq!(engine.packet(bogus, None, 10).await, Err(EngineError::NotFound));
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_keeps_its_set_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0_MS);
+    start(dir.path(), 4, &clock).shutdown().await;
+    let mut config = EngineConfig::new(dir.path().to_path_buf());
+    config.sets = 2;
+    let err = Engine::start(config, Arc::new(clock.clone())).err().expect("refused");
+    assert!(err.contains("sets"), "{err}");
+}
