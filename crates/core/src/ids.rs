@@ -62,7 +62,7 @@ impl fmt::Display for UserId {
 /// The set that holds a user's wallet. The hash is xxh3, fixed forever: the data dir records
 /// the set count and refuses to start with another one.
 pub fn set_of_user(user: &UserId, sets: u32) -> u32 {
-    assert!(sets >= 1 && sets <= SETS_MAX, "set count out of range");
+    assert!((1..=SETS_MAX).contains(&sets), "set count out of range");
     let h = xxhash_rust::xxh3::xxh3_64(user.as_str().as_bytes());
     (h % u64::from(sets)) as u32
 }
@@ -73,9 +73,7 @@ pub struct RequestId(Arc<str>);
 
 impl RequestId {
     pub fn parse(s: &str) -> Result<RequestId, IdError> {
-        let ok = !s.is_empty()
-            && s.len() <= REQUEST_ID_LEN_MAX
-            && s.bytes().all(|b| b.is_ascii_graphic());
+        let ok = !s.is_empty() && s.len() <= REQUEST_ID_LEN_MAX && s.bytes().all(|b| b.is_ascii_graphic());
         if ok {
             Ok(RequestId(Arc::from(s)))
         } else {

@@ -183,7 +183,10 @@ mod tests {
         let cases = [
             (req(Kind::Lucky, 100, 0, Audience::Anyone), SendError::CountOutOfRange(l.count_max)),
             (req(Kind::Lucky, 100, -3, Audience::Anyone), SendError::CountOutOfRange(l.count_max)),
-            (req(Kind::Lucky, 10_000_000, 100_001, Audience::Anyone), SendError::CountOutOfRange(l.count_max)),
+            (
+                req(Kind::Lucky, 10_000_000, 100_001, Audience::Anyone),
+                SendError::CountOutOfRange(l.count_max),
+            ),
             (req(Kind::Lucky, 0, 1, Audience::Anyone), SendError::TotalOutOfRange(l.total_max_fen)),
             (req(Kind::Lucky, -5, 1, Audience::Anyone), SendError::TotalOutOfRange(l.total_max_fen)),
             (req(Kind::Lucky, i64::MAX, 1, Audience::Anyone), SendError::TotalOutOfRange(l.total_max_fen)),
@@ -191,7 +194,10 @@ mod tests {
             (req(Kind::Equal, 10, 3, Audience::Anyone), SendError::NotDivisible),
             (req(Kind::Lucky, 10, 1, users(0)), SendError::EmptyAudience),
             (req(Kind::Lucky, 10, 3, users(2)), SendError::CountAboveAudience),
-            (req(Kind::Lucky, 100_000_000, 1, Audience::Anyone), SendError::ShareTooLarge(l.share_average_max_fen)),
+            (
+                req(Kind::Lucky, 100_000_000, 1, Audience::Anyone),
+                SendError::ShareTooLarge(l.share_average_max_fen),
+            ),
         ];
         for (r, want) in cases {
             assert_eq!(l.validate_send(r.clone()), Err(want), "{r:?}");

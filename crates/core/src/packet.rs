@@ -325,7 +325,9 @@ impl Packet {
             return Ok(OpenOutcome { claim, fresh: false });
         }
         match self.holds.remove(user) {
-            Some(until) if until > now_ms => Ok(OpenOutcome { claim: self.settle(user, now_ms), fresh: true }),
+            Some(until) if until > now_ms => {
+                Ok(OpenOutcome { claim: self.settle(user, now_ms), fresh: true })
+            }
             _ => Err(ClaimError::NotGrabbed),
         }
     }
@@ -386,11 +388,7 @@ impl Packet {
         assert_eq!(self.opened_count as usize, self.claims.len());
         assert!(self.opened_fen <= h.total_fen, "packet {} paid more than its total", h.id);
         assert!(self.refunded_fen >= 0 && self.escrow_fen() >= 0);
-        assert!(
-            self.opened_fen >= i64::from(self.opened_count),
-            "packet {} has a share under 1 fen",
-            h.id
-        );
+        assert!(self.opened_fen >= i64::from(self.opened_count), "packet {} has a share under 1 fen", h.id);
         match self.status {
             PacketStatus::Active => {
                 assert!(self.opened_count < h.count && self.refunded_fen == 0);

@@ -206,12 +206,22 @@ impl Engine {
         }
     }
 
-    pub async fn deposit(&self, user: UserId, amount: Amount, request_id: RequestId) -> Result<WalletReply, EngineError> {
+    pub async fn deposit(
+        &self,
+        user: UserId,
+        amount: Amount,
+        request_id: RequestId,
+    ) -> Result<WalletReply, EngineError> {
         let set = self.user_set(&user);
         self.call(set, |reply| Command::Deposit { user, amount, request_id, reply }).await
     }
 
-    pub async fn withdraw(&self, user: UserId, amount: Amount, request_id: RequestId) -> Result<WalletReply, EngineError> {
+    pub async fn withdraw(
+        &self,
+        user: UserId,
+        amount: Amount,
+        request_id: RequestId,
+    ) -> Result<WalletReply, EngineError> {
         let set = self.user_set(&user);
         self.call(set, |reply| Command::Withdraw { user, amount, request_id, reply }).await
     }
@@ -325,7 +335,8 @@ impl Engine {
             // Shutdown waits for room: it must reach the set.
             let _ = tokio::task::spawn_blocking(move || q.send(Command::Shutdown)).await;
         }
-        let threads: Vec<JoinHandle<()>> = std::mem::take(&mut *self.inner.threads.lock().expect("threads lock"));
+        let threads: Vec<JoinHandle<()>> =
+            std::mem::take(&mut *self.inner.threads.lock().expect("threads lock"));
         let _ = tokio::task::spawn_blocking(move || {
             for t in threads {
                 let _ = t.join();

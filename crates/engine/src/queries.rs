@@ -66,21 +66,37 @@ impl Engine {
     }
 
     /// Newest first; `cursor` is the id of the last entry of the previous page.
-    pub async fn entries(&self, user: UserId, cursor: Option<i64>, limit: u32) -> Result<EntriesPage, EngineError> {
+    pub async fn entries(
+        &self,
+        user: UserId,
+        cursor: Option<i64>,
+        limit: u32,
+    ) -> Result<EntriesPage, EngineError> {
         let reader = self.reader(self.user_set(&user));
         let rows = read(reader, move |r| r.entries(&user, cursor, limit + 1)).await?;
         let more = rows.len() > limit as usize;
         let entries: Vec<EntryView> = rows
             .into_iter()
             .take(limit as usize)
-            .map(|e| EntryView { id: e.id, kind: e.kind, amount_fen: e.amount_fen, packet_id: e.packet_id, at_ms: e.at_ms })
+            .map(|e| EntryView {
+                id: e.id,
+                kind: e.kind,
+                amount_fen: e.amount_fen,
+                packet_id: e.packet_id,
+                at_ms: e.at_ms,
+            })
             .collect();
         let next_cursor = if more { entries.last().map(|e| e.id) } else { None };
         Ok(EntriesPage { entries, next_cursor })
     }
 
     /// A packet with a page of its claims in opening order.
-    pub async fn packet(&self, id: PacketId, cursor: Option<u32>, limit: u32) -> Result<PacketDetails, EngineError> {
+    pub async fn packet(
+        &self,
+        id: PacketId,
+        cursor: Option<u32>,
+        limit: u32,
+    ) -> Result<PacketDetails, EngineError> {
         if id.set() >= self.sets() {
             return Err(EngineError::NotFound);
         }
@@ -105,13 +121,22 @@ impl Engine {
             remaining_count: row.header.count - row.opened_count,
             status: row.status,
             best_luck: best.map(|c| ClaimView { user: c.user, amount_fen: c.amount_fen, at_ms: c.at_ms }),
-            claims: claims.into_iter().map(|c| ClaimView { user: c.user, amount_fen: c.amount_fen, at_ms: c.at_ms }).collect(),
+            claims: claims
+                .into_iter()
+                .map(|c| ClaimView { user: c.user, amount_fen: c.amount_fen, at_ms: c.at_ms })
+                .collect(),
             next_cursor,
         })
     }
 
     /// Packets a user sent, newest first; the totals cover the whole year.
-    pub async fn sent(&self, user: UserId, year: Option<i32>, cursor: Option<PacketId>, limit: u32) -> Result<SentHistory, EngineError> {
+    pub async fn sent(
+        &self,
+        user: UserId,
+        year: Option<i32>,
+        cursor: Option<PacketId>,
+        limit: u32,
+    ) -> Result<SentHistory, EngineError> {
         let (from, to) = year_range(year);
         let reader = self.reader(self.user_set(&user));
         let page = read(reader, move |r| r.sent(&user, from, to, cursor, limit + 1)).await?;
@@ -132,7 +157,13 @@ impl Engine {
     }
 
     /// Shares a user received, newest first, with best-luck count over every set.
-    pub async fn received(&self, user: UserId, year: Option<i32>, cursor: Option<i64>, limit: u32) -> Result<ReceivedHistory, EngineError> {
+    pub async fn received(
+        &self,
+        user: UserId,
+        year: Option<i32>,
+        cursor: Option<i64>,
+        limit: u32,
+    ) -> Result<ReceivedHistory, EngineError> {
         let (from, to) = year_range(year);
         let reader = self.reader(self.user_set(&user));
         let u = user.clone();
@@ -151,7 +182,13 @@ impl Engine {
             .map(|(e, packet_id)| ReceivedItem { packet_id, amount_fen: e.amount_fen, at_ms: e.at_ms })
             .collect();
         let next_cursor = if more { page.items.get(limit as usize - 1).map(|e| e.id) } else { None };
-        Ok(ReceivedHistory { count: page.count, total_fen: page.total_fen, best_luck_count, items, next_cursor })
+        Ok(ReceivedHistory {
+            count: page.count,
+            total_fen: page.total_fen,
+            best_luck_count,
+            items,
+            next_cursor,
+        })
     }
 }
 

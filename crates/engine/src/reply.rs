@@ -48,7 +48,9 @@ pub struct PacketSummary {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GrabReply {
-    Grabbed { hold_expires_at_ms: Millis },
+    Grabbed {
+        hold_expires_at_ms: Millis,
+    },
     /// The user had opened a share of this packet already.
     AlreadyOpened(ClaimReply),
 }

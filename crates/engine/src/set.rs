@@ -13,12 +13,12 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use hongbao_core::{
-    set_of_user, Amount, Claim, Clock, GrabOutcome, Limits, Millis, Packet, PacketId,
-    PacketIdGen, PacketStatus, RequestId, UserId, ValidSend,
+    set_of_user, Amount, Claim, Clock, GrabOutcome, Limits, Millis, Packet, PacketId, PacketIdGen,
+    PacketStatus, RequestId, UserId, ValidSend,
 };
 use hongbao_store::{
-    Batch, ClaimRow, Entry, EntryKind, IdemRecord, IdemResult, Loaded, OutboxItem, PacketUpdate,
-    Store, StoreError, Totals,
+    Batch, ClaimRow, Entry, EntryKind, IdemRecord, IdemResult, Loaded, OutboxItem, PacketUpdate, Store,
+    StoreError, Totals,
 };
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -44,18 +44,52 @@ const RELOAD_BACKOFF: Duration = Duration::from_millis(200);
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
 
 pub(crate) enum Command {
-    Deposit { user: UserId, amount: Amount, request_id: RequestId, reply: Reply<WalletReply> },
-    Withdraw { user: UserId, amount: Amount, request_id: RequestId, reply: Reply<WalletReply> },
-    Send { send: ValidSend, reply: Reply<PacketSummary> },
-    Grab { packet: PacketId, user: UserId, reply: Reply<GrabReply> },
-    Open { packet: PacketId, user: UserId, reply: Reply<ClaimReply> },
-    Claim { packet: PacketId, user: UserId, reply: Reply<ClaimReply> },
+    Deposit {
+        user: UserId,
+        amount: Amount,
+        request_id: RequestId,
+        reply: Reply<WalletReply>,
+    },
+    Withdraw {
+        user: UserId,
+        amount: Amount,
+        request_id: RequestId,
+        reply: Reply<WalletReply>,
+    },
+    Send {
+        send: ValidSend,
+        reply: Reply<PacketSummary>,
+    },
+    Grab {
+        packet: PacketId,
+        user: UserId,
+        reply: Reply<GrabReply>,
+    },
+    Open {
+        packet: PacketId,
+        user: UserId,
+        reply: Reply<ClaimReply>,
+    },
+    Claim {
+        packet: PacketId,
+        user: UserId,
+        reply: Reply<ClaimReply>,
+    },
     /// Credits from another set's outbox, in seq order.
-    Credit { from_set: u32, items: Vec<OutboxItem> },
+    Credit {
+        from_set: u32,
+        items: Vec<OutboxItem>,
+    },
     /// The target set applied every credit from us up to `upto`.
-    Ack { from_set: u32, upto: u64 },
+    Ack {
+        from_set: u32,
+        upto: u64,
+    },
     /// Take an audit snapshot at a batch boundary, then pause until `resume` is dropped.
-    Audit { snapshot: oneshot::Sender<Result<SetSnapshot, String>>, resume: oneshot::Receiver<()> },
+    Audit {
+        snapshot: oneshot::Sender<Result<SetSnapshot, String>>,
+        resume: oneshot::Receiver<()>,
+    },
     /// Finish the current batch, commit it and stop.
     Shutdown,
 }
@@ -158,7 +192,12 @@ struct Work {
     base_fen: i64,
 }
 
-pub(crate) fn run(ctx: SetContext, mut store: Box<dyn Store>, rx: Receiver<Command>, started: std::sync::mpsc::Sender<Result<(), String>>) {
+pub(crate) fn run(
+    ctx: SetContext,
+    mut store: Box<dyn Store>,
+    rx: Receiver<Command>,
+    started: std::sync::mpsc::Sender<Result<(), String>>,
+) {
     let mut state = match load(&ctx, store.as_mut()) {
         Ok(s) => {
             ctx.ready.store(true, Ordering::SeqCst);
@@ -239,7 +278,9 @@ pub(crate) fn run(ctx: SetContext, mut store: Box<dyn Store>, rx: Receiver<Comma
                 for cmd in remaining {
                     match cmd {
                         Command::Shutdown => stop = true,
-                        Command::Audit { snapshot, .. } => drop(snapshot.send(Err("audit already running".into()))),
+                        Command::Audit { snapshot, .. } => {
+                            drop(snapshot.send(Err("audit already running".into())))
+                        }
                         cmd if !stop => state.apply(&ctx, store.as_mut(), cmd, now_ms, &mut work),
                         cmd => reject(cmd),
                     }
@@ -359,7 +400,9 @@ impl SetState {
             idem: HashMap::with_capacity(l.idempotency.len()),
             idem_order: VecDeque::new(),
             id_gen: PacketIdGen::new(ctx.set, l.max_packet_id),
-            rng: ChaCha8Rng::seed_from_u64(ctx.seed ^ (u64::from(ctx.set) << 32) ^ l.max_packet_id.map_or(0, |p| p.raw())),
+            rng: ChaCha8Rng::seed_from_u64(
+                ctx.seed ^ (u64::from(ctx.set) << 32) ^ l.max_packet_id.map_or(0, |p| p.raw()),
+            ),
             outbox: HashMap::new(),
             outbox_last_seq: l.outbox_last_seq.into_iter().collect(),
             last_relay_ms: HashMap::new(),
@@ -447,7 +490,15 @@ impl SetState {
         }
     }
 
-    fn remember(&mut self, user: &UserId, request_id: &RequestId, fp: u64, result: IdemResult, now_ms: Millis, w: &mut Work) {
+    fn remember(
+        &mut self,
+        user: &UserId,
+        request_id: &RequestId,
+        fp: u64,
+        result: IdemResult,
+        now_ms: Millis,
+        w: &mut Work,
+    ) {
         let rec = IdemRecord {
             user: user.clone(),
             request_id: request_id.as_str().to_string(),
@@ -481,11 +532,27 @@ impl SetState {
         w.dirty_wallets.insert(user.clone());
     }
 
-    fn entry(&self, user: &UserId, kind: EntryKind, amount_fen: i64, packet_id: Option<PacketId>, at_ms: Millis, w: &mut Work) {
+    fn entry(
+        &self,
+        user: &UserId,
+        kind: EntryKind,
+        amount_fen: i64,
+        packet_id: Option<PacketId>,
+        at_ms: Millis,
+        w: &mut Work,
+    ) {
         w.batch.entries.push(Entry { user: user.clone(), kind, amount_fen, packet_id, at_ms });
     }
 
-    fn deposit(&mut self, ctx: &SetContext, user: UserId, amount: Amount, request_id: RequestId, now_ms: Millis, w: &mut Work) -> Result<WalletReply, EngineError> {
+    fn deposit(
+        &mut self,
+        ctx: &SetContext,
+        user: UserId,
+        amount: Amount,
+        request_id: RequestId,
+        now_ms: Millis,
+        w: &mut Work,
+    ) -> Result<WalletReply, EngineError> {
         let fp = fingerprint(&["deposit", &amount.fen().to_string()]);
         match self.check_idem(&user, &request_id, fp, |r| match r {
             IdemResult::Deposit { balance_fen } => Some(balance_fen),
@@ -501,7 +568,8 @@ impl SetState {
             .filter(|b| *b <= ctx.limits.balance_max_fen)
             .ok_or(EngineError::BalanceLimit)?;
         self.set_balance(&user, balance, w);
-        self.totals.deposits_fen = self.totals.deposits_fen.checked_add(amount.fen()).expect("deposit total overflows");
+        self.totals.deposits_fen =
+            self.totals.deposits_fen.checked_add(amount.fen()).expect("deposit total overflows");
         w.deposits_fen += amount.fen();
         w.totals_moved = true;
         self.entry(&user, EntryKind::Deposit, amount.fen(), None, now_ms, w);
@@ -509,7 +577,14 @@ impl SetState {
         Ok(WalletReply { user, balance_fen: balance })
     }
 
-    fn withdraw(&mut self, user: UserId, amount: Amount, request_id: RequestId, now_ms: Millis, w: &mut Work) -> Result<WalletReply, EngineError> {
+    fn withdraw(
+        &mut self,
+        user: UserId,
+        amount: Amount,
+        request_id: RequestId,
+        now_ms: Millis,
+        w: &mut Work,
+    ) -> Result<WalletReply, EngineError> {
         let fp = fingerprint(&["withdraw", &amount.fen().to_string()]);
         match self.check_idem(&user, &request_id, fp, |r| match r {
             IdemResult::Withdraw { balance_fen } => Some(balance_fen),
@@ -519,9 +594,11 @@ impl SetState {
             IdemCheck::Conflict => return Err(EngineError::IdempotencyConflict),
             IdemCheck::New => {}
         }
-        let balance = hongbao_core::money::sub_fen(self.balance(&user), amount.fen()).ok_or(EngineError::InsufficientFunds)?;
+        let balance = hongbao_core::money::sub_fen(self.balance(&user), amount.fen())
+            .ok_or(EngineError::InsufficientFunds)?;
         self.set_balance(&user, balance, w);
-        self.totals.withdrawals_fen = self.totals.withdrawals_fen.checked_add(amount.fen()).expect("withdrawal total overflows");
+        self.totals.withdrawals_fen =
+            self.totals.withdrawals_fen.checked_add(amount.fen()).expect("withdrawal total overflows");
         w.withdrawals_fen += amount.fen();
         w.totals_moved = true;
         self.entry(&user, EntryKind::Withdraw, amount.fen(), None, now_ms, w);
@@ -529,7 +606,14 @@ impl SetState {
         Ok(WalletReply { user, balance_fen: balance })
     }
 
-    fn send(&mut self, ctx: &SetContext, store: &mut dyn Store, send: ValidSend, now_ms: Millis, w: &mut Work) -> Result<PacketSummary, EngineError> {
+    fn send(
+        &mut self,
+        ctx: &SetContext,
+        store: &mut dyn Store,
+        send: ValidSend,
+        now_ms: Millis,
+        w: &mut Work,
+    ) -> Result<PacketSummary, EngineError> {
         let fp = send_fingerprint(&send);
         match self.check_idem(&send.sender, &send.request_id, fp, |r| match r {
             IdemResult::Send { packet_id } => Some(packet_id),
@@ -543,7 +627,8 @@ impl SetState {
             IdemCheck::New => {}
         }
         let total = send.total.fen();
-        let balance = hongbao_core::money::sub_fen(self.balance(&send.sender), total).ok_or(EngineError::InsufficientFunds)?;
+        let balance = hongbao_core::money::sub_fen(self.balance(&send.sender), total)
+            .ok_or(EngineError::InsufficientFunds)?;
         let id = self.id_gen.next(now_ms);
         let packet = Packet::new(id, &send, now_ms, self.rng.next_u64());
         self.set_balance(&send.sender, balance, w);
@@ -559,14 +644,20 @@ impl SetState {
 
     /// Makes sure a packet of this set is in memory: active packets always are; one closed
     /// long ago is read from the store once and kept in the closed cache.
-    fn find_packet(&mut self, ctx: &SetContext, store: &mut dyn Store, id: PacketId) -> Result<(), EngineError> {
+    fn find_packet(
+        &mut self,
+        ctx: &SetContext,
+        store: &mut dyn Store,
+        id: PacketId,
+    ) -> Result<(), EngineError> {
         if self.packets.contains_key(&id) {
             return Ok(());
         }
         if id.set() != ctx.set || self.id_gen.last_issued().is_none_or(|last| id > last) {
             return Err(EngineError::NotFound);
         }
-        let p = store.packet(id).map_err(|e| EngineError::Store(e.to_string()))?.ok_or(EngineError::NotFound)?;
+        let p =
+            store.packet(id).map_err(|e| EngineError::Store(e.to_string()))?.ok_or(EngineError::NotFound)?;
         if p.status() == PacketStatus::Active {
             // Every active packet is resident; one found only in the store is a bug.
             panic!("set {}: active packet {id} was not in memory", ctx.set);
@@ -614,7 +705,14 @@ impl SetState {
     }
 
     /// Looks a packet up for a grab, open or claim, and closes it first if it is due.
-    fn prepare_packet(&mut self, ctx: &SetContext, store: &mut dyn Store, id: PacketId, now_ms: Millis, w: &mut Work) -> Result<(), EngineError> {
+    fn prepare_packet(
+        &mut self,
+        ctx: &SetContext,
+        store: &mut dyn Store,
+        id: PacketId,
+        now_ms: Millis,
+        w: &mut Work,
+    ) -> Result<(), EngineError> {
         self.find_packet(ctx, store, id)?;
         if self.packets[&id].is_due(now_ms) {
             self.expire_packet(id, now_ms, w);
@@ -622,7 +720,15 @@ impl SetState {
         Ok(())
     }
 
-    fn grab(&mut self, ctx: &SetContext, store: &mut dyn Store, id: PacketId, user: &UserId, now_ms: Millis, w: &mut Work) -> Result<GrabReply, EngineError> {
+    fn grab(
+        &mut self,
+        ctx: &SetContext,
+        store: &mut dyn Store,
+        id: PacketId,
+        user: &UserId,
+        now_ms: Millis,
+        w: &mut Work,
+    ) -> Result<GrabReply, EngineError> {
         self.prepare_packet(ctx, store, id, now_ms, w)?;
         let hold_ms = ctx.limits.hold_s * 1000;
         let p = self.packets.get_mut(&id).expect("prepared");
@@ -633,7 +739,16 @@ impl SetState {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn settle(&mut self, ctx: &SetContext, store: &mut dyn Store, id: PacketId, user: &UserId, now_ms: Millis, w: &mut Work, claim: bool) -> Result<ClaimReply, EngineError> {
+    fn settle(
+        &mut self,
+        ctx: &SetContext,
+        store: &mut dyn Store,
+        id: PacketId,
+        user: &UserId,
+        now_ms: Millis,
+        w: &mut Work,
+        claim: bool,
+    ) -> Result<ClaimReply, EngineError> {
         self.prepare_packet(ctx, store, id, now_ms, w)?;
         let p = self.packets.get_mut(&id).expect("prepared");
         let outcome = if claim { p.claim(user, now_ms) } else { p.open(user, now_ms) }?;
@@ -654,7 +769,14 @@ impl SetState {
         } else {
             let seq = self.outbox_last_seq.entry(target).or_insert(0);
             *seq += 1;
-            let item = OutboxItem { target_set: target, seq: *seq, user: user.clone(), amount_fen: c.amount_fen, packet_id: id, at_ms: c.at_ms };
+            let item = OutboxItem {
+                target_set: target,
+                seq: *seq,
+                user: user.clone(),
+                amount_fen: c.amount_fen,
+                packet_id: id,
+                at_ms: c.at_ms,
+            };
             self.outbox.entry(target).or_default().push_back(item.clone());
             w.batch.outbox_new.push(item);
             w.credits_out_fen += c.amount_fen;
@@ -678,7 +800,8 @@ impl SetState {
             if item.seq != mark + 1 {
                 break;
             }
-            let balance = self.balance(&item.user).checked_add(item.amount_fen).expect("credit overflows a balance");
+            let balance =
+                self.balance(&item.user).checked_add(item.amount_fen).expect("credit overflows a balance");
             self.set_balance(&item.user, balance, w);
             self.entry(&item.user, EntryKind::Claim, item.amount_fen, Some(item.packet_id), item.at_ms, w);
             w.credits_in_fen += item.amount_fen;
@@ -742,7 +865,8 @@ impl SetState {
                 return false;
             }
             let set = ctx.set.to_string();
-            metrics::histogram!("hongbao_commit_seconds", "set" => set.clone()).record(started.elapsed().as_secs_f64());
+            metrics::histogram!("hongbao_commit_seconds", "set" => set.clone())
+                .record(started.elapsed().as_secs_f64());
             metrics::histogram!("hongbao_batch_commands", "set" => set).record(size as f64);
         }
         for r in w.replies {
@@ -809,18 +933,30 @@ impl SetState {
         let mut problems = Vec::new();
         let outbox_pending: Vec<OutboxItem> = self.outbox.values().flat_map(|q| q.iter().cloned()).collect();
         if sums.balances_fen != self.balances_fen {
-            problems.push(format!("set {}: balances in store {} != memory {}", ctx.set, sums.balances_fen, self.balances_fen));
+            problems.push(format!(
+                "set {}: balances in store {} != memory {}",
+                ctx.set, sums.balances_fen, self.balances_fen
+            ));
         }
         if sums.escrow_fen != self.escrow_fen {
-            problems.push(format!("set {}: escrow in store {} != memory {}", ctx.set, sums.escrow_fen, self.escrow_fen));
+            problems.push(format!(
+                "set {}: escrow in store {} != memory {}",
+                ctx.set, sums.escrow_fen, self.escrow_fen
+            ));
         }
         if sums.totals != self.totals {
-            problems.push(format!("set {}: totals in store {:?} != memory {:?}", ctx.set, sums.totals, self.totals));
+            problems.push(format!(
+                "set {}: totals in store {:?} != memory {:?}",
+                ctx.set, sums.totals, self.totals
+            ));
         }
         let mem_pending: i64 = outbox_pending.iter().map(|i| i.amount_fen).sum();
         let store_pending: i64 = sums.outbox_pending.iter().map(|i| i.amount_fen).sum();
         if mem_pending != store_pending {
-            problems.push(format!("set {}: outbox in store {} != memory {}", ctx.set, store_pending, mem_pending));
+            problems.push(format!(
+                "set {}: outbox in store {} != memory {}",
+                ctx.set, store_pending, mem_pending
+            ));
         }
         Ok(SetSnapshot {
             set: ctx.set,
@@ -833,4 +969,3 @@ impl SetState {
         })
     }
 }
-

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hongbao_core::{
-    Amount, Audience, ClaimError, Kind, Limits, ManualClock, PacketId, RequestId, SendRequest, UserId, ValidSend,
+    Amount, Audience, ClaimError, Kind, Limits, ManualClock, PacketId, RequestId, SendRequest, UserId,
+    ValidSend,
 };
 use hongbao_engine::{Engine, EngineConfig, EngineError, GrabReply};
 
@@ -30,7 +31,17 @@ fn start(dir: &std::path::Path, sets: u32, clock: &ManualClock) -> Engine {
     Engine::start(config, Arc::new(clock.clone())).expect("engine starts")
 }
 
-fn send(engine: &Engine, sender: &str, kind: Kind, total: i64, count: i64, audience: Audience, expires_in_s: Option<i64>, r: &str) -> ValidSend {
+#[allow(clippy::too_many_arguments)]
+fn send(
+    engine: &Engine,
+    sender: &str,
+    kind: Kind,
+    total: i64,
+    count: i64,
+    audience: Audience,
+    expires_in_s: Option<i64>,
+    r: &str,
+) -> ValidSend {
     engine
         .limits()
         .validate_send(SendRequest {
@@ -142,7 +153,8 @@ async fn the_tick_expires_idle_packets() {
     let clock = ManualClock::new(T0_MS);
     let engine = start(dir.path(), 1, &clock);
     engine.deposit(user("s"), fen(500), rid("d")).await.unwrap();
-    let p = engine.send(send(&engine, "s", Kind::Lucky, 500, 5, Audience::Anyone, Some(5), "p")).await.unwrap();
+    let p =
+        engine.send(send(&engine, "s", Kind::Lucky, 500, 5, Audience::Anyone, Some(5), "p")).await.unwrap();
     assert_eq!(engine.wallet(user("s")).await.unwrap().balance_fen, 0);
     clock.advance_ms(5_000);
     let mut refunded = false;
@@ -173,7 +185,10 @@ async fn holds_reserve_a_share_until_they_lapse() {
     assert_eq!(hold_expires_at_ms, T0_MS + Limits::default().hold_s * 1000);
     assert_eq!(engine.grab(p.id, user("b")).await, Err(EngineError::Claim(ClaimError::Exhausted)));
     clock.advance_ms(Limits::default().hold_s * 1000 + 1);
-    assert!(matches!(engine.grab(p.id, user("b")).await, Ok(GrabReply::Grabbed { .. })), "a lapsed hold frees the share");
+    assert!(
+        matches!(engine.grab(p.id, user("b")).await, Ok(GrabReply::Grabbed { .. })),
+        "a lapsed hold frees the share"
+    );
     assert_eq!(engine.open(p.id, user("a")).await, Err(EngineError::Claim(ClaimError::NotGrabbed)));
     let c = engine.open(p.id, user("b")).await.unwrap();
     assert_eq!(c.amount_fen, 100);

@@ -262,11 +262,23 @@ pub trait Reader: Send + Sync + 'static {
     /// A packet's claims in opening order, from share index `after_index + 1`.
     fn claims(&self, id: PacketId, after_index: Option<u32>, limit: u32) -> Result<Vec<Claim>>;
     /// Packets sent by `user` created in the range, newest first, before packet id `before`.
-    fn sent(&self, user: &UserId, from_ms: Millis, to_ms: Millis, before: Option<PacketId>, limit: u32)
-        -> Result<SentPage>;
+    fn sent(
+        &self,
+        user: &UserId,
+        from_ms: Millis,
+        to_ms: Millis,
+        before: Option<PacketId>,
+        limit: u32,
+    ) -> Result<SentPage>;
     /// Claim credits to `user`'s wallet in the range, newest first, before entry id `before`.
-    fn received(&self, user: &UserId, from_ms: Millis, to_ms: Millis, before: Option<i64>, limit: u32)
-        -> Result<ReceivedPage>;
+    fn received(
+        &self,
+        user: &UserId,
+        from_ms: Millis,
+        to_ms: Millis,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<ReceivedPage>;
     /// How many exhausted packets of this set created in the range have `user` as best luck.
     fn best_luck_count(&self, user: &UserId, from_ms: Millis, to_ms: Millis) -> Result<u64>;
 

@@ -1,0 +1,199 @@
+//! The read side: history and detail queries on pooled `query_only` connections.
+//!
+//! It never writes and never goes through the engine. A query that returns totals with a
+//! page reads both in one transaction, so the totals and the items agree.
+
+use hongbao_core::{Claim, Millis, PacketId, UserId};
+use r2d2::{Pool, PooledConnection};
+use r2d2_sqlite::SqliteConnectionManager;
+
+use super::rows::{self, to_u64, Users};
+use super::write::read_group;
+use crate::{EntryRow, PacketRow, Reader, ReceivedPage, Result, SentPage};
+
+/// Most rows one page returns, whatever the caller asks: a query never materializes more
+/// than this, so one client cannot make a read connection stream a whole history.
+const PAGE_ROWS_MAX: u32 = 1_000;
+
+/// The read side of one set's SQLite file: cheap to clone, `Send + Sync`.
+#[derive(Debug, Clone)]
+pub struct SqliteReader {
+    pool: Pool<SqliteConnectionManager>,
+}
+
+impl SqliteReader {
+    pub(super) fn new(pool: Pool<SqliteConnectionManager>) -> SqliteReader {
+        SqliteReader { pool }
+    }
+
+    fn conn(&self) -> Result<PooledConnection<SqliteConnectionManager>> {
+        Ok(self.pool.get()?)
+    }
+}
+
+fn page_limit(limit: u32) -> u32 {
+    limit.min(PAGE_ROWS_MAX)
+}
+
+/// An exclusive "before" cursor; none means from the newest.
+fn before_or_newest(before: Option<i64>) -> i64 {
+    before.unwrap_or(i64::MAX)
+}
+
+impl Reader for SqliteReader {
+    fn balance(&self, user: &UserId) -> Result<Option<i64>> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare_cached("SELECT balance_fen FROM wallets WHERE user = ?1")?;
+        let mut q = stmt.query([user.as_str()])?;
+        match q.next()? {
+            Some(r) => Ok(Some(rows::balance(r.get(0)?, user)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn entries(&self, user: &UserId, before_id: Option<i64>, limit: u32) -> Result<Vec<EntryRow>> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, kind, amount_fen, packet_id, at_ms FROM entries \
+             WHERE user = ?1 AND id < ?2 ORDER BY id DESC LIMIT ?3",
+        )?;
+        let mut q = stmt.query((user.as_str(), before_or_newest(before_id), page_limit(limit)))?;
+        let mut out = Vec::new();
+        while let Some(r) = q.next()? {
+            out.push(rows::entry_row(r)?);
+        }
+        Ok(out)
+    }
+
+    fn packet(&self, id: PacketId) -> Result<Option<PacketRow>> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        let mut users = Users::parsing();
+        let row = {
+            let mut stmt =
+                tx.prepare_cached(concat!("SELECT ", packet_columns!(), " FROM packets WHERE id = ?1"))?;
+            let mut q = stmt.query([id.as_i64()])?;
+            match q.next()? {
+                Some(r) => rows::packet_row(r, &mut users)?,
+                None => return Ok(None),
+            }
+        };
+        let mut row = row;
+        let group = read_group(&tx, &row, &mut users)?;
+        rows::set_audience(&mut row, group)?;
+        tx.commit()?;
+        Ok(Some(row))
+    }
+
+    fn claims(&self, id: PacketId, after_index: Option<u32>, limit: u32) -> Result<Vec<Claim>> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT idx, user, amount_fen, at_ms FROM claims \
+             WHERE packet_id = ?1 AND idx > ?2 ORDER BY idx LIMIT ?3",
+        )?;
+        let after = after_index.map_or(-1, i64::from);
+        let mut q = stmt.query((id.as_i64(), after, page_limit(limit)))?;
+        let mut users = Users::parsing();
+        let mut out = Vec::new();
+        while let Some(r) = q.next()? {
+            out.push(rows::claim(r, 0, &mut users)?);
+        }
+        Ok(out)
+    }
+
+    fn sent(
+        &self,
+        user: &UserId,
+        from_ms: Millis,
+        to_ms: Millis,
+        before: Option<PacketId>,
+        limit: u32,
+    ) -> Result<SentPage> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        let (count, total_fen): (i64, i64) = tx
+            .prepare_cached(
+                "SELECT COUNT(*), COALESCE(SUM(total_fen), 0) FROM packets \
+                 WHERE sender = ?1 AND created_at_ms >= ?2 AND created_at_ms < ?3",
+            )?
+            .query_row((user.as_str(), from_ms, to_ms), |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let mut users = Users::parsing();
+        let mut items = Vec::new();
+        {
+            let mut stmt = tx.prepare_cached(concat!(
+                "SELECT ",
+                packet_columns!(),
+                " FROM packets WHERE sender = ?1 AND created_at_ms >= ?2 AND created_at_ms < ?3 \
+                 AND id < ?4 ORDER BY id DESC LIMIT ?5"
+            ))?;
+            let before = before_or_newest(before.map(PacketId::as_i64));
+            let mut q = stmt.query((user.as_str(), from_ms, to_ms, before, page_limit(limit)))?;
+            while let Some(r) = q.next()? {
+                items.push(rows::packet_row(r, &mut users)?);
+            }
+        }
+        for row in &mut items {
+            let group = read_group(&tx, row, &mut users)?;
+            rows::set_audience(row, group)?;
+        }
+        tx.commit()?;
+        Ok(SentPage { count: to_u64(count, "sent count")?, total_fen, items })
+    }
+
+    fn received(
+        &self,
+        user: &UserId,
+        from_ms: Millis,
+        to_ms: Millis,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<ReceivedPage> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        let (count, total_fen): (i64, i64) = tx
+            .prepare_cached(
+                "SELECT COUNT(*), COALESCE(SUM(amount_fen), 0) FROM entries \
+                 WHERE user = ?1 AND kind = 'claim' AND at_ms >= ?2 AND at_ms < ?3",
+            )?
+            .query_row((user.as_str(), from_ms, to_ms), |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let mut items = Vec::new();
+        {
+            let mut stmt = tx.prepare_cached(
+                "SELECT id, kind, amount_fen, packet_id, at_ms FROM entries \
+                 WHERE user = ?1 AND kind = 'claim' AND at_ms >= ?2 AND at_ms < ?3 AND id < ?4 \
+                 ORDER BY id DESC LIMIT ?5",
+            )?;
+            let mut q =
+                stmt.query((user.as_str(), from_ms, to_ms, before_or_newest(before), page_limit(limit)))?;
+            while let Some(r) = q.next()? {
+                items.push(rows::entry_row(r)?);
+            }
+        }
+        tx.commit()?;
+        Ok(ReceivedPage { count: to_u64(count, "received count")?, total_fen, items })
+    }
+
+    /// One lookup on the (packet, user) unique index instead of paging through the claims.
+    fn claim_of(&self, id: PacketId, user: &UserId) -> Result<Option<Claim>> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT idx, user, amount_fen, at_ms FROM claims WHERE packet_id = ?1 AND user = ?2",
+        )?;
+        let mut q = stmt.query((id.as_i64(), user.as_str()))?;
+        match q.next()? {
+            Some(r) => Ok(Some(rows::claim(r, 0, &mut Users::parsing())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn best_luck_count(&self, user: &UserId, from_ms: Millis, to_ms: Millis) -> Result<u64> {
+        let conn = self.conn()?;
+        let count: i64 = conn
+            .prepare_cached(
+                "SELECT COUNT(*) FROM packets WHERE best_user = ?1 AND status = 'exhausted' \
+                 AND created_at_ms >= ?2 AND created_at_ms < ?3",
+            )?
+            .query_row((user.as_str(), from_ms, to_ms), |r| r.get(0))?;
+        to_u64(count, "best luck count")
+    }
+}
