@@ -8,6 +8,8 @@ mod engine;
 mod queries;
 mod reply;
 mod set;
+#[cfg(test)]
+mod sim;
 
 pub use engine::{Engine, EngineConfig};
 pub use reply::*;

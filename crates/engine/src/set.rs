@@ -192,114 +192,153 @@ struct Work {
     base_fen: i64,
 }
 
+/// The body of a set thread: load, then step until told to stop.
 pub(crate) fn run(
     ctx: SetContext,
-    mut store: Box<dyn Store>,
+    store: Box<dyn Store>,
     rx: Receiver<Command>,
     started: std::sync::mpsc::Sender<Result<(), String>>,
 ) {
-    let mut state = match load(&ctx, store.as_mut()) {
-        Ok(s) => {
-            ctx.ready.store(true, Ordering::SeqCst);
+    let mut runner = match SetRunner::open(ctx, store, rx) {
+        Ok(r) => {
             let _ = started.send(Ok(()));
-            s
+            r
         }
         Err(e) => {
-            let _ = started.send(Err(format!("set {}: {e}", ctx.set)));
+            let _ = started.send(Err(e));
             return;
         }
     };
-    tracing::info!(set = ctx.set, wallets = state.wallets.len(), packets = state.packets.len(), "set ready");
-    // Credits left undelivered by the last run go out again.
-    state.relay_all(&ctx, i64::MIN);
-    let mut last_tick = Instant::now();
-    loop {
-        let first = match rx.recv_timeout(TICK) {
-            Ok(c) => Some(c),
-            Err(RecvTimeoutError::Timeout) => None,
-            Err(RecvTimeoutError::Disconnected) => return,
+    while runner.step(Some(TICK)) {}
+}
+
+/// What stopped a batch early.
+enum Control {
+    Audit(oneshot::Sender<Result<SetSnapshot, String>>, oneshot::Receiver<()>),
+    Shutdown,
+}
+
+/// One set's thread state: its context, memory, store and queue. The deterministic
+/// simulation drives `step` directly, from one thread, instead of `run`.
+pub(crate) struct SetRunner {
+    pub(crate) ctx: SetContext,
+    state: SetState,
+    store: Box<dyn Store>,
+    rx: Receiver<Command>,
+    last_tick_ms: Millis,
+}
+
+impl SetRunner {
+    /// Loads the set from its store and resends credits left undelivered by the last run.
+    pub(crate) fn open(
+        ctx: SetContext,
+        mut store: Box<dyn Store>,
+        rx: Receiver<Command>,
+    ) -> Result<SetRunner, String> {
+        let mut state = load(&ctx, store.as_mut()).map_err(|e| format!("set {}: {e}", ctx.set))?;
+        ctx.ready.store(true, Ordering::SeqCst);
+        tracing::info!(
+            set = ctx.set,
+            wallets = state.wallets.len(),
+            packets = state.packets.len(),
+            "set ready"
+        );
+        state.relay_all(&ctx, i64::MIN);
+        let last_tick_ms = ctx.clock.now_ms();
+        Ok(SetRunner { ctx, state, store, rx, last_tick_ms })
+    }
+
+    /// Applies one batch: waits up to `wait` for a first command (`None`: do not wait), drains
+    /// up to `batch_max`, runs timers when due, commits, replies. Returns false once stopped.
+    pub(crate) fn step(&mut self, wait: Option<Duration>) -> bool {
+        let first = match wait {
+            Some(d) => match self.rx.recv_timeout(d) {
+                Ok(c) => Some(c),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return false,
+            },
+            None => self.rx.try_recv().ok(),
         };
-        let mut commands = Vec::with_capacity(64);
-        commands.extend(first);
-        while commands.len() < ctx.batch_max {
-            match rx.try_recv() {
-                Ok(c) => commands.push(c),
-                Err(_) => break,
-            }
-        }
-        let tick = last_tick.elapsed() >= TICK;
-        if tick {
-            last_tick = Instant::now();
-        }
-        let mut stop = false;
-        let mut audit = None;
-        let mut work = state.work();
-        let now_ms = ctx.clock.now_ms();
-        let mut rest = commands.into_iter();
-        for cmd in rest.by_ref() {
+        let now_ms = self.ctx.clock.now_ms();
+        let mut work = self.state.work();
+        let mut control = None;
+        let mut applied = 0;
+        let mut next = first;
+        while let Some(cmd) = next {
             match cmd {
-                Command::Shutdown => {
-                    stop = true;
-                    break;
-                }
                 Command::Audit { snapshot, resume } => {
-                    audit = Some((snapshot, resume));
+                    control = Some(Control::Audit(snapshot, resume));
                     break;
                 }
-                cmd => state.apply(&ctx, store.as_mut(), cmd, now_ms, &mut work),
-            }
-        }
-        if tick {
-            state.expire_due(now_ms, &mut work);
-            state.prune_idempotency(now_ms - ctx.idempotency_retention_ms);
-        }
-        let commit_ok = state.finish(&ctx, store.as_mut(), work, now_ms);
-        if !commit_ok {
-            // Fail-stop: memory holds effects the store does not. Drop it and reload.
-            ctx.ready.store(false, Ordering::SeqCst);
-            state = reload(&ctx, store.as_mut(), &rx);
-            ctx.ready.store(true, Ordering::SeqCst);
-            state.relay_all(&ctx, i64::MIN);
-        }
-        if tick {
-            state.relay_all(&ctx, now_ms);
-        }
-        if let Some((snapshot_tx, resume)) = audit {
-            let snap = state.snapshot(&ctx, store.as_mut());
-            if snapshot_tx.send(snap).is_ok() {
-                // Paused until the audit has every set's snapshot; a dropped sender resumes too.
-                let _ = resume.blocking_recv();
-            }
-            // Commands drained behind the audit in this round go back to the front.
-            let remaining: Vec<Command> = rest.collect();
-            if !remaining.is_empty() {
-                let mut work = state.work();
-                let now_ms = ctx.clock.now_ms();
-                for cmd in remaining {
-                    match cmd {
-                        Command::Shutdown => stop = true,
-                        Command::Audit { snapshot, .. } => {
-                            drop(snapshot.send(Err("audit already running".into())))
-                        }
-                        cmd if !stop => state.apply(&ctx, store.as_mut(), cmd, now_ms, &mut work),
-                        cmd => reject(cmd),
-                    }
+                Command::Shutdown => {
+                    control = Some(Control::Shutdown);
+                    break;
                 }
-                if !state.finish(&ctx, store.as_mut(), work, now_ms) {
-                    ctx.ready.store(false, Ordering::SeqCst);
-                    state = reload(&ctx, store.as_mut(), &rx);
-                    ctx.ready.store(true, Ordering::SeqCst);
+                cmd => self.state.apply(&self.ctx, self.store.as_mut(), cmd, now_ms, &mut work),
+            }
+            applied += 1;
+            next = if applied < self.ctx.batch_max { self.rx.try_recv().ok() } else { None };
+        }
+        let tick = now_ms - self.last_tick_ms >= TICK.as_millis() as i64;
+        if tick {
+            self.last_tick_ms = now_ms;
+            self.state.expire_due(now_ms, &mut work);
+            self.state.prune_idempotency(now_ms - self.ctx.idempotency_retention_ms);
+        }
+        if !self.state.finish(&self.ctx, self.store.as_mut(), work, now_ms) {
+            self.reload();
+        } else if tick {
+            self.state.relay_all(&self.ctx, now_ms);
+        }
+        match control {
+            None => true,
+            Some(Control::Audit(snapshot_tx, resume)) => {
+                let snap = self.state.snapshot(&self.ctx, self.store.as_mut());
+                if snapshot_tx.send(snap).is_ok() {
+                    // Paused until the audit has every set's snapshot; a dropped sender
+                    // resumes too.
+                    let _ = resume.blocking_recv();
+                }
+                true
+            }
+            Some(Control::Shutdown) => {
+                // The engine refuses new commands before it sends Shutdown; answer any that
+                // slipped in so no caller waits forever.
+                while let Ok(cmd) = self.rx.try_recv() {
+                    reject(cmd);
+                }
+                tracing::info!(set = self.ctx.set, "set stopped");
+                false
+            }
+        }
+    }
+
+    /// Fail-stop after a failed commit: memory holds effects the store does not. Drop it
+    /// and rebuild from the store, retrying until the store works again. Commands that arrive
+    /// meanwhile wait in the queue, and a full queue turns new work away at once.
+    pub(crate) fn reload(&mut self) {
+        self.ctx.ready.store(false, Ordering::SeqCst);
+        loop {
+            match load(&self.ctx, self.store.as_mut()) {
+                Ok(s) => {
+                    tracing::warn!(set = self.ctx.set, "set reloaded from its store");
+                    self.state = s;
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(set = self.ctx.set, error = %e, "reload failed; retrying");
+                    std::thread::sleep(RELOAD_BACKOFF);
                 }
             }
-        } else if stop {
-            for cmd in rest {
-                reject(cmd);
-            }
         }
-        if stop {
-            tracing::info!(set = ctx.set, "set stopped");
-            return;
-        }
+        self.ctx.ready.store(true, Ordering::SeqCst);
+        self.state.relay_all(&self.ctx, i64::MIN);
+    }
+
+    /// This set's figures and its store's, for the simulation.
+    #[cfg(test)]
+    pub(crate) fn snapshot(&mut self) -> Result<SetSnapshot, String> {
+        self.state.snapshot(&self.ctx, self.store.as_mut())
     }
 }
 
@@ -320,23 +359,6 @@ fn load(ctx: &SetContext, store: &mut dyn Store) -> Result<SetState, StoreError>
     let since = ctx.clock.now_ms() - ctx.idempotency_retention_ms;
     let loaded = store.load(since)?;
     Ok(SetState::from_loaded(ctx, loaded))
-}
-
-/// Reloads after a failed commit, retrying until the store works again. Commands that arrive
-/// meanwhile wait in the queue (and a full queue turns new work away at once).
-fn reload(ctx: &SetContext, store: &mut dyn Store, _rx: &Receiver<Command>) -> SetState {
-    loop {
-        match load(ctx, store) {
-            Ok(s) => {
-                tracing::warn!(set = ctx.set, "set reloaded from its store");
-                return s;
-            }
-            Err(e) => {
-                tracing::error!(set = ctx.set, error = %e, "reload failed; retrying");
-                std::thread::sleep(RELOAD_BACKOFF);
-            }
-        }
-    }
 }
 
 fn summary(p: &Packet) -> PacketSummary {
