@@ -35,10 +35,9 @@ CREATE TABLE entries (
     packet_id  INTEGER,
     at_ms      INTEGER NOT NULL
 );
--- A wallet's history, newest first.
+-- A wallet's history, newest first; `received` filters the same range (one user's entries
+-- are few). One index only: each index is a random B-tree insert per claim at commit.
 CREATE INDEX entries_user_id ON entries (user, id);
--- `received`: count and sum over a year without touching the table.
-CREATE INDEX entries_user_kind_at ON entries (user, kind, at_ms, amount_fen);
 
 CREATE TABLE packets (
     id              INTEGER PRIMARY KEY CHECK (id > 0),

@@ -17,6 +17,8 @@ pub struct SqliteStore {
     /// Owned by the engine thread; `Connection` is `Send` but not `Sync`, as the engine wants.
     conn: Connection,
     set: u32,
+    /// Stops the checkpoint thread when the store is dropped.
+    _checkpointer: super::Checkpointer,
 }
 
 const SELECT_ACTIVE_PACKETS: &str =
@@ -38,8 +40,8 @@ const SELECT_WATERMARKS: &str = "SELECT source_set, seq FROM watermarks ORDER BY
 const SELECT_TOTALS: &str = "SELECT deposits_fen, withdrawals_fen FROM totals WHERE id = 0";
 
 impl SqliteStore {
-    pub(super) fn new(conn: Connection, set: u32) -> SqliteStore {
-        SqliteStore { conn, set }
+    pub(super) fn new(conn: Connection, set: u32, checkpointer: super::Checkpointer) -> SqliteStore {
+        SqliteStore { conn, set, _checkpointer: checkpointer }
     }
 
     /// Ends a transaction a failed rollback may have left open (SQLite rolls back by itself
