@@ -181,7 +181,10 @@ impl Engine {
 
     /// Sends a command to a set and awaits its reply.
     async fn call<T>(&self, set: u32, make: impl FnOnce(set::Reply<T>) -> Command) -> Result<T, EngineError> {
-        if self.inner.stopping.load(Ordering::Relaxed) {
+        // A stopping engine, or a set reloading after a failed commit, takes no writes.
+        if self.inner.stopping.load(Ordering::Relaxed)
+            || !self.inner.ready[set as usize].load(Ordering::Relaxed)
+        {
             return Err(EngineError::Unavailable);
         }
         let (tx, rx) = oneshot::channel();
