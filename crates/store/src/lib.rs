@@ -5,8 +5,10 @@
 //! connections of their own, never through the engine's queue. This crate never decides
 //! anything about money: it writes what the engine computed and reads back what was written.
 
+mod null;
 mod sqlite;
 
+pub use null::{NullReader, NullStore};
 pub use sqlite::{open_sqlite, SqliteReader, SqliteStore};
 
 use hongbao_core::packet::PacketHeader;

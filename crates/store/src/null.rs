@@ -1,0 +1,63 @@
+//! A store that keeps nothing: for measuring the engine alone (`hongbao bench --store-off`).
+//! Never for serving: nothing it acknowledges survives a restart.
+
+use hongbao_core::{Claim, Millis, Packet, PacketId, UserId};
+
+use crate::{Batch, EntryRow, Loaded, PacketRow, Reader, ReceivedPage, Result, SentPage, Store, StoreSums};
+
+/// Accepts every batch and forgets it.
+#[derive(Debug, Default)]
+pub struct NullStore;
+
+impl Store for NullStore {
+    fn load(&mut self, _idempotency_since_ms: Millis) -> Result<Loaded> {
+        Ok(Loaded::default())
+    }
+
+    fn commit(&mut self, _batch: &Batch) -> Result<()> {
+        Ok(())
+    }
+
+    fn packet(&mut self, _id: PacketId) -> Result<Option<Packet>> {
+        Ok(None)
+    }
+
+    fn sums(&mut self) -> Result<StoreSums> {
+        Ok(StoreSums::default())
+    }
+}
+
+/// Answers every query with nothing.
+#[derive(Debug, Default)]
+pub struct NullReader;
+
+impl Reader for NullReader {
+    fn balance(&self, _user: &UserId) -> Result<Option<i64>> {
+        Ok(None)
+    }
+    fn entries(&self, _user: &UserId, _before_id: Option<i64>, _limit: u32) -> Result<Vec<EntryRow>> {
+        Ok(Vec::new())
+    }
+    fn packet(&self, _id: PacketId) -> Result<Option<PacketRow>> {
+        Ok(None)
+    }
+    fn claims(&self, _id: PacketId, _after_index: Option<u32>, _limit: u32) -> Result<Vec<Claim>> {
+        Ok(Vec::new())
+    }
+    fn sent(&self, _u: &UserId, _f: Millis, _t: Millis, _b: Option<PacketId>, _l: u32) -> Result<SentPage> {
+        Ok(SentPage::default())
+    }
+    fn received(
+        &self,
+        _u: &UserId,
+        _f: Millis,
+        _t: Millis,
+        _b: Option<i64>,
+        _l: u32,
+    ) -> Result<ReceivedPage> {
+        Ok(ReceivedPage::default())
+    }
+    fn best_luck_count(&self, _user: &UserId, _from_ms: Millis, _to_ms: Millis) -> Result<u64> {
+        Ok(0)
+    }
+}
