@@ -69,7 +69,15 @@ struct Inner {
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// One audit at a time: an audit pauses every set. Held across `.await` by design.
     audit_lock: tokio::sync::Mutex<()>,
+    /// Bounds queries running at once, so a flood of history requests cannot take the CPU
+    /// that grabs and opens need: past the bound, queries are refused (503).
+    pub(crate) query_permits: Arc<tokio::sync::Semaphore>,
 }
+
+/// Queries that may run at once (each holds a read connection and a blocking thread).
+pub(crate) const QUERIES_RUNNING_MAX: usize = 16;
+/// How long a query waits for a permit before it is refused as overloaded.
+pub(crate) const QUERY_WAIT_MAX: Duration = Duration::from_millis(100);
 
 impl Engine {
     /// Opens (or creates) one SQLite store per set under the data dir, rebuilds each set's
@@ -144,6 +152,7 @@ impl Engine {
                 stopping: AtomicBool::new(false),
                 threads: Mutex::new(threads),
                 audit_lock: tokio::sync::Mutex::new(()),
+                query_permits: Arc::new(tokio::sync::Semaphore::new(QUERIES_RUNNING_MAX)),
             }),
         })
     }
@@ -165,6 +174,10 @@ impl Engine {
                     && !self.inner.stopping.load(Ordering::SeqCst),
             })
             .collect()
+    }
+
+    pub(crate) fn query_permits(&self) -> Arc<tokio::sync::Semaphore> {
+        self.inner.query_permits.clone()
     }
 
     pub(crate) fn reader(&self, set: u32) -> Arc<dyn Reader> {

@@ -10,22 +10,34 @@ use chrono::{NaiveDate, TimeZone, Utc};
 use hongbao_core::{Millis, PacketId, UserId};
 use hongbao_store::{PacketRow, Reader, StoreError};
 
-use crate::engine::Engine;
+use crate::engine::{Engine, QUERY_WAIT_MAX};
 use crate::reply::*;
 
 fn store_err(e: StoreError) -> EngineError {
     EngineError::Store(e.to_string())
 }
 
-/// Runs a blocking read on the blocking pool.
+/// Runs a blocking read on the blocking pool, within the engine's bound on running queries.
 async fn read<T: Send + 'static>(
+    engine: &Engine,
     reader: Arc<dyn Reader>,
     f: impl FnOnce(&dyn Reader) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, EngineError> {
-    tokio::task::spawn_blocking(move || f(reader.as_ref()))
+    let permits = engine.query_permits();
+    let permit = tokio::time::timeout(QUERY_WAIT_MAX, permits.acquire_owned())
         .await
-        .map_err(|e| EngineError::Store(format!("read task failed: {e}")))?
-        .map_err(store_err)
+        .map_err(|_| {
+            metrics::counter!("hongbao_queries_refused_total").increment(1);
+            EngineError::Overloaded
+        })?
+        .map_err(|_| EngineError::Unavailable)?;
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        f(reader.as_ref())
+    })
+    .await
+    .map_err(|e| EngineError::Store(format!("read task failed: {e}")))?
+    .map_err(store_err)
 }
 
 /// `[from, to)` in Unix ms for a UTC calendar year; all time when `None`.
@@ -61,7 +73,7 @@ impl Engine {
     pub async fn wallet(&self, user: UserId) -> Result<WalletReply, EngineError> {
         let reader = self.reader(self.user_set(&user));
         let u = user.clone();
-        let balance_fen = read(reader, move |r| r.balance(&u)).await?.unwrap_or(0);
+        let balance_fen = read(self, reader, move |r| r.balance(&u)).await?.unwrap_or(0);
         Ok(WalletReply { user, balance_fen })
     }
 
@@ -73,7 +85,7 @@ impl Engine {
         limit: u32,
     ) -> Result<EntriesPage, EngineError> {
         let reader = self.reader(self.user_set(&user));
-        let rows = read(reader, move |r| r.entries(&user, cursor, limit + 1)).await?;
+        let rows = read(self, reader, move |r| r.entries(&user, cursor, limit + 1)).await?;
         let more = rows.len() > limit as usize;
         let entries: Vec<EntryView> = rows
             .into_iter()
@@ -101,7 +113,7 @@ impl Engine {
             return Err(EngineError::NotFound);
         }
         let reader = self.reader(id.set());
-        let (row, claims, best) = read(reader, move |r| {
+        let (row, claims, best) = read(self, reader, move |r| {
             let Some(row) = r.packet(id)? else { return Ok(None) };
             let claims = r.claims(id, cursor, limit + 1)?;
             let best = match &row.best {
@@ -139,7 +151,7 @@ impl Engine {
     ) -> Result<SentHistory, EngineError> {
         let (from, to) = year_range(year);
         let reader = self.reader(self.user_set(&user));
-        let page = read(reader, move |r| r.sent(&user, from, to, cursor, limit + 1)).await?;
+        let page = read(self, reader, move |r| r.sent(&user, from, to, cursor, limit + 1)).await?;
         let more = page.items.len() > limit as usize;
         let items: Vec<SentItem> = page
             .items
@@ -167,11 +179,11 @@ impl Engine {
         let (from, to) = year_range(year);
         let reader = self.reader(self.user_set(&user));
         let u = user.clone();
-        let page = read(reader, move |r| r.received(&u, from, to, cursor, limit + 1)).await?;
+        let page = read(self, reader, move |r| r.received(&u, from, to, cursor, limit + 1)).await?;
         let mut best_luck_count = 0;
         for reader in self.readers() {
             let u = user.clone();
-            best_luck_count += read(reader.clone(), move |r| r.best_luck_count(&u, from, to)).await?;
+            best_luck_count += read(self, reader.clone(), move |r| r.best_luck_count(&u, from, to)).await?;
         }
         let more = page.items.len() > limit as usize;
         let items: Vec<ReceivedItem> = page
