@@ -6,9 +6,11 @@
 //! anything about money: it writes what the engine computed and reads back what was written.
 
 mod null;
+mod postgres;
 mod sqlite;
 
 pub use null::{NullReader, NullStore};
+pub use postgres::{open_postgres, PgReader, PgStore};
 pub use sqlite::{open_sqlite, SqliteReader, SqliteStore};
 
 use hongbao_core::packet::PacketHeader;

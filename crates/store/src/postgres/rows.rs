@@ -113,8 +113,8 @@ pub(super) fn packet_row(row: &Row, users: &mut Users) -> Result<PacketRow> {
     // Stored bit-cast: PostgreSQL integers are signed.
     let seed = get::<i64>(row, 9)? as u64;
     let status_s: &str = get(row, 10)?;
-    let status =
-        PacketStatus::parse(status_s).ok_or_else(|| corrupt(format!("packet {id} has status {status_s:?}")))?;
+    let status = PacketStatus::parse(status_s)
+        .ok_or_else(|| corrupt(format!("packet {id} has status {status_s:?}")))?;
     let opened_count = to_u32(get(row, 11)?, "opened count")?;
     let opened_fen: i64 = get(row, 12)?;
     let refunded_fen: i64 = get(row, 13)?;

@@ -1,0 +1,197 @@
+//! The read side: history and detail queries on pooled read-only connections.
+//!
+//! It never writes and never goes through the engine. A query that returns totals with a
+//! page reads both in one repeatable-read transaction, so the totals and the items agree.
+//! Called from tokio's blocking threads, where the blocking client may run its own runtime.
+
+use std::collections::HashMap;
+
+use hongbao_core::{Audience, Claim, Millis, PacketId, UserId};
+use postgres::{Client, IsolationLevel, Transaction};
+use r2d2::{Pool, PooledConnection};
+
+use super::rows::{self, get, to_u64, Users};
+use super::write::read_packet_row;
+use super::Manager;
+use crate::{EntryRow, PacketRow, Reader, ReceivedPage, Result, SentPage};
+
+/// Most rows one page returns, whatever the caller asks: a query never materializes more
+/// than this, so one client cannot make a read connection stream a whole history.
+const PAGE_ROWS_MAX: u32 = 1_000;
+
+const SELECT_BALANCE: &str = "SELECT balance_fen FROM wallets WHERE user_id = $1";
+const SELECT_ENTRIES: &str = "SELECT id, kind, amount_fen, packet_id, at_ms FROM entries \
+     WHERE user_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3";
+const SELECT_CLAIMS_PAGE: &str = "SELECT idx, user_id, amount_fen, at_ms FROM claims \
+     WHERE packet_id = $1 AND idx > $2 ORDER BY idx LIMIT $3";
+const SELECT_SENT_TOTALS: &str = "SELECT count(*), COALESCE(sum(total_fen), 0)::int8 FROM packets \
+     WHERE sender = $1 AND created_at_ms >= $2 AND created_at_ms < $3";
+const SELECT_SENT_PAGE: &str = concat!(
+    "SELECT ",
+    pg_packet_columns!(),
+    " FROM packets WHERE sender = $1 AND created_at_ms >= $2 AND created_at_ms < $3 \
+     AND id < $4 ORDER BY id DESC LIMIT $5"
+);
+const SELECT_AUDIENCES: &str =
+    "SELECT packet_id, user_id FROM audience WHERE packet_id = ANY($1) ORDER BY packet_id, user_id";
+const SELECT_RECEIVED_TOTALS: &str = "SELECT count(*), COALESCE(sum(amount_fen), 0)::int8 FROM entries \
+     WHERE user_id = $1 AND kind = 'claim' AND at_ms >= $2 AND at_ms < $3";
+const SELECT_RECEIVED_PAGE: &str = "SELECT id, kind, amount_fen, packet_id, at_ms FROM entries \
+     WHERE user_id = $1 AND kind = 'claim' AND at_ms >= $2 AND at_ms < $3 AND id < $4 \
+     ORDER BY id DESC LIMIT $5";
+const SELECT_CLAIM_OF: &str =
+    "SELECT idx, user_id, amount_fen, at_ms FROM claims WHERE packet_id = $1 AND user_id = $2";
+const SELECT_BEST_LUCK: &str = "SELECT count(*) FROM packets WHERE best_user = $1 AND status = 'exhausted' \
+     AND created_at_ms >= $2 AND created_at_ms < $3";
+
+/// The read side of one set's schema: cheap to clone, `Send + Sync`.
+#[derive(Debug, Clone)]
+pub struct PgReader {
+    pool: Pool<Manager>,
+}
+
+impl PgReader {
+    pub(super) fn new(pool: Pool<Manager>) -> PgReader {
+        PgReader { pool }
+    }
+
+    fn conn(&self) -> Result<PooledConnection<Manager>> {
+        Ok(self.pool.get()?)
+    }
+}
+
+fn page_limit(limit: u32) -> i64 {
+    i64::from(limit.min(PAGE_ROWS_MAX))
+}
+
+/// An exclusive "before" cursor; none means from the newest.
+fn before_or_newest(before: Option<i64>) -> i64 {
+    before.unwrap_or(i64::MAX)
+}
+
+/// Totals and a page from one snapshot.
+fn snapshot(client: &mut Client) -> Result<Transaction<'_>> {
+    Ok(client.build_transaction().isolation_level(IsolationLevel::RepeatableRead).read_only(true).start()?)
+}
+
+impl Reader for PgReader {
+    fn balance(&self, user: &UserId) -> Result<Option<i64>> {
+        let mut conn = self.conn()?;
+        let (client, st) = conn.split();
+        let s = st.get(client, SELECT_BALANCE)?;
+        match client.query_opt(&s, &[&user.as_str()])? {
+            Some(r) => Ok(Some(rows::balance(get(&r, 0)?, user)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn entries(&self, user: &UserId, before_id: Option<i64>, limit: u32) -> Result<Vec<EntryRow>> {
+        let mut conn = self.conn()?;
+        let (client, st) = conn.split();
+        let s = st.get(client, SELECT_ENTRIES)?;
+        let found = client.query(&s, &[&user.as_str(), &before_or_newest(before_id), &page_limit(limit)])?;
+        found.iter().map(rows::entry_row).collect()
+    }
+
+    fn packet(&self, id: PacketId) -> Result<Option<PacketRow>> {
+        let mut conn = self.conn()?;
+        let (client, st) = conn.split();
+        let mut tx = snapshot(client)?;
+        let row = read_packet_row(&mut tx, st, id, &mut Users::parsing())?;
+        tx.commit()?;
+        Ok(row)
+    }
+
+    fn claims(&self, id: PacketId, after_index: Option<u32>, limit: u32) -> Result<Vec<Claim>> {
+        let mut conn = self.conn()?;
+        let (client, st) = conn.split();
+        let s = st.get(client, SELECT_CLAIMS_PAGE)?;
+        let after = after_index.map_or(-1, i64::from);
+        let found = client.query(&s, &[&id.as_i64(), &after, &page_limit(limit)])?;
+        let mut users = Users::parsing();
+        found.iter().map(|r| rows::claim(r, 0, &mut users)).collect()
+    }
+
+    fn sent(
+        &self,
+        user: &UserId,
+        from_ms: Millis,
+        to_ms: Millis,
+        before: Option<PacketId>,
+        limit: u32,
+    ) -> Result<SentPage> {
+        let mut conn = self.conn()?;
+        let (client, st) = conn.split();
+        let mut tx = snapshot(client)?;
+        let s = st.get(&mut tx, SELECT_SENT_TOTALS)?;
+        let totals = tx.query_one(&s, &[&user.as_str(), &from_ms, &to_ms])?;
+        let (count, total_fen): (i64, i64) = (get(&totals, 0)?, get(&totals, 1)?);
+
+        let mut users = Users::parsing();
+        let s = st.get(&mut tx, SELECT_SENT_PAGE)?;
+        let before = before_or_newest(before.map(PacketId::as_i64));
+        let found = tx.query(&s, &[&user.as_str(), &from_ms, &to_ms, &before, &page_limit(limit)])?;
+        let mut items = found.iter().map(|r| rows::packet_row(r, &mut users)).collect::<Result<Vec<_>>>()?;
+
+        // Every group packet's audience in one query, not one per packet.
+        let groups: Vec<i64> = items
+            .iter()
+            .filter(|p| p.header.audience != Audience::Anyone)
+            .map(|p| p.header.id.as_i64())
+            .collect();
+        let mut members: HashMap<i64, Vec<UserId>> = HashMap::new();
+        if !groups.is_empty() {
+            let s = st.get(&mut tx, SELECT_AUDIENCES)?;
+            for r in tx.query(&s, &[&groups])? {
+                members.entry(get(&r, 0)?).or_default().push(users.column(&r, 1)?);
+            }
+        }
+        tx.commit()?;
+        for row in &mut items {
+            let group = members.remove(&row.header.id.as_i64()).unwrap_or_default();
+            rows::set_audience(row, group)?;
+        }
+        Ok(SentPage { count: to_u64(count, "sent count")?, total_fen, items })
+    }
+
+    fn received(
+        &self,
+        user: &UserId,
+        from_ms: Millis,
+        to_ms: Millis,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<ReceivedPage> {
+        let mut conn = self.conn()?;
+        let (client, st) = conn.split();
+        let mut tx = snapshot(client)?;
+        let s = st.get(&mut tx, SELECT_RECEIVED_TOTALS)?;
+        let totals = tx.query_one(&s, &[&user.as_str(), &from_ms, &to_ms])?;
+        let (count, total_fen): (i64, i64) = (get(&totals, 0)?, get(&totals, 1)?);
+        let s = st.get(&mut tx, SELECT_RECEIVED_PAGE)?;
+        let found =
+            tx.query(&s, &[&user.as_str(), &from_ms, &to_ms, &before_or_newest(before), &page_limit(limit)])?;
+        tx.commit()?;
+        let items = found.iter().map(rows::entry_row).collect::<Result<Vec<_>>>()?;
+        Ok(ReceivedPage { count: to_u64(count, "received count")?, total_fen, items })
+    }
+
+    /// One lookup on the (packet, user) unique index instead of paging through the claims.
+    fn claim_of(&self, id: PacketId, user: &UserId) -> Result<Option<Claim>> {
+        let mut conn = self.conn()?;
+        let (client, st) = conn.split();
+        let s = st.get(client, SELECT_CLAIM_OF)?;
+        match client.query_opt(&s, &[&id.as_i64(), &user.as_str()])? {
+            Some(r) => Ok(Some(rows::claim(&r, 0, &mut Users::parsing())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn best_luck_count(&self, user: &UserId, from_ms: Millis, to_ms: Millis) -> Result<u64> {
+        let mut conn = self.conn()?;
+        let (client, st) = conn.split();
+        let s = st.get(client, SELECT_BEST_LUCK)?;
+        let r = client.query_one(&s, &[&user.as_str(), &from_ms, &to_ms])?;
+        to_u64(get(&r, 0)?, "best luck count")
+    }
+}

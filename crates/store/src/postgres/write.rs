@@ -1,0 +1,591 @@
+//! The write side: one connection, owned by the set's engine thread, that commits batches in
+//! bulk and reads the state back at start.
+//!
+//! A failed commit leaves nothing: the transaction is rolled back before `commit` returns (or
+//! dies with the connection). A lost connection is made again at the start of the next call,
+//! which after a failed commit is the engine's `load`, so the set comes back by itself once the
+//! server does.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::Hash;
+
+use hongbao_core::{Audience, Claim, Millis, Packet, PacketId, PacketStatus, UserId};
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::types::ToSql;
+use postgres::{Config, GenericClient, IsolationLevel, Transaction};
+
+use super::partitions::Partitions;
+use super::rows::{self, corrupt, get, to_i64, Users};
+use super::{schema, PgConn, Role, Statements};
+use crate::{Batch, Loaded, OutboxItem, PacketRow, Result, Store, StoreError, StoreSums, Totals};
+
+/// The write side of one set's schema. See the module doc.
+pub struct PgStore {
+    /// Owned by the engine thread. `None` once a lost connection could not be made again; the
+    /// next call tries again.
+    conn: Option<PgConn>,
+    config: Config,
+    set: u32,
+    sets: u32,
+    partitions: Partitions,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore").field("set", &self.set).field("conn", &self.conn).finish()
+    }
+}
+
+// Every statement takes its rows as arrays, one array per column, expanded by `unnest`: one
+// statement per row type per batch, whatever the batch holds.
+
+const UPSERT_WALLETS: &str = "INSERT INTO wallets (user_id, balance_fen) \
+     SELECT * FROM unnest($1::text[], $2::int8[]) \
+     ON CONFLICT (user_id) DO UPDATE SET balance_fen = excluded.balance_fen";
+
+// Ids in batch order: a wallet's history pages by id, so entries written together must keep
+// the order the engine made them in. Volatile functions in the select list run after ORDER BY.
+const INSERT_ENTRIES: &str = "INSERT INTO entries (id, user_id, kind, amount_fen, packet_id, at_ms) \
+     SELECT nextval('entries_id_seq'), e.u, e.k, e.a, e.p, e.t \
+     FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[]) \
+         WITH ORDINALITY AS e(u, k, a, p, t, n) \
+     ORDER BY e.n";
+
+const INSERT_PACKETS: &str = "INSERT INTO packets (id, sender, kind, total_fen, count, audience_anyone, \
+         greeting, created_at_ms, expires_at_ms, seed, status, opened_count, opened_fen, refunded_fen) \
+     SELECT p.i, p.s, p.k, p.t, p.c, p.a, p.g, p.cr, p.ex, p.sd, 'active', 0, 0, 0 \
+     FROM unnest($1::int8[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::bool[], $7::text[], \
+         $8::int8[], $9::int8[], $10::int8[]) AS p(i, s, k, t, c, a, g, cr, ex, sd)";
+
+const INSERT_AUDIENCE: &str =
+    "INSERT INTO audience (packet_id, user_id) SELECT * FROM unnest($1::int8[], $2::text[])";
+
+const UPDATE_PACKETS: &str = "UPDATE packets AS p SET status = u.st, opened_count = u.oc, \
+         opened_fen = u.ofen, refunded_fen = u.rfen, best_user = u.bu, best_fen = u.bf \
+     FROM unnest($1::int8[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::text[], $7::int8[]) \
+         AS u(id, st, oc, ofen, rfen, bu, bf) \
+     WHERE p.id = u.id \
+     RETURNING p.id";
+
+const INSERT_CLAIMS: &str = "INSERT INTO claims (packet_id, idx, user_id, amount_fen, at_ms) \
+     SELECT * FROM unnest($1::int8[], $2::int8[], $3::text[], $4::int8[], $5::int8[])";
+
+const INSERT_OUTBOX: &str = "INSERT INTO outbox (target_set, seq, user_id, amount_fen, packet_id, at_ms) \
+     SELECT * FROM unnest($1::int8[], $2::int8[], $3::text[], $4::int8[], $5::int8[], $6::int8[])";
+
+// GREATEST: the last seq issued only moves forward, whatever order the batch lists rows in.
+const UPSERT_OUTBOX_SEQ: &str = "INSERT INTO outbox_seq (target_set, last_seq) \
+     SELECT * FROM unnest($1::int8[], $2::int8[]) \
+     ON CONFLICT (target_set) DO UPDATE SET last_seq = GREATEST(outbox_seq.last_seq, excluded.last_seq)";
+
+const DELETE_ACKED: &str = "DELETE FROM outbox AS o USING unnest($1::int8[], $2::int8[]) AS a(t, s) \
+     WHERE o.target_set = a.t AND o.seq <= a.s";
+
+const UPSERT_WATERMARKS: &str = "INSERT INTO watermarks (source_set, seq) \
+     SELECT * FROM unnest($1::int8[], $2::int8[]) \
+     ON CONFLICT (source_set) DO UPDATE SET seq = excluded.seq";
+
+// An upsert, not a plain insert: the engine may forget a record at the end of its retention
+// window before `load` prunes it here, and a reused request id must then replace the old
+// record rather than fail every commit of the set.
+const UPSERT_IDEMPOTENCY: &str =
+    "INSERT INTO idempotency (user_id, request_id, fingerprint, op, result, at_ms) \
+     SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[], $5::int8[], $6::int8[]) \
+     ON CONFLICT (user_id, request_id) DO UPDATE SET fingerprint = excluded.fingerprint, \
+         op = excluded.op, result = excluded.result, at_ms = excluded.at_ms";
+
+const UPDATE_TOTALS: &str = "UPDATE totals SET deposits_fen = $1, withdrawals_fen = $2 WHERE id = 0";
+
+const PRUNE_IDEMPOTENCY: &str = "DELETE FROM idempotency WHERE at_ms < $1";
+const SELECT_WALLETS: &str = "SELECT user_id, balance_fen FROM wallets";
+const SELECT_MAX_PACKET: &str = "SELECT max(id) FROM packets";
+const SELECT_ACTIVE_PACKETS: &str =
+    concat!("SELECT ", pg_packet_columns!(), " FROM packets WHERE status = 'active' ORDER BY id");
+// By id list rather than a join: each list entry is one index probe in the one partition the
+// id names, never a scan of every claim ever written.
+const SELECT_AUDIENCES: &str =
+    "SELECT packet_id, user_id FROM audience WHERE packet_id = ANY($1) ORDER BY packet_id, user_id";
+const SELECT_CLAIMS_OF: &str = "SELECT packet_id, idx, user_id, amount_fen, at_ms FROM claims \
+     WHERE packet_id = ANY($1) ORDER BY packet_id, idx";
+// sum(bigint) is numeric in PostgreSQL; the casts bring it back (and fail loudly on overflow).
+const SELECT_ACTIVE_ESCROW: &str = "SELECT COALESCE(sum(total_fen - opened_fen - refunded_fen), 0)::int8 \
+     FROM packets WHERE status = 'active'";
+const SELECT_IDEMPOTENCY: &str =
+    "SELECT user_id, request_id, fingerprint, op, result, at_ms FROM idempotency WHERE at_ms >= $1";
+const SELECT_OUTBOX: &str =
+    "SELECT target_set, seq, user_id, amount_fen, packet_id, at_ms FROM outbox ORDER BY target_set, seq";
+const SELECT_OUTBOX_SEQ: &str = "SELECT target_set, last_seq FROM outbox_seq ORDER BY target_set";
+const SELECT_WATERMARKS: &str = "SELECT source_set, seq FROM watermarks ORDER BY source_set";
+const SELECT_TOTALS: &str = "SELECT deposits_fen, withdrawals_fen FROM totals WHERE id = 0";
+const SELECT_BALANCES_SUM: &str = "SELECT COALESCE(sum(balance_fen), 0)::int8 FROM wallets";
+const SELECT_ESCROW_SUM: &str =
+    "SELECT COALESCE(sum(total_fen - opened_fen - refunded_fen), 0)::int8 FROM packets";
+const SELECT_PACKET: &str = concat!("SELECT ", pg_packet_columns!(), " FROM packets WHERE id = $1");
+const SELECT_AUDIENCE: &str = "SELECT user_id FROM audience WHERE packet_id = $1 ORDER BY user_id";
+const SELECT_CLAIMS: &str =
+    "SELECT idx, user_id, amount_fen, at_ms FROM claims WHERE packet_id = $1 ORDER BY idx";
+
+impl PgStore {
+    /// Connects, migrates and makes the partitions around today. Runs on a plain thread.
+    pub(super) fn open(config: Config, set: u32, sets: u32) -> Result<PgStore> {
+        let (conn, partitions) = connect(&config, set, sets)?;
+        Ok(PgStore { conn: Some(conn), config, set, sets, partitions })
+    }
+
+    /// Makes sure there is a live connection, making a new one when the last was lost, and
+    /// checks the schema on it again: after a failover the server is another one.
+    fn connected(&mut self) -> Result<(&mut PgConn, &mut Partitions)> {
+        if self.conn.as_ref().is_none_or(PgConn::is_closed) {
+            self.conn = None;
+            let (conn, partitions) = connect(&self.config, self.set, self.sets)?;
+            tracing::warn!(set = self.set, "store connection made again");
+            self.conn = Some(conn);
+            self.partitions = partitions;
+        }
+        Ok((self.conn.as_mut().expect("connected above"), &mut self.partitions))
+    }
+}
+
+fn connect(config: &Config, set: u32, sets: u32) -> Result<(PgConn, Partitions)> {
+    let mut conn = PgConn::connect(config, set, Role::Writer)?;
+    schema::migrate(&mut conn, set, sets)?;
+    let mut partitions = Partitions::discover(conn.client())?;
+    partitions.make_window(conn.client())?;
+    Ok((conn, partitions))
+}
+
+/// A transaction that reads one snapshot: every figure of a `load` or an audit agrees.
+fn snapshot(client: &mut postgres::Client) -> Result<Transaction<'_>> {
+    Ok(client.build_transaction().isolation_level(IsolationLevel::RepeatableRead).start()?)
+}
+
+impl Store for PgStore {
+    fn load(&mut self, idempotency_since_ms: Millis) -> Result<Loaded> {
+        let set = self.set;
+        let (conn, _) = self.connected()?;
+        let (client, st) = conn.split();
+        let mut tx = snapshot(client)?;
+        let prune = st.get(&mut tx, PRUNE_IDEMPOTENCY)?;
+        tx.execute(&prune, &[&idempotency_since_ms])?;
+        let loaded = load_in(&mut tx, st, set, idempotency_since_ms, &mut Users::interning())?;
+        tx.commit()?;
+        Ok(loaded)
+    }
+
+    fn commit(&mut self, batch: &Batch) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let set = self.set;
+        let written = self.connected().and_then(|(conn, partitions)| {
+            partitions.ensure(conn.client(), set)?;
+            write_batch(conn, batch)
+        });
+        // Any failure dropped the transaction, which rolled it back (or the connection went
+        // with it): nothing of the batch stays.
+        written.map_err(|e| {
+            let msg = match e {
+                StoreError::Io(m) | StoreError::Corrupt(m) | StoreError::Incompatible(m) => m,
+            };
+            tracing::error!(set, error = %msg, "batch commit failed");
+            StoreError::Io(format!("commit failed: {msg}"))
+        })
+    }
+
+    fn packet(&mut self, id: PacketId) -> Result<Option<Packet>> {
+        let (conn, _) = self.connected()?;
+        let (client, st) = conn.split();
+        let mut tx = snapshot(client)?;
+        let mut users = Users::parsing();
+        let Some(row) = read_packet_row(&mut tx, st, id, &mut users)? else {
+            return Ok(None);
+        };
+        let mut claims = Vec::new();
+        let select = st.get(&mut tx, SELECT_CLAIMS)?;
+        for r in tx.query(&select, &[&id.as_i64()])? {
+            claims.push(rows::claim(&r, 0, &mut users)?);
+        }
+        tx.commit()?;
+        rows::check_claims(&row, &claims)?;
+        Ok(Some(Packet::restore(row.header, row.status, row.refunded_fen, claims)))
+    }
+
+    fn sums(&mut self) -> Result<StoreSums> {
+        let (conn, _) = self.connected()?;
+        let (client, st) = conn.split();
+        let mut tx = snapshot(client)?;
+        let balances_fen = get(&one_row(&mut tx, st, SELECT_BALANCES_SUM)?, 0)?;
+        // Over every packet, not just active ones: a closed packet still holding escrow is
+        // exactly what an audit is for.
+        let escrow_fen = get(&one_row(&mut tx, st, SELECT_ESCROW_SUM)?, 0)?;
+        let mut users = Users::parsing();
+        let sums = StoreSums {
+            balances_fen,
+            escrow_fen,
+            totals: read_totals(&mut tx, st)?,
+            outbox_pending: read_outbox(&mut tx, st, &mut users)?,
+            watermarks: read_set_seqs(&mut tx, st, SELECT_WATERMARKS, "watermark")?,
+        };
+        tx.commit()?;
+        Ok(sums)
+    }
+}
+
+fn no_params() -> [&'static (dyn ToSql + Sync); 0] {
+    []
+}
+
+fn one_row(c: &mut impl GenericClient, st: &mut Statements, sql: &'static str) -> Result<postgres::Row> {
+    let s = st.get(c, sql)?;
+    Ok(c.query_one(&s, &[])?)
+}
+
+fn load_in(
+    tx: &mut Transaction<'_>,
+    st: &mut Statements,
+    set: u32,
+    since_ms: Millis,
+    users: &mut Users,
+) -> Result<Loaded> {
+    let mut wallets = Vec::new();
+    {
+        let s = st.get(tx, SELECT_WALLETS)?;
+        let mut it = tx.query_raw(&s, no_params())?;
+        while let Some(r) = it.next()? {
+            let user = users.column(&r, 0)?;
+            let fen = rows::balance(get(&r, 1)?, &user)?;
+            wallets.push((user, fen));
+        }
+    }
+
+    let max_packet_id: Option<i64> = get(&one_row(tx, st, SELECT_MAX_PACKET)?, 0)?;
+    let max_packet_id = max_packet_id.map(rows::packet_id).transpose()?;
+    if let Some(id) = max_packet_id {
+        if id.set() != set {
+            return Err(corrupt(format!("set {set} holds packet {id} of set {}", id.set())));
+        }
+    }
+
+    let active_packets = load_active_packets(tx, st, set, users)?;
+    // Only active packets hold escrow; summing just them keeps start-up independent of how
+    // many packets were ever sent. `sums` checks every packet for the audit.
+    let escrow_fen = get(&one_row(tx, st, SELECT_ACTIVE_ESCROW)?, 0)?;
+
+    let mut idempotency = Vec::new();
+    {
+        let s = st.get(tx, SELECT_IDEMPOTENCY)?;
+        let mut it = tx.query_raw(&s, [&since_ms])?;
+        while let Some(r) = it.next()? {
+            idempotency.push(rows::idem_record(&r, users)?);
+        }
+    }
+
+    Ok(Loaded {
+        wallets,
+        active_packets,
+        max_packet_id,
+        idempotency,
+        outbox_pending: read_outbox(tx, st, users)?,
+        outbox_last_seq: read_set_seqs(tx, st, SELECT_OUTBOX_SEQ, "outbox seq")?,
+        watermarks: read_set_seqs(tx, st, SELECT_WATERMARKS, "watermark")?,
+        totals: read_totals(tx, st)?,
+        escrow_fen,
+    })
+}
+
+/// Three streaming queries in packet order (packets, audience rows, claims), joined in one
+/// pass: a restart with a million active packets and ten million claims stays a few scans.
+fn load_active_packets(
+    tx: &mut Transaction<'_>,
+    st: &mut Statements,
+    set: u32,
+    users: &mut Users,
+) -> Result<Vec<Packet>> {
+    let mut packets: Vec<PacketRow> = Vec::new();
+    {
+        let s = st.get(tx, SELECT_ACTIVE_PACKETS)?;
+        let mut it = tx.query_raw(&s, no_params())?;
+        while let Some(r) = it.next()? {
+            let row = rows::packet_row(&r, users)?;
+            if row.header.id.set() != set {
+                return Err(corrupt(format!(
+                    "set {set} holds packet {} of set {}",
+                    row.header.id,
+                    row.header.id.set()
+                )));
+            }
+            packets.push(row);
+        }
+    }
+    let ids: Vec<PacketId> = packets.iter().map(|p| p.header.id).collect();
+    let raw_ids: Vec<i64> = ids.iter().map(|id| id.as_i64()).collect();
+
+    let mut groups: Vec<Vec<UserId>> = vec![Vec::new(); packets.len()];
+    {
+        let s = st.get(tx, SELECT_AUDIENCES)?;
+        let mut it = tx.query_raw(&s, [&raw_ids])?;
+        let mut cursor = 0;
+        while let Some(r) = it.next()? {
+            let slot = advance(&ids, &mut cursor, rows::packet_id(get(&r, 0)?)?)?;
+            groups[slot].push(users.column(&r, 1)?);
+        }
+    }
+
+    let mut claims: Vec<Vec<Claim>> = vec![Vec::new(); packets.len()];
+    {
+        let s = st.get(tx, SELECT_CLAIMS_OF)?;
+        let mut it = tx.query_raw(&s, [&raw_ids])?;
+        let mut cursor = 0;
+        while let Some(r) = it.next()? {
+            let slot = advance(&ids, &mut cursor, rows::packet_id(get(&r, 0)?)?)?;
+            claims[slot].push(rows::claim(&r, 1, users)?);
+        }
+    }
+
+    let mut out = Vec::with_capacity(packets.len());
+    for ((mut row, group), claims) in packets.into_iter().zip(groups).zip(claims) {
+        rows::set_audience(&mut row, group)?;
+        rows::check_claims(&row, &claims)?;
+        out.push(Packet::restore(row.header, row.status, row.refunded_fen, claims));
+    }
+    Ok(out)
+}
+
+/// Moves `cursor` forward through `ids` (sorted) to `id` and returns its position. Rows come
+/// in packet order, so the whole join is one forward walk.
+fn advance(ids: &[PacketId], cursor: &mut usize, id: PacketId) -> Result<usize> {
+    while *cursor < ids.len() && ids[*cursor] < id {
+        *cursor += 1;
+    }
+    if ids.get(*cursor) == Some(&id) {
+        Ok(*cursor)
+    } else {
+        Err(corrupt(format!("row of packet {id} out of packet order")))
+    }
+}
+
+/// One packet row of any status, with its audience.
+pub(super) fn read_packet_row(
+    c: &mut impl GenericClient,
+    st: &mut Statements,
+    id: PacketId,
+    users: &mut Users,
+) -> Result<Option<PacketRow>> {
+    let select = st.get(c, SELECT_PACKET)?;
+    let Some(r) = c.query_opt(&select, &[&id.as_i64()])? else {
+        return Ok(None);
+    };
+    let mut row = rows::packet_row(&r, users)?;
+    let mut group = Vec::new();
+    if row.header.audience != Audience::Anyone {
+        let select = st.get(c, SELECT_AUDIENCE)?;
+        for r in c.query(&select, &[&id.as_i64()])? {
+            group.push(users.column(&r, 0)?);
+        }
+    }
+    rows::set_audience(&mut row, group)?;
+    Ok(Some(row))
+}
+
+fn read_outbox(
+    c: &mut impl GenericClient,
+    st: &mut Statements,
+    users: &mut Users,
+) -> Result<Vec<OutboxItem>> {
+    let s = st.get(c, SELECT_OUTBOX)?;
+    c.query(&s, &[])?.iter().map(|r| rows::outbox_item(r, users)).collect()
+}
+
+fn read_set_seqs(
+    c: &mut impl GenericClient,
+    st: &mut Statements,
+    sql: &'static str,
+    what: &str,
+) -> Result<Vec<(u32, u64)>> {
+    let s = st.get(c, sql)?;
+    c.query(&s, &[])?.iter().map(|r| rows::set_seq(r, what)).collect()
+}
+
+fn read_totals(c: &mut impl GenericClient, st: &mut Statements) -> Result<Totals> {
+    let s = st.get(c, SELECT_TOTALS)?;
+    let r = c.query_opt(&s, &[])?.ok_or_else(|| corrupt("the totals row is missing"))?;
+    let totals = Totals { deposits_fen: get(&r, 0)?, withdrawals_fen: get(&r, 1)? };
+    if totals.deposits_fen < 0 || totals.withdrawals_fen < 0 {
+        return Err(corrupt(format!("negative totals {totals:?}")));
+    }
+    Ok(totals)
+}
+
+/// The items of a list that has one key several times, keeping each key's last item (where an
+/// upsert per row would have left it) at its first place. `ON CONFLICT DO UPDATE` refuses to
+/// touch one row twice in a statement, so keys must be unique before the rows go in.
+fn last_per_key<'a, T, K: Eq + Hash>(items: &'a [T], key: impl Fn(&'a T) -> K) -> Vec<&'a T> {
+    let mut at: HashMap<K, usize> = HashMap::with_capacity(items.len());
+    let mut out: Vec<&'a T> = Vec::with_capacity(items.len());
+    for item in items {
+        match at.entry(key(item)) {
+            std::collections::hash_map::Entry::Occupied(e) => out[*e.get()] = item,
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(out.len());
+                out.push(item);
+            }
+        }
+    }
+    out
+}
+
+/// Writes the whole batch in one transaction, one statement per kind of row; the caller turns
+/// any error into `Io`. Order matters: packets exist before their updates, and outbox rows
+/// before the acknowledgements that may delete them.
+fn write_batch(conn: &mut PgConn, b: &Batch) -> Result<()> {
+    for u in &b.packet_updates {
+        if u.status != PacketStatus::Exhausted && u.best.is_some() {
+            return Err(StoreError::Io(format!("packet {} has a best luck before it is exhausted", u.id)));
+        }
+    }
+    let (client, st) = conn.split();
+    let mut tx = client.transaction()?;
+
+    if !b.wallets.is_empty() {
+        let wallets = last_per_key(&b.wallets, |(user, _)| user.as_str());
+        let users: Vec<&str> = wallets.iter().map(|(u, _)| u.as_str()).collect();
+        let fens: Vec<i64> = wallets.iter().map(|(_, fen)| *fen).collect();
+        let s = st.get(&mut tx, UPSERT_WALLETS)?;
+        tx.execute(&s, &[&users, &fens])?;
+    }
+
+    if !b.entries.is_empty() {
+        let e = &b.entries;
+        let users: Vec<&str> = e.iter().map(|e| e.user.as_str()).collect();
+        let kinds: Vec<&str> = e.iter().map(|e| e.kind.as_str()).collect();
+        let amounts: Vec<i64> = e.iter().map(|e| e.amount_fen).collect();
+        let packets: Vec<Option<i64>> = e.iter().map(|e| e.packet_id.map(PacketId::as_i64)).collect();
+        let ats: Vec<i64> = e.iter().map(|e| e.at_ms).collect();
+        let s = st.get(&mut tx, INSERT_ENTRIES)?;
+        tx.execute(&s, &[&users, &kinds, &amounts, &packets, &ats])?;
+    }
+
+    if !b.new_packets.is_empty() {
+        let p = &b.new_packets;
+        let ids: Vec<i64> = p.iter().map(|h| h.id.as_i64()).collect();
+        let senders: Vec<&str> = p.iter().map(|h| h.sender.as_str()).collect();
+        let kinds: Vec<&str> = p.iter().map(|h| h.kind.as_str()).collect();
+        let totals: Vec<i64> = p.iter().map(|h| h.total_fen).collect();
+        let counts: Vec<i64> = p.iter().map(|h| i64::from(h.count)).collect();
+        let anyone: Vec<bool> = p.iter().map(|h| h.audience == Audience::Anyone).collect();
+        let greetings: Vec<&str> = p.iter().map(|h| h.greeting.as_str()).collect();
+        let created: Vec<i64> = p.iter().map(|h| h.created_at_ms).collect();
+        let expires: Vec<i64> = p.iter().map(|h| h.expires_at_ms).collect();
+        // Bit-cast: PostgreSQL integers are signed.
+        let seeds: Vec<i64> = p.iter().map(|h| h.seed as i64).collect();
+        let s = st.get(&mut tx, INSERT_PACKETS)?;
+        tx.execute(
+            &s,
+            &[&ids, &senders, &kinds, &totals, &counts, &anyone, &greetings, &created, &expires, &seeds],
+        )?;
+
+        let mut member_packets: Vec<i64> = Vec::new();
+        let mut members: Vec<&str> = Vec::new();
+        for h in p {
+            if let Audience::Users(group) = &h.audience {
+                for user in group.iter() {
+                    member_packets.push(h.id.as_i64());
+                    members.push(user.as_str());
+                }
+            }
+        }
+        if !members.is_empty() {
+            let s = st.get(&mut tx, INSERT_AUDIENCE)?;
+            tx.execute(&s, &[&member_packets, &members])?;
+        }
+    }
+
+    if !b.packet_updates.is_empty() {
+        let updates = last_per_key(&b.packet_updates, |u| u.id);
+        let ids: Vec<i64> = updates.iter().map(|u| u.id.as_i64()).collect();
+        let statuses: Vec<&str> = updates.iter().map(|u| u.status.as_str()).collect();
+        let opened: Vec<i64> = updates.iter().map(|u| i64::from(u.opened_count)).collect();
+        let opened_fen: Vec<i64> = updates.iter().map(|u| u.opened_fen).collect();
+        let refunded: Vec<i64> = updates.iter().map(|u| u.refunded_fen).collect();
+        let best_users: Vec<Option<&str>> =
+            updates.iter().map(|u| u.best.as_ref().map(|(user, _)| user.as_str())).collect();
+        let best_fens: Vec<Option<i64>> =
+            updates.iter().map(|u| u.best.as_ref().map(|(_, fen)| *fen)).collect();
+        let s = st.get(&mut tx, UPDATE_PACKETS)?;
+        let changed =
+            tx.query(&s, &[&ids, &statuses, &opened, &opened_fen, &refunded, &best_users, &best_fens])?;
+        if changed.len() != ids.len() {
+            let found: HashSet<i64> = changed.iter().map(|r| get(r, 0)).collect::<Result<_>>()?;
+            let missing = ids.iter().find(|id| !found.contains(id)).copied().unwrap_or_default();
+            return Err(StoreError::Io(format!("update of packet {missing} that does not exist")));
+        }
+    }
+
+    if !b.claims.is_empty() {
+        let c = &b.claims;
+        let packets: Vec<i64> = c.iter().map(|c| c.packet_id.as_i64()).collect();
+        let indexes: Vec<i64> = c.iter().map(|c| i64::from(c.claim.index)).collect();
+        let users: Vec<&str> = c.iter().map(|c| c.claim.user.as_str()).collect();
+        let amounts: Vec<i64> = c.iter().map(|c| c.claim.amount_fen).collect();
+        let ats: Vec<i64> = c.iter().map(|c| c.claim.at_ms).collect();
+        let s = st.get(&mut tx, INSERT_CLAIMS)?;
+        tx.execute(&s, &[&packets, &indexes, &users, &amounts, &ats])?;
+    }
+
+    if !b.outbox_new.is_empty() {
+        let o = &b.outbox_new;
+        let targets: Vec<i64> = o.iter().map(|o| i64::from(o.target_set)).collect();
+        let seqs: Vec<i64> = o.iter().map(|o| to_i64(o.seq, "outbox seq")).collect::<Result<_>>()?;
+        let users: Vec<&str> = o.iter().map(|o| o.user.as_str()).collect();
+        let amounts: Vec<i64> = o.iter().map(|o| o.amount_fen).collect();
+        let packets: Vec<i64> = o.iter().map(|o| o.packet_id.as_i64()).collect();
+        let ats: Vec<i64> = o.iter().map(|o| o.at_ms).collect();
+        let s = st.get(&mut tx, INSERT_OUTBOX)?;
+        tx.execute(&s, &[&targets, &seqs, &users, &amounts, &packets, &ats])?;
+
+        let mut last: BTreeMap<i64, i64> = BTreeMap::new();
+        for (target, seq) in targets.iter().zip(&seqs) {
+            let l = last.entry(*target).or_insert(*seq);
+            *l = (*l).max(*seq);
+        }
+        let (targets, seqs): (Vec<i64>, Vec<i64>) = last.into_iter().unzip();
+        let s = st.get(&mut tx, UPSERT_OUTBOX_SEQ)?;
+        tx.execute(&s, &[&targets, &seqs])?;
+    }
+
+    if !b.outbox_acked.is_empty() {
+        let targets: Vec<i64> = b.outbox_acked.iter().map(|(t, _)| i64::from(*t)).collect();
+        let upto: Vec<i64> =
+            b.outbox_acked.iter().map(|(_, seq)| to_i64(*seq, "acknowledged seq")).collect::<Result<_>>()?;
+        let s = st.get(&mut tx, DELETE_ACKED)?;
+        tx.execute(&s, &[&targets, &upto])?;
+    }
+
+    if !b.watermarks.is_empty() {
+        let marks = last_per_key(&b.watermarks, |(source, _)| *source);
+        let sources: Vec<i64> = marks.iter().map(|(s, _)| i64::from(*s)).collect();
+        let seqs: Vec<i64> = marks.iter().map(|(_, seq)| to_i64(*seq, "watermark")).collect::<Result<_>>()?;
+        let s = st.get(&mut tx, UPSERT_WATERMARKS)?;
+        tx.execute(&s, &[&sources, &seqs])?;
+    }
+
+    if !b.idempotency.is_empty() {
+        let recs = last_per_key(&b.idempotency, |r| (r.user.as_str(), r.request_id.as_str()));
+        let users: Vec<&str> = recs.iter().map(|r| r.user.as_str()).collect();
+        let request_ids: Vec<&str> = recs.iter().map(|r| r.request_id.as_str()).collect();
+        // Bit-cast: PostgreSQL integers are signed.
+        let fingerprints: Vec<i64> = recs.iter().map(|r| r.fingerprint as i64).collect();
+        let (ops, results): (Vec<&str>, Vec<i64>) = recs.iter().map(|r| rows::idem_encode(r.result)).unzip();
+        let ats: Vec<i64> = recs.iter().map(|r| r.at_ms).collect();
+        let s = st.get(&mut tx, UPSERT_IDEMPOTENCY)?;
+        tx.execute(&s, &[&users, &request_ids, &fingerprints, &ops, &results, &ats])?;
+    }
+
+    if let Some(t) = b.totals {
+        let s = st.get(&mut tx, UPDATE_TOTALS)?;
+        tx.execute(&s, &[&t.deposits_fen, &t.withdrawals_fen])?;
+    }
+
+    tx.commit()?;
+    Ok(())
+}

@@ -1,0 +1,864 @@
+//! The PostgreSQL store through its public traits, on a throwaway cluster per test: what a
+//! batch writes, a reopen reads back exactly; a failed batch leaves nothing behind; the readers
+//! page and total correctly; claims and entries land in day partitions made ahead of time; a
+//! lost connection comes back. The same cases as the SQLite store's tests, plus PostgreSQL's
+//! own. These need PostgreSQL's server binaries and fail, never skip, without them.
+
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use hongbao_core::packet::PacketHeader;
+use hongbao_core::{Audience, Claim, Kind, PacketId, PacketIdGen, PacketStatus, UserId};
+use hongbao_store::{
+    open_postgres, Batch, ClaimRow, Entry, EntryKind, IdemRecord, IdemResult, OutboxItem, PacketUpdate,
+    PgReader, PgStore, Reader, Store, StoreError, Totals,
+};
+use hongbao_testkit::PgCluster;
+
+/// 2026-01-01T00:00:00Z.
+const Y2026_MS: i64 = 1_767_225_600_000;
+/// 2027-01-01T00:00:00Z.
+const Y2027_MS: i64 = 1_798_761_600_000;
+/// 2025-06-01T00:00:00Z.
+const MID_2025_MS: i64 = 1_748_736_000_000;
+/// 2100-01-01T00:00:00Z.
+const Y2100_MS: i64 = 4_102_444_800_000;
+const DAY_MS: i64 = 86_400_000;
+
+fn user(s: &str) -> UserId {
+    UserId::parse(s).unwrap()
+}
+
+fn open(pg: &PgCluster) -> (PgStore, PgReader) {
+    open_postgres(&pg.url(), 0, 1).unwrap()
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+fn header(
+    id: PacketId,
+    sender: &str,
+    kind: Kind,
+    total_fen: i64,
+    count: u32,
+    audience: Audience,
+    at_ms: i64,
+) -> PacketHeader {
+    PacketHeader {
+        id,
+        sender: user(sender),
+        kind,
+        total_fen,
+        count,
+        audience,
+        greeting: "恭喜发财".to_owned(),
+        created_at_ms: at_ms,
+        expires_at_ms: at_ms + 86_400_000,
+        // Past i64::MAX: the bit-cast must round-trip.
+        seed: u64::MAX - 7,
+    }
+}
+
+fn claim(who: &str, amount_fen: i64, index: u32, at_ms: i64) -> Claim {
+    Claim { user: user(who), amount_fen, at_ms, index }
+}
+
+fn entry(who: &str, kind: EntryKind, amount_fen: i64, packet_id: Option<PacketId>, at_ms: i64) -> Entry {
+    Entry { user: user(who), kind, amount_fen, packet_id, at_ms }
+}
+
+fn outbox(target_set: u32, seq: u64, who: &str, amount_fen: i64, packet_id: PacketId) -> OutboxItem {
+    OutboxItem { target_set, seq, user: user(who), amount_fen, packet_id, at_ms: Y2026_MS + 10 }
+}
+
+/// What `world` wrote, to compare against what comes back.
+struct World {
+    active: PacketId,
+    exhausted: PacketId,
+    batch: Batch,
+}
+
+/// alice deposits 1,000 and sends two packets: `active` (lucky, 300 fen in 3 shares to bob and
+/// carol; bob opened 120) and `exhausted` (equal, 200 fen in 2 shares to anyone; bob and dave
+/// opened 100 each, dave's wallet lives in set 1 so his credit goes through the outbox).
+fn world() -> World {
+    world_at(0, Y2026_MS)
+}
+
+fn world_at(set: u32, t: i64) -> World {
+    let mut ids = PacketIdGen::new(set, None);
+    let active = ids.next(t);
+    let exhausted = ids.next(t);
+    let batch = Batch {
+        wallets: vec![(user("alice"), 500), (user("bob"), 220), (user("carol"), 0)],
+        entries: vec![
+            entry("alice", EntryKind::Deposit, 1_000, None, t),
+            entry("alice", EntryKind::Send, 300, Some(active), t + 1),
+            entry("alice", EntryKind::Send, 200, Some(exhausted), t + 2),
+            entry("bob", EntryKind::Claim, 120, Some(active), t + 3),
+            entry("bob", EntryKind::Claim, 100, Some(exhausted), t + 4),
+        ],
+        new_packets: vec![
+            header(
+                active,
+                "alice",
+                Kind::Lucky,
+                300,
+                3,
+                Audience::users([user("carol"), user("bob")]),
+                t + 1,
+            ),
+            header(exhausted, "alice", Kind::Equal, 200, 2, Audience::Anyone, t + 2),
+        ],
+        packet_updates: vec![
+            PacketUpdate {
+                id: active,
+                status: PacketStatus::Active,
+                opened_count: 1,
+                opened_fen: 120,
+                refunded_fen: 0,
+                best: None,
+            },
+            PacketUpdate {
+                id: exhausted,
+                status: PacketStatus::Exhausted,
+                opened_count: 2,
+                opened_fen: 200,
+                refunded_fen: 0,
+                best: Some((user("bob"), 100)),
+            },
+        ],
+        claims: vec![
+            ClaimRow { packet_id: active, claim: claim("bob", 120, 0, t + 3) },
+            ClaimRow { packet_id: exhausted, claim: claim("bob", 100, 0, t + 4) },
+            ClaimRow { packet_id: exhausted, claim: claim("dave", 100, 1, t + 5) },
+        ],
+        outbox_new: vec![outbox(1, 1, "dave", 100, exhausted)],
+        outbox_acked: vec![],
+        watermarks: vec![(1, 4)],
+        idempotency: vec![
+            IdemRecord {
+                user: user("alice"),
+                request_id: "dep-1".to_owned(),
+                fingerprint: u64::MAX,
+                result: IdemResult::Deposit { balance_fen: 1_000 },
+                at_ms: t,
+            },
+            IdemRecord {
+                user: user("alice"),
+                request_id: "send-1".to_owned(),
+                fingerprint: 42,
+                result: IdemResult::Send { packet_id: active },
+                at_ms: t + 1,
+            },
+        ],
+        totals: Some(Totals { deposits_fen: 1_000, withdrawals_fen: 0 }),
+    };
+    World { active, exhausted, batch }
+}
+
+fn sorted_claims<'a>(claims: impl Iterator<Item = &'a Claim>) -> Vec<Claim> {
+    let mut v: Vec<Claim> = claims.cloned().collect();
+    v.sort_by_key(|c| c.index);
+    v
+}
+
+/// The partition a row of set 0 went to.
+fn partition_of(pg: &PgCluster, table: &str, condition: &str) -> String {
+    pg.psql(&format!("SELECT tableoid::regclass::text FROM hongbao_set_0.{table} WHERE {condition}"))
+}
+
+/// `claims_d20261124` for the day `ms` falls on.
+fn day_partition(table: &str, ms: i64) -> String {
+    let day = ms.div_euclid(DAY_MS);
+    // 1970-01-01 plus `day` days, through the civil-from-days algorithm, checked below by
+    // PostgreSQL itself in the partitions test.
+    let z = day + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("hongbao_set_0.{table}_d{y:04}{m:02}{d:02}")
+}
+
+#[test]
+fn reopen_loads_exactly_what_was_committed() {
+    let pg = PgCluster::start();
+    let w = world();
+    {
+        let (mut store, _reader) = open(&pg);
+        store.commit(&w.batch).unwrap();
+    }
+
+    let (mut store, _reader) = open(&pg);
+    let loaded = store.load(0).unwrap();
+
+    let mut wallets = loaded.wallets.clone();
+    wallets.sort();
+    assert_eq!(wallets, vec![(user("alice"), 500), (user("bob"), 220), (user("carol"), 0)]);
+
+    assert_eq!(loaded.active_packets.len(), 1, "the exhausted packet is not loaded");
+    let p = &loaded.active_packets[0];
+    assert_eq!(p.header(), &w.batch.new_packets[0]);
+    assert_eq!(p.status(), PacketStatus::Active);
+    assert_eq!((p.opened_count(), p.opened_fen(), p.escrow_fen()), (1, 120, 180));
+    assert_eq!(sorted_claims(p.claims()), vec![claim("bob", 120, 0, Y2026_MS + 3)]);
+    assert!(p.header().audience.admits(&user("carol")));
+    assert!(!p.header().audience.admits(&user("dave")));
+
+    assert_eq!(loaded.max_packet_id, Some(w.exhausted));
+    assert_eq!(loaded.escrow_fen, 180);
+    assert_eq!(loaded.idempotency.len(), 2);
+    for rec in &w.batch.idempotency {
+        assert!(loaded.idempotency.contains(rec), "{rec:?} lost");
+    }
+    assert_eq!(loaded.outbox_pending, w.batch.outbox_new);
+    assert_eq!(loaded.outbox_last_seq, vec![(1, 1)]);
+    assert_eq!(loaded.watermarks, vec![(1, 4)]);
+    assert_eq!(loaded.totals, Totals { deposits_fen: 1_000, withdrawals_fen: 0 });
+
+    let closed = store.packet(w.exhausted).unwrap().expect("exhausted packet is still in the store");
+    assert_eq!(closed.status(), PacketStatus::Exhausted);
+    assert_eq!(closed.header(), &w.batch.new_packets[1]);
+    assert_eq!(closed.best_luck().map(|c| c.user.clone()), Some(user("bob")));
+    assert_eq!(closed.claim_of(&user("dave")).map(|c| c.amount_fen), Some(100));
+    assert!(store.packet(PacketIdGen::new(0, Some(w.exhausted)).next(Y2026_MS)).unwrap().is_none());
+    assert_eq!(store.packet(w.active).unwrap().unwrap().opened_fen(), 120);
+}
+
+#[test]
+fn load_prunes_idempotency_records_past_retention() {
+    let pg = PgCluster::start();
+    let w = world();
+    let (mut store, _reader) = open(&pg);
+    store.commit(&w.batch).unwrap();
+
+    let kept = store.load(Y2026_MS + 1).unwrap().idempotency;
+    assert_eq!(kept.iter().map(|r| r.request_id.as_str()).collect::<Vec<_>>(), vec!["send-1"]);
+    // Pruned, not just filtered: a later load with no cut-off does not bring it back.
+    assert_eq!(store.load(0).unwrap().idempotency.len(), 1);
+}
+
+#[test]
+fn sums_see_balances_escrow_and_the_outbox() {
+    let pg = PgCluster::start();
+    let w = world();
+    let (mut store, _reader) = open(&pg);
+    store.commit(&w.batch).unwrap();
+    let sums = store.sums().unwrap();
+    assert_eq!(sums.balances_fen, 720);
+    assert_eq!(sums.escrow_fen, 180);
+    assert_eq!(sums.totals.deposits_fen, 1_000);
+    // Conservation (DESIGN.md §2.1) for this world: 1,000 = 720 + 180 + 100 in flight.
+    let in_flight: i64 = sums.outbox_pending.iter().map(|o| o.amount_fen).sum();
+    assert_eq!(
+        sums.totals.deposits_fen - sums.totals.withdrawals_fen,
+        sums.balances_fen + sums.escrow_fen + in_flight
+    );
+    assert_eq!(sums.watermarks, vec![(1, 4)]);
+}
+
+#[test]
+fn acknowledged_outbox_rows_are_deleted_but_their_seq_is_remembered() {
+    let pg = PgCluster::start();
+    let w = world();
+    let (mut store, _reader) = open(&pg);
+    store.commit(&w.batch).unwrap();
+    let more = Batch {
+        outbox_new: vec![
+            outbox(1, 2, "erin", 5, w.active),
+            outbox(1, 3, "erin", 6, w.active),
+            outbox(2, 1, "finn", 7, w.active),
+        ],
+        ..Batch::default()
+    };
+    store.commit(&more).unwrap();
+    store.commit(&Batch { outbox_acked: vec![(1, 2)], ..Batch::default() }).unwrap();
+
+    let loaded = store.load(0).unwrap();
+    let pending: Vec<(u32, u64)> = loaded.outbox_pending.iter().map(|o| (o.target_set, o.seq)).collect();
+    assert_eq!(pending, vec![(1, 3), (2, 1)]);
+    assert_eq!(loaded.outbox_last_seq, vec![(1, 3), (2, 1)]);
+
+    store.commit(&Batch { outbox_acked: vec![(1, 3), (2, 1)], ..Batch::default() }).unwrap();
+    let loaded = store.load(0).unwrap();
+    assert!(loaded.outbox_pending.is_empty());
+    assert_eq!(loaded.outbox_last_seq, vec![(1, 3), (2, 1)], "acked seqs are never issued again");
+}
+
+#[test]
+fn another_set_count_or_set_index_is_incompatible() {
+    let pg = PgCluster::start();
+    drop(open_postgres(&pg.url(), 0, 2).unwrap());
+
+    match open_postgres(&pg.url(), 0, 4) {
+        Err(StoreError::Incompatible(msg)) => assert!(msg.contains("made with 2 sets"), "{msg}"),
+        other => panic!("expected Incompatible, got {other:?}"),
+    }
+    // A schema that holds another set (as if renamed) is refused too.
+    pg.psql("UPDATE hongbao_set_0.meta SET value = 1 WHERE key = 'set'");
+    match open_postgres(&pg.url(), 0, 2) {
+        Err(StoreError::Incompatible(msg)) => assert!(msg.contains("holds set 1, not set 0"), "{msg}"),
+        other => panic!("expected Incompatible, got {other:?}"),
+    }
+    assert!(matches!(open_postgres(&pg.url(), 2, 2), Err(StoreError::Incompatible(_))));
+}
+
+#[test]
+fn a_newer_schema_is_incompatible() {
+    let pg = PgCluster::start();
+    drop(open(&pg));
+    pg.psql("INSERT INTO hongbao_set_0.schema_version (version) VALUES (999)");
+    match open_postgres(&pg.url(), 0, 1) {
+        Err(StoreError::Incompatible(msg)) => assert!(msg.contains("999"), "{msg}"),
+        other => panic!("expected Incompatible, got {other:?}"),
+    }
+}
+
+#[test]
+fn migrations_are_versioned_and_run_once() {
+    let pg = PgCluster::start();
+    drop(open(&pg));
+    drop(open(&pg));
+    assert_eq!(pg.psql("SELECT string_agg(version::text, ',') FROM hongbao_set_0.schema_version"), "1");
+    assert_eq!(pg.psql("SELECT count(*) FROM hongbao_set_0.totals"), "1");
+}
+
+#[test]
+fn a_failed_commit_leaves_nothing_and_the_next_commit_works() {
+    let pg = PgCluster::start();
+    let w = world();
+    let (mut store, reader) = open(&pg);
+    store.commit(&w.batch).unwrap();
+
+    let bad = Batch {
+        wallets: vec![(user("gina"), 10), (user("alice"), -1)],
+        entries: vec![entry("gina", EntryKind::Deposit, 10, None, Y2026_MS + 20)],
+        outbox_acked: vec![(1, 1)],
+        totals: Some(Totals { deposits_fen: 1_010, withdrawals_fen: 0 }),
+        ..Batch::default()
+    };
+    match store.commit(&bad) {
+        Err(StoreError::Io(msg)) => {
+            assert!(msg.contains("balance_fen"), "the server's reason is kept: {msg}")
+        }
+        other => panic!("expected Io, got {other:?}"),
+    }
+    assert_eq!(reader.balance(&user("gina")).unwrap(), None);
+    assert_eq!(reader.entries(&user("gina"), None, 10).unwrap(), vec![]);
+
+    // The engine's recovery path: load again on the same object.
+    let loaded = store.load(0).unwrap();
+    assert!(!loaded.wallets.iter().any(|(u, _)| u.as_str() == "gina"));
+    assert_eq!(loaded.totals.deposits_fen, 1_000);
+    assert_eq!(loaded.outbox_pending.len(), 1, "the ack in the failed batch did not delete");
+
+    let good = Batch {
+        wallets: vec![(user("gina"), 10)],
+        entries: vec![entry("gina", EntryKind::Deposit, 10, None, Y2026_MS + 20)],
+        totals: Some(Totals { deposits_fen: 1_010, withdrawals_fen: 0 }),
+        ..Batch::default()
+    };
+    store.commit(&good).unwrap();
+    assert_eq!(reader.balance(&user("gina")).unwrap(), Some(10));
+    assert_eq!(store.sums().unwrap().totals.deposits_fen, 1_010);
+}
+
+#[test]
+fn an_update_of_a_missing_packet_or_a_best_luck_too_early_fails_the_batch() {
+    let pg = PgCluster::start();
+    let w = world();
+    let (mut store, reader) = open(&pg);
+    store.commit(&w.batch).unwrap();
+    let ghost = PacketIdGen::new(0, Some(w.exhausted)).next(Y2026_MS);
+    let update = |id, status, best| PacketUpdate {
+        id,
+        status,
+        opened_count: 1,
+        opened_fen: 120,
+        refunded_fen: 0,
+        best,
+    };
+    let missing = Batch {
+        wallets: vec![(user("gina"), 10)],
+        packet_updates: vec![
+            update(w.active, PacketStatus::Active, None),
+            update(ghost, PacketStatus::Active, None),
+        ],
+        ..Batch::default()
+    };
+    match store.commit(&missing) {
+        Err(StoreError::Io(msg)) => assert!(msg.contains(&ghost.to_string()), "{msg}"),
+        other => panic!("expected Io, got {other:?}"),
+    }
+    let early = Batch {
+        wallets: vec![(user("gina"), 10)],
+        packet_updates: vec![update(w.active, PacketStatus::Active, Some((user("bob"), 120)))],
+        ..Batch::default()
+    };
+    assert!(matches!(store.commit(&early), Err(StoreError::Io(_))));
+    assert_eq!(reader.balance(&user("gina")).unwrap(), None);
+}
+
+#[test]
+fn repeated_keys_in_one_batch_keep_the_last_value() {
+    let pg = PgCluster::start();
+    let w = world();
+    let (mut store, reader) = open(&pg);
+    store.commit(&w.batch).unwrap();
+    let twice = Batch {
+        wallets: vec![(user("gina"), 10), (user("hank"), 1), (user("gina"), 30)],
+        watermarks: vec![(1, 5), (1, 6)],
+        outbox_new: vec![outbox(3, 2, "erin", 5, w.active), outbox(3, 1, "erin", 6, w.active)],
+        ..Batch::default()
+    };
+    store.commit(&twice).unwrap();
+    assert_eq!(reader.balance(&user("gina")).unwrap(), Some(30));
+    let loaded = store.load(0).unwrap();
+    assert_eq!(loaded.watermarks, vec![(1, 6)]);
+    assert_eq!(loaded.outbox_last_seq, vec![(1, 1), (3, 2)]);
+}
+
+#[test]
+fn a_second_share_for_the_same_user_is_refused() {
+    let pg = PgCluster::start();
+    let w = world();
+    let (mut store, _reader) = open(&pg);
+    store.commit(&w.batch).unwrap();
+    let twice = Batch {
+        claims: vec![ClaimRow { packet_id: w.active, claim: claim("bob", 10, 1, Y2026_MS + 30) }],
+        ..Batch::default()
+    };
+    assert!(store.commit(&twice).is_err(), "DESIGN.md §2.5: one share per user per packet");
+    assert_eq!(store.load(0).unwrap().active_packets[0].opened_count(), 1);
+}
+
+#[test]
+fn rows_that_disagree_are_corrupt_not_a_panic() {
+    let pg = PgCluster::start();
+    let w = world();
+    {
+        let (mut store, _reader) = open(&pg);
+        store.commit(&w.batch).unwrap();
+    }
+    // The packet row says nothing was opened, its claims say bob opened 120.
+    pg.psql(&format!(
+        "UPDATE hongbao_set_0.packets SET opened_count = 0, opened_fen = 0 WHERE id = {}",
+        w.active.as_i64()
+    ));
+    let (mut store, _reader) = open(&pg);
+    assert!(matches!(store.load(0), Err(StoreError::Corrupt(_))));
+    assert!(matches!(store.packet(w.active), Err(StoreError::Corrupt(_))));
+
+    pg.psql(&format!(
+        "UPDATE hongbao_set_0.packets SET opened_count = 1, opened_fen = 120 WHERE id = {}",
+        w.active.as_i64()
+    ));
+    // Only with the CHECK constraint dropped can a negative balance get in.
+    pg.psql(
+        "ALTER TABLE hongbao_set_0.wallets DROP CONSTRAINT wallets_balance_fen_check; \
+         UPDATE hongbao_set_0.wallets SET balance_fen = -5 WHERE user_id = 'carol'",
+    );
+    match store.load(0) {
+        Err(StoreError::Corrupt(msg)) => assert!(msg.contains("carol"), "{msg}"),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
+
+#[test]
+fn reader_pages_entries_newest_first_with_an_exclusive_cursor() {
+    let pg = PgCluster::start();
+    let w = world();
+    let (mut store, reader) = open(&pg);
+    store.commit(&w.batch).unwrap();
+
+    let first = reader.entries(&user("alice"), None, 2).unwrap();
+    assert_eq!(first.iter().map(|e| e.amount_fen).collect::<Vec<_>>(), vec![200, 300]);
+    assert_eq!(first[0].kind, EntryKind::Send);
+    assert_eq!(first[0].packet_id, Some(w.exhausted));
+    let second = reader.entries(&user("alice"), Some(first[1].id), 2).unwrap();
+    assert_eq!(second.len(), 1);
+    assert_eq!(
+        (second[0].kind, second[0].amount_fen, second[0].packet_id),
+        (EntryKind::Deposit, 1_000, None)
+    );
+    assert!(reader.entries(&user("alice"), Some(second[0].id), 2).unwrap().is_empty());
+
+    assert_eq!(reader.balance(&user("alice")).unwrap(), Some(500));
+    assert_eq!(reader.balance(&user("carol")).unwrap(), Some(0));
+    assert_eq!(reader.balance(&user("nobody")).unwrap(), None);
+}
+
+#[test]
+fn reader_packet_and_claims_in_opening_order() {
+    let pg = PgCluster::start();
+    let w = world();
+    let (mut store, reader) = open(&pg);
+    store.commit(&w.batch).unwrap();
+
+    let row = reader.packet(w.exhausted).unwrap().unwrap();
+    assert_eq!(row.header, w.batch.new_packets[1]);
+    assert_eq!(
+        (row.status, row.opened_count, row.opened_fen, row.refunded_fen),
+        (PacketStatus::Exhausted, 2, 200, 0)
+    );
+    assert_eq!(row.best, Some((user("bob"), 100)));
+    let group = reader.packet(w.active).unwrap().unwrap();
+    assert_eq!(group.header.audience, Audience::users([user("bob"), user("carol")]));
+    assert_eq!(reader.packet(PacketIdGen::new(0, Some(w.exhausted)).next(Y2026_MS)).unwrap(), None);
+
+    let page = reader.claims(w.exhausted, None, 1).unwrap();
+    assert_eq!(page, vec![claim("bob", 100, 0, Y2026_MS + 4)]);
+    let page = reader.claims(w.exhausted, Some(0), 10).unwrap();
+    assert_eq!(page, vec![claim("dave", 100, 1, Y2026_MS + 5)]);
+    assert!(reader.claims(w.exhausted, Some(1), 10).unwrap().is_empty());
+
+    assert_eq!(
+        reader.claim_of(w.exhausted, &user("dave")).unwrap(),
+        Some(claim("dave", 100, 1, Y2026_MS + 5))
+    );
+    assert_eq!(reader.claim_of(w.active, &user("dave")).unwrap(), None);
+}
+
+#[test]
+fn reader_sent_received_and_best_luck_by_year() {
+    let pg = PgCluster::start();
+    let w = world();
+    let (mut store, reader) = open(&pg);
+    // A packet from 2025 that bob also won, to be left out of the 2026 figures.
+    let mut ids = PacketIdGen::new(0, None);
+    let old = ids.next(MID_2025_MS);
+    let old_batch = Batch {
+        entries: vec![entry("bob", EntryKind::Claim, 50, Some(old), MID_2025_MS + 1)],
+        new_packets: vec![header(old, "alice", Kind::Equal, 50, 1, Audience::Anyone, MID_2025_MS)],
+        packet_updates: vec![PacketUpdate {
+            id: old,
+            status: PacketStatus::Exhausted,
+            opened_count: 1,
+            opened_fen: 50,
+            refunded_fen: 0,
+            best: Some((user("bob"), 50)),
+        }],
+        claims: vec![ClaimRow { packet_id: old, claim: claim("bob", 50, 0, MID_2025_MS + 1) }],
+        ..Batch::default()
+    };
+    store.commit(&old_batch).unwrap();
+    store.commit(&w.batch).unwrap();
+
+    let alice = user("alice");
+    let sent = reader.sent(&alice, Y2026_MS, Y2027_MS, None, 1).unwrap();
+    assert_eq!((sent.count, sent.total_fen), (2, 500), "totals cover the year, not the page");
+    assert_eq!(sent.items.iter().map(|p| p.header.id).collect::<Vec<_>>(), vec![w.exhausted]);
+    let rest = reader.sent(&alice, Y2026_MS, Y2027_MS, Some(w.exhausted), 10).unwrap();
+    assert_eq!(rest.items.iter().map(|p| p.header.id).collect::<Vec<_>>(), vec![w.active]);
+    assert_eq!(rest.items[0].header.audience, Audience::users([user("bob"), user("carol")]));
+    assert_eq!(rest.items[0].opened_fen, 120);
+    let all = reader.sent(&alice, 0, Y2027_MS, None, 10).unwrap();
+    assert_eq!(all.items.iter().map(|p| p.header.id).collect::<Vec<_>>(), vec![w.exhausted, w.active, old]);
+    assert_eq!(all.items[0].header.audience, Audience::Anyone);
+    assert_eq!(all.items[1].header.audience, Audience::users([user("bob"), user("carol")]));
+    let last_year = reader.sent(&alice, 0, Y2026_MS, None, 10).unwrap();
+    assert_eq!((last_year.count, last_year.total_fen), (1, 50));
+    assert_eq!(reader.sent(&user("bob"), Y2026_MS, Y2027_MS, None, 10).unwrap().count, 0);
+
+    let bob = user("bob");
+    let received = reader.received(&bob, Y2026_MS, Y2027_MS, None, 1).unwrap();
+    assert_eq!((received.count, received.total_fen), (2, 220));
+    assert_eq!(received.items.len(), 1);
+    assert_eq!((received.items[0].amount_fen, received.items[0].packet_id), (100, Some(w.exhausted)));
+    let rest = reader.received(&bob, Y2026_MS, Y2027_MS, Some(received.items[0].id), 10).unwrap();
+    assert_eq!(rest.items.iter().map(|e| e.amount_fen).collect::<Vec<_>>(), vec![120]);
+    assert!(rest.items.iter().all(|e| e.kind == EntryKind::Claim));
+    // alice's deposit and sends are entries, but not claims.
+    assert_eq!(reader.received(&alice, Y2026_MS, Y2027_MS, None, 10).unwrap().count, 0);
+
+    assert_eq!(reader.best_luck_count(&bob, Y2026_MS, Y2027_MS).unwrap(), 1);
+    assert_eq!(reader.best_luck_count(&bob, 0, Y2027_MS).unwrap(), 2);
+    assert_eq!(reader.best_luck_count(&user("dave"), 0, Y2027_MS).unwrap(), 0);
+}
+
+#[test]
+fn the_reader_is_shared_across_threads() {
+    fn assert_send_sync<T: Send + Sync + Clone + 'static>() {}
+    assert_send_sync::<PgReader>();
+
+    let pg = PgCluster::start();
+    let w = world();
+    let (mut store, reader) = open(&pg);
+    store.commit(&w.batch).unwrap();
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let r = reader.clone();
+            std::thread::spawn(move || r.balance(&user("bob")).unwrap())
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), Some(220));
+    }
+    let connections =
+        pg.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'hongbao-set-0-reader'");
+    assert!(connections.parse::<u32>().unwrap() <= 4, "{connections} read connections");
+}
+
+#[test]
+fn sets_live_in_schemas_of_their_own() {
+    let pg = PgCluster::start();
+    let (mut s0, r0) = open_postgres(&pg.url(), 0, 2).unwrap();
+    let (mut s1, r1) = open_postgres(&pg.url(), 1, 2).unwrap();
+    let w0 = world_at(0, Y2026_MS);
+    let mut w1 = world_at(1, Y2026_MS);
+    w1.batch.wallets = vec![(user("alice"), 7)];
+    s0.commit(&w0.batch).unwrap();
+    s1.commit(&w1.batch).unwrap();
+
+    assert_eq!(r0.balance(&user("alice")).unwrap(), Some(500));
+    assert_eq!(r1.balance(&user("alice")).unwrap(), Some(7));
+    assert_eq!(s1.load(0).unwrap().max_packet_id, Some(w1.exhausted));
+    assert!(r0.packet(w1.active).unwrap().is_none());
+    assert_eq!(
+        pg.psql("SELECT string_agg(nspname, ',' ORDER BY nspname) FROM pg_namespace WHERE nspname LIKE 'hongbao%'"),
+        "hongbao_set_0,hongbao_set_1"
+    );
+}
+
+#[test]
+fn day_partitions_exist_ahead_and_other_days_go_to_the_default_partition() {
+    let pg = PgCluster::start();
+    let (mut store, reader) = open(&pg);
+    let now = now_ms();
+    // The day may turn during the test; the window is what open made.
+    let made = pg.psql(
+        "SELECT string_agg(c.relname, ',' ORDER BY c.relname) FROM pg_inherits i \
+         JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'hongbao_set_0.claims'::regclass",
+    );
+    for offset in -1..=7 {
+        let name = day_partition("claims", now + offset * DAY_MS);
+        let name = name.trim_start_matches("hongbao_set_0.");
+        assert!(made.contains(name), "{name} missing from {made}");
+    }
+    assert!(made.contains("claims_default"), "{made}");
+    assert_eq!(made.split(',').count(), 10, "{made}");
+    let entries_made =
+        pg.psql("SELECT count(*) FROM pg_inherits i WHERE i.inhparent = 'hongbao_set_0.entries'::regclass");
+    assert_eq!(entries_made, "10");
+
+    // A packet of today, one of long ago and one of the far future, each opened at its time.
+    let mut ids = PacketIdGen::new(0, None);
+    let past_ms = now - 400 * DAY_MS;
+    let past = ids.next(past_ms);
+    let today = ids.next(now);
+    let future = ids.next(Y2100_MS);
+    let mut batch = Batch::default();
+    for (id, at) in [(past, past_ms), (today, now), (future, Y2100_MS)] {
+        batch.new_packets.push(header(id, "alice", Kind::Equal, 10, 1, Audience::Anyone, at));
+        batch.claims.push(ClaimRow { packet_id: id, claim: claim("bob", 10, 0, at + 1) });
+        batch.entries.push(entry("bob", EntryKind::Claim, 10, Some(id), at + 1));
+        batch.packet_updates.push(PacketUpdate {
+            id,
+            status: PacketStatus::Exhausted,
+            opened_count: 1,
+            opened_fen: 10,
+            refunded_fen: 0,
+            best: Some((user("bob"), 10)),
+        });
+    }
+    store.commit(&batch).unwrap();
+
+    let claim_in = |id: PacketId| partition_of(&pg, "claims", &format!("packet_id = {}", id.as_i64()));
+    assert_eq!(claim_in(today), day_partition("claims", now));
+    assert_eq!(claim_in(past), "hongbao_set_0.claims_default");
+    assert_eq!(claim_in(future), "hongbao_set_0.claims_default");
+    let entry_in = |at: i64| partition_of(&pg, "entries", &format!("at_ms = {}", at + 1));
+    assert_eq!(entry_in(now), day_partition("entries", now));
+    assert_eq!(entry_in(past_ms), "hongbao_set_0.entries_default");
+    assert_eq!(entry_in(Y2100_MS), "hongbao_set_0.entries_default");
+
+    // Wherever they live, the rows read back the same.
+    for id in [past, today, future] {
+        assert_eq!(reader.claim_of(id, &user("bob")).unwrap().map(|c| c.amount_fen), Some(10));
+        assert_eq!(store.packet(id).unwrap().unwrap().opened_fen(), 10);
+    }
+    assert_eq!(reader.received(&user("bob"), 0, i64::MAX, None, 10).unwrap().count, 3);
+}
+
+#[test]
+fn a_day_partition_made_late_takes_its_rows_out_of_the_default_partition() {
+    let pg = PgCluster::start();
+    let now = now_ms();
+    let late_ms = now + 5 * DAY_MS;
+    {
+        let (mut store, _reader) = open(&pg);
+        // As if the partitions of that day had not been made in time.
+        pg.psql(&format!(
+            "DROP TABLE {}; DROP TABLE {}",
+            day_partition("claims", late_ms),
+            day_partition("entries", late_ms)
+        ));
+        let id = PacketIdGen::new(0, None).next(late_ms);
+        let batch = Batch {
+            new_packets: vec![header(id, "alice", Kind::Equal, 20, 2, Audience::Anyone, late_ms)],
+            claims: vec![ClaimRow { packet_id: id, claim: claim("bob", 10, 0, late_ms) }],
+            entries: vec![entry("bob", EntryKind::Claim, 10, Some(id), late_ms)],
+            packet_updates: vec![PacketUpdate {
+                id,
+                status: PacketStatus::Active,
+                opened_count: 1,
+                opened_fen: 10,
+                refunded_fen: 0,
+                best: None,
+            }],
+            ..Batch::default()
+        };
+        store.commit(&batch).unwrap();
+        assert_eq!(partition_of(&pg, "claims", "true"), "hongbao_set_0.claims_default");
+        assert_eq!(partition_of(&pg, "entries", "true"), "hongbao_set_0.entries_default");
+    }
+    // The next open makes the missing days again, and the rows move in with them.
+    let (mut store, reader) = open(&pg);
+    assert_eq!(partition_of(&pg, "claims", "true"), day_partition("claims", late_ms));
+    assert_eq!(partition_of(&pg, "entries", "true"), day_partition("entries", late_ms));
+    let loaded = store.load(0).unwrap();
+    assert_eq!(loaded.active_packets.len(), 1);
+    assert_eq!(loaded.active_packets[0].opened_fen(), 10);
+    assert_eq!(reader.entries(&user("bob"), None, 10).unwrap().len(), 1);
+}
+
+#[test]
+fn ten_thousand_claims_commit_in_one_transaction() {
+    const CLAIMS: u32 = 10_000;
+    let pg = PgCluster::start();
+    let (mut store, reader) = open(&pg);
+    let now = now_ms();
+    let id = PacketIdGen::new(0, None).next(now);
+    let total_fen = i64::from(CLAIMS) * 100;
+    let mut batch = Batch {
+        new_packets: vec![header(id, "alice", Kind::Equal, total_fen, CLAIMS, Audience::Anyone, now)],
+        packet_updates: vec![PacketUpdate {
+            id,
+            status: PacketStatus::Exhausted,
+            opened_count: CLAIMS,
+            opened_fen: total_fen,
+            refunded_fen: 0,
+            best: Some((user("u0"), 100)),
+        }],
+        ..Batch::default()
+    };
+    for i in 0..CLAIMS {
+        let who = format!("u{i}");
+        let at = now + i64::from(i);
+        batch.claims.push(ClaimRow { packet_id: id, claim: claim(&who, 100, i, at) });
+        batch.entries.push(entry(&who, EntryKind::Claim, 100, Some(id), at));
+        batch.wallets.push((user(&who), 100));
+    }
+
+    let started = Instant::now();
+    store.commit(&batch).unwrap();
+    let took = started.elapsed();
+    println!(
+        "one batch of {CLAIMS} claims, {CLAIMS} entries and {CLAIMS} wallets committed in {:.1} ms",
+        took.as_secs_f64() * 1e3
+    );
+
+    // One transaction: every row carries the same creating transaction id.
+    let xids = pg.psql(
+        "SELECT count(DISTINCT x) FROM (SELECT xmin::text AS x FROM hongbao_set_0.claims \
+         UNION ALL SELECT xmin::text FROM hongbao_set_0.entries \
+         UNION ALL SELECT xmin::text FROM hongbao_set_0.wallets) AS t",
+    );
+    assert_eq!(xids, "1");
+    assert_eq!(pg.psql("SELECT count(*) FROM hongbao_set_0.claims"), CLAIMS.to_string());
+    // Entry ids follow the batch's order (here, time order): history pages by id.
+    let out_of_order = pg.psql(
+        "SELECT count(*) FROM (SELECT at_ms, lag(at_ms) OVER (ORDER BY id) AS prev \
+         FROM hongbao_set_0.entries) AS t WHERE prev > at_ms",
+    );
+    assert_eq!(out_of_order, "0");
+    assert_eq!(reader.claims(id, Some(CLAIMS - 2), 10).unwrap().len(), 1);
+    assert_eq!(reader.claim_of(id, &user("u9999")).unwrap().map(|c| c.index), Some(9_999));
+
+    let started = Instant::now();
+    let loaded = store.packet(id).unwrap().unwrap();
+    println!("read back a packet of {CLAIMS} claims in {:.1} ms", started.elapsed().as_secs_f64() * 1e3);
+    assert_eq!(loaded.opened_count(), CLAIMS);
+}
+
+#[test]
+fn a_lost_connection_fails_the_commit_and_load_connects_again() {
+    let mut pg = PgCluster::start();
+    let w = world();
+    let (mut store, reader) = open(&pg);
+    store.commit(&w.batch).unwrap();
+
+    let killed = pg.psql(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE application_name = 'hongbao-set-0-writer'",
+    );
+    assert_eq!(killed, "1");
+    let deposit = |fen: i64| Batch {
+        wallets: vec![(user("gina"), fen)],
+        entries: vec![entry("gina", EntryKind::Deposit, fen, None, Y2026_MS + 20)],
+        ..Batch::default()
+    };
+    assert!(matches!(store.commit(&deposit(10)), Err(StoreError::Io(_))));
+    store.load(0).unwrap();
+    store.commit(&deposit(10)).unwrap();
+    assert_eq!(reader.balance(&user("gina")).unwrap(), Some(10));
+
+    // The server itself dies: everything fails with Io until it is back, then carries on.
+    pg.kill9();
+    assert!(matches!(store.commit(&deposit(20)), Err(StoreError::Io(_))));
+    assert!(matches!(store.load(0), Err(StoreError::Io(_))));
+    assert!(matches!(reader.balance(&user("gina")), Err(StoreError::Io(_))));
+    pg.restart();
+    let loaded = store.load(0).unwrap();
+    assert!(loaded.wallets.contains(&(user("gina"), 10)), "the committed deposit survived kill -9");
+    store.commit(&deposit(20)).unwrap();
+    assert_eq!(reader.balance(&user("gina")).unwrap(), Some(20));
+}
+
+#[test]
+fn opens_reads_and_drops_inside_a_tokio_runtime() {
+    let pg = PgCluster::start();
+    let w = world();
+    let url = pg.url();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    runtime.block_on(async move {
+        // As the binary does: open from async code, query from blocking threads, and drop
+        // both sides on a runtime thread.
+        let (mut store, reader) = open_postgres(&url, 0, 1).unwrap();
+        let store = tokio::task::spawn_blocking(move || {
+            store.commit(&w.batch).unwrap();
+            store
+        })
+        .await
+        .unwrap();
+        let r = reader.clone();
+        let balance = tokio::task::spawn_blocking(move || r.balance(&user("bob")).unwrap()).await.unwrap();
+        assert_eq!(balance, Some(220));
+        drop(store);
+        drop(reader);
+    });
+}
+
+#[test]
+fn a_packet_is_read_from_the_one_partition_its_id_names() {
+    let pg = PgCluster::start();
+    drop(open(&pg));
+    let id = PacketIdGen::new(0, None).next(now_ms());
+    for sql in [
+        format!("SELECT idx FROM hongbao_set_0.claims WHERE packet_id = {} ORDER BY idx", id.as_i64()),
+        format!("SELECT idx FROM hongbao_set_0.claims WHERE packet_id = {} AND user_id = 'bob'", id.as_i64()),
+    ] {
+        let plan = pg.psql(&format!("SET enable_seqscan = off; EXPLAIN (COSTS OFF) {sql}"));
+        let mut days: Vec<&str> = plan.match_indices("claims_d").map(|(i, _)| &plan[i..i + 16]).collect();
+        days.dedup();
+        let today = day_partition("claims", now_ms());
+        assert_eq!(days, vec![today.trim_start_matches("hongbao_set_0.")], "{sql}\n{plan}");
+        assert!(!plan.contains("claims_default"), "{plan}");
+    }
+}
