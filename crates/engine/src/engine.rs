@@ -24,8 +24,11 @@ pub struct EngineConfig {
     /// Sets on this node (≥ 1). Fixed for the life of a data dir: a user's wallet set is
     /// hash(user) mod sets.
     pub sets: u32,
-    /// Where the SQLite files live, one per set.
+    /// Where the SQLite files live, one per set (and where generated keys are kept).
     pub data_dir: PathBuf,
+    /// `Some(postgres://…)` keeps every set in that PostgreSQL database (a schema per set)
+    /// instead of SQLite files.
+    pub store_url: Option<String>,
     pub limits: Limits,
     /// Commands waiting per set. A full queue refuses new work at once (503) instead of
     /// letting latency grow without bound.
@@ -43,6 +46,7 @@ impl EngineConfig {
         EngineConfig {
             sets: 1,
             data_dir,
+            store_url: None,
             limits: Limits::default(),
             queue_depth: 16_384,
             batch_max: 2_048,
@@ -80,17 +84,32 @@ pub(crate) const QUERIES_RUNNING_MAX: usize = 16;
 pub(crate) const QUERY_WAIT_MAX: Duration = Duration::from_millis(100);
 
 impl Engine {
-    /// Opens (or creates) one SQLite store per set under the data dir, rebuilds each set's
-    /// memory from it and starts the set threads. Blocks until every set has loaded.
+    /// Opens (or creates) one store per set — SQLite files under the data dir, or schemas in
+    /// the PostgreSQL database of `store_url` — rebuilds each set's memory from it and starts
+    /// the set threads. Blocks until every set has loaded.
     pub fn start(config: EngineConfig, clock: Arc<dyn Clock>) -> Result<Engine, String> {
-        std::fs::create_dir_all(&config.data_dir)
-            .map_err(|e| format!("cannot create data dir {}: {e}", config.data_dir.display()))?;
-        check_no_extra_sets(&config)?;
         let mut stores: Vec<(Box<dyn Store>, Arc<dyn Reader>)> = Vec::new();
-        for set in 0..config.sets {
-            let (store, reader) = hongbao_store::open_sqlite(&config.data_dir, set, config.sets)
-                .map_err(|e| format!("set {set}: {e}"))?;
-            stores.push((Box::new(store), Arc::new(reader)));
+        match &config.store_url {
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                for set in 0..config.sets {
+                    let (store, reader) = hongbao_store::open_postgres(url, set, config.sets)
+                        .map_err(|e| format!("set {set}: {e}"))?;
+                    stores.push((Box::new(store), Arc::new(reader)));
+                }
+            }
+            Some(url) if url != "sqlite" => {
+                return Err("--store must be `sqlite` or a postgres:// URL".to_string());
+            }
+            _ => {
+                std::fs::create_dir_all(&config.data_dir)
+                    .map_err(|e| format!("cannot create data dir {}: {e}", config.data_dir.display()))?;
+                check_no_extra_sets(&config)?;
+                for set in 0..config.sets {
+                    let (store, reader) = hongbao_store::open_sqlite(&config.data_dir, set, config.sets)
+                        .map_err(|e| format!("set {set}: {e}"))?;
+                    stores.push((Box::new(store), Arc::new(reader)));
+                }
+            }
         }
         Engine::start_with(config, stores, clock)
     }
