@@ -4,14 +4,13 @@
 //! Expected outcomes that turn a user away (not eligible, exhausted, expired, not grabbed) are
 //! `ClaimError` values. A broken invariant (DESIGN.md §2 items 2–5) is a bug and panics.
 
-use std::collections::HashMap;
-
 use thiserror::Error;
 
 use crate::amount::{equal_share, lucky_share};
 use crate::clock::Millis;
 use crate::ids::{PacketId, UserId};
 use crate::limits::ValidSend;
+use crate::FastMap;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
@@ -150,10 +149,10 @@ pub struct Packet {
     opened_count: u32,
     opened_fen: i64,
     refunded_fen: i64,
-    claims: HashMap<UserId, Claim>,
+    claims: FastMap<UserId, Claim>,
     /// Live reservations: user → when the hold lapses. Not stored: a restart drops holds, which
     /// moves no money and only puts the shares back in the pool.
-    holds: HashMap<UserId, Millis>,
+    holds: FastMap<UserId, Millis>,
     best: Option<Claim>,
 }
 
@@ -187,8 +186,8 @@ impl Packet {
             opened_count: 0,
             opened_fen: 0,
             refunded_fen,
-            claims: HashMap::with_capacity(claims.len()),
-            holds: HashMap::new(),
+            claims: FastMap::with_capacity_and_hasher(claims.len(), Default::default()),
+            holds: FastMap::default(),
             best: None,
         };
         let mut claims = claims;

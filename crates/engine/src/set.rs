@@ -6,15 +6,15 @@
 //! between sets are sent with `try_send` and retried from the outbox), and it must never reply
 //! before the batch that holds the reply's effects is committed.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use hongbao_core::{
-    set_of_user, Amount, Claim, Clock, GrabOutcome, Limits, Millis, Packet, PacketId, PacketIdGen,
-    PacketStatus, RequestId, UserId, ValidSend,
+    set_of_user, Amount, Claim, Clock, FastMap, FastSet, GrabOutcome, Limits, Millis, Packet, PacketId,
+    PacketIdGen, PacketStatus, RequestId, UserId, ValidSend,
 };
 use hongbao_store::{
     Batch, ClaimRow, Entry, EntryKind, IdemRecord, IdemResult, Loaded, OutboxItem, PacketUpdate, Store,
@@ -152,13 +152,13 @@ impl Pending {
 
 /// The set's memory. Owned by the set thread alone.
 struct SetState {
-    wallets: HashMap<UserId, i64>,
+    wallets: FastMap<UserId, i64>,
     /// Active packets, and closed ones still in the closed cache.
-    packets: HashMap<PacketId, Packet>,
+    packets: FastMap<PacketId, Packet>,
     expiries: BTreeSet<(Millis, PacketId)>,
     closed: VecDeque<PacketId>,
     closed_claims: usize,
-    idem: HashMap<(UserId, RequestId), IdemRecord>,
+    idem: FastMap<(UserId, RequestId), IdemRecord>,
     idem_order: VecDeque<(Millis, UserId, RequestId)>,
     id_gen: PacketIdGen,
     rng: ChaCha8Rng,
@@ -177,8 +177,8 @@ struct SetState {
 #[derive(Default)]
 struct Work {
     batch: Batch,
-    dirty_wallets: HashSet<UserId>,
-    dirty_packets: HashSet<PacketId>,
+    dirty_wallets: FastSet<UserId>,
+    dirty_packets: FastSet<PacketId>,
     replies: Vec<Pending>,
     /// Acks to send after commit: (source set, upto).
     acks: Vec<(u32, u64)>,
@@ -414,12 +414,12 @@ enum IdemCheck<T> {
 impl SetState {
     fn from_loaded(ctx: &SetContext, l: Loaded) -> SetState {
         let mut s = SetState {
-            wallets: HashMap::with_capacity(l.wallets.len()),
-            packets: HashMap::with_capacity(l.active_packets.len()),
+            wallets: FastMap::with_capacity_and_hasher(l.wallets.len(), Default::default()),
+            packets: FastMap::with_capacity_and_hasher(l.active_packets.len(), Default::default()),
             expiries: BTreeSet::new(),
             closed: VecDeque::new(),
             closed_claims: 0,
-            idem: HashMap::with_capacity(l.idempotency.len()),
+            idem: FastMap::with_capacity_and_hasher(l.idempotency.len(), Default::default()),
             idem_order: VecDeque::new(),
             id_gen: PacketIdGen::new(ctx.set, l.max_packet_id),
             rng: ChaCha8Rng::seed_from_u64(
@@ -894,7 +894,8 @@ impl SetState {
         for r in w.replies {
             r.send();
         }
-        let new_targets: HashSet<u32> = w.batch.outbox_new.iter().map(|i| i.target_set).collect();
+        let new_targets: std::collections::BTreeSet<u32> =
+            w.batch.outbox_new.iter().map(|i| i.target_set).collect();
         for target in new_targets {
             self.relay(ctx, target, now_ms);
         }
