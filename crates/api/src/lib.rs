@@ -1,1 +1,127 @@
+//! hongbao-api: the HTTP/JSON face of the engine, and the only crate that knows HTTP or JSON.
+//!
+//! Handlers parse and validate, call the engine, and shape the reply; errors map to one status
+//! and `code` in `error.rs`. Nothing here decides anything about money, and nothing here
+//! blocks: the engine is awaited, queries run on the blocking pool inside the engine.
 
+mod auth;
+mod dto;
+mod error;
+mod handlers;
+mod json;
+mod metrics_layer;
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use hongbao_core::UserId;
+use hongbao_engine::Engine;
+use utoipa::OpenApi;
+use utoipa_scalar::{Scalar, Servable};
+
+pub use auth::Keys;
+pub use error::ApiError;
+pub use json::BODY_BYTES_MAX;
+
+/// Grabs, opens and claims one user may make per second, and the burst allowed above it.
+/// A person taps a few times; a script hammering one packet is turned away with 429.
+pub const USER_REQUESTS_PER_S: u32 = 20;
+pub const USER_BURST: u32 = 40;
+
+/// What every handler shares. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Engine,
+    pub keys: Arc<Keys>,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// Per-user token buckets (sharded map inside governor; no lock held across `.await`).
+    limiter: Arc<DefaultKeyedRateLimiter<UserId>>,
+}
+
+impl AppState {
+    pub fn new(engine: Engine, keys: Keys) -> AppState {
+        AppState::with_user_rate(engine, keys, USER_REQUESTS_PER_S, USER_BURST)
+    }
+
+    /// As `new`, with another per-user rate (requests per second and burst; 0 turns it off).
+    pub fn with_user_rate(engine: Engine, keys: Keys, per_s: u32, burst: u32) -> AppState {
+        let per_s = NonZeroU32::new(per_s).unwrap_or(NonZeroU32::MAX);
+        let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MAX);
+        let limiter = RateLimiter::keyed(Quota::per_second(per_s).allow_burst(burst));
+        AppState {
+            engine,
+            keys: Arc::new(keys),
+            metrics: metrics_layer::recorder(),
+            limiter: Arc::new(limiter),
+        }
+    }
+
+    pub(crate) fn rate_limit(&self, user: &UserId) -> Result<(), ApiError> {
+        if self.limiter.check_key(user).is_err() {
+            metrics::counter!("hongbao_rate_limited_total").increment(1);
+            return Err(ApiError::RateLimited);
+        }
+        Ok(())
+    }
+
+    /// Forgets buckets that are full again, so the map stays as small as the active crowd.
+    pub fn prune_rate_limits(&self) {
+        self.limiter.retain_recent();
+        self.limiter.shrink_to_fit();
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "hongbao", description = "Red packets (红包): wallets, lucky and equal packets, grab, open, claim."),
+    paths(
+        handlers::deposit, handlers::withdraw, handlers::wallet, handlers::entries, handlers::send,
+        handlers::packet, handlers::grab, handlers::open, handlers::claim, handlers::received,
+        handlers::sent, handlers::audit, handlers::healthz, handlers::readyz
+    ),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/v1/wallets/{user}/deposit", post(handlers::deposit))
+        .route("/v1/wallets/{user}/withdraw", post(handlers::withdraw))
+        .route("/v1/wallets/{user}", get(handlers::wallet))
+        .route("/v1/wallets/{user}/entries", get(handlers::entries))
+        .route("/v1/packets", post(handlers::send))
+        .route("/v1/packets/{id}", get(handlers::packet))
+        .route("/v1/packets/{id}/grab", post(handlers::grab))
+        .route("/v1/packets/{id}/open", post(handlers::open))
+        .route("/v1/packets/{id}/claim", post(handlers::claim))
+        .route("/v1/users/{user}/received", get(handlers::received))
+        .route("/v1/users/{user}/sent", get(handlers::sent))
+        .route("/v1/admin/audit", get(handlers::audit))
+        .route("/healthz", get(handlers::healthz))
+        .route("/readyz", get(handlers::readyz))
+        .route("/metrics", get(metrics_layer::render))
+        .route("/openapi.json", get(|| async { axum::Json(ApiDoc::openapi()) }))
+        .merge(Scalar::with_url("/docs", ApiDoc::openapi()))
+        .fallback(handlers::not_found)
+        .method_not_allowed_fallback(handlers::not_found);
+    api.layer(axum::middleware::from_fn(metrics_layer::track))
+        .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .with_state(state)
+}

@@ -1,0 +1,319 @@
+//! The wire format: request and response bodies. Amounts are integer fen, times RFC 3339 UTC,
+//! ids strings. Only this module knows field names.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use hongbao_core::Millis;
+use hongbao_engine::{
+    AuditReport, ClaimReply, ClaimView, EntriesPage, PacketDetails, PacketSummary, ReceivedHistory,
+    SentHistory, SentItem, WalletReply,
+};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// RFC 3339 UTC with milliseconds, e.g. `2026-01-01T00:00:00.000Z`.
+pub fn time(ms: Millis) -> String {
+    DateTime::<Utc>::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MoneyBody {
+    /// Integer fen, at least 1.
+    pub amount: i64,
+    /// Idempotency key: a repeat with the same id returns the first result and moves nothing.
+    pub request_id: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AudienceBody {
+    /// A group (one user is a 1:1 packet).
+    pub users: Option<Vec<String>>,
+    /// `true`: anyone may claim (a campaign).
+    pub anyone: Option<bool>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SendBody {
+    pub sender: String,
+    /// `lucky` or `equal`.
+    pub kind: String,
+    /// Integer fen.
+    pub total_amount: i64,
+    pub count: i64,
+    pub audience: AudienceBody,
+    pub greeting: Option<String>,
+    pub expires_in_s: Option<i64>,
+    pub request_id: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UserBody {
+    pub user: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Wallet {
+    pub user: String,
+    pub balance: i64,
+}
+
+impl From<WalletReply> for Wallet {
+    fn from(w: WalletReply) -> Wallet {
+        Wallet { user: w.user.to_string(), balance: w.balance_fen }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PacketOut {
+    pub id: String,
+    pub sender: String,
+    pub kind: String,
+    pub total_amount: i64,
+    pub count: u32,
+    pub greeting: String,
+    pub created_at: String,
+    pub expires_at: String,
+    pub status: String,
+    pub remaining_amount: i64,
+    pub remaining_count: u32,
+}
+
+impl PacketOut {
+    pub fn new(s: &PacketSummary, status: &str, remaining_amount: i64, remaining_count: u32) -> PacketOut {
+        PacketOut {
+            id: s.id.to_string(),
+            sender: s.sender.to_string(),
+            kind: s.kind.as_str().to_string(),
+            total_amount: s.total_fen,
+            count: s.count,
+            greeting: s.greeting.clone(),
+            created_at: time(s.created_at_ms),
+            expires_at: time(s.expires_at_ms),
+            status: status.to_string(),
+            remaining_amount,
+            remaining_count,
+        }
+    }
+
+    pub fn sent(i: &SentItem) -> PacketOut {
+        PacketOut::new(&i.summary, i.status.as_str(), i.remaining_fen, i.remaining_count)
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ClaimOut {
+    pub packet_id: String,
+    pub user: String,
+    pub amount: i64,
+    pub at: String,
+}
+
+impl From<ClaimReply> for ClaimOut {
+    fn from(c: ClaimReply) -> ClaimOut {
+        ClaimOut {
+            packet_id: c.packet_id.to_string(),
+            user: c.user.to_string(),
+            amount: c.amount_fen,
+            at: time(c.at_ms),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct GrabOut {
+    /// `grabbed`, or `opened` when the user already has a share.
+    pub status: &'static str,
+    pub packet_id: String,
+    pub user: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hold_expires_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub amount: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ClaimLine {
+    pub user: String,
+    pub amount: i64,
+    pub at: String,
+}
+
+impl From<ClaimView> for ClaimLine {
+    fn from(c: ClaimView) -> ClaimLine {
+        ClaimLine { user: c.user.to_string(), amount: c.amount_fen, at: time(c.at_ms) }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PacketDetailsOut {
+    pub id: String,
+    pub sender: String,
+    pub kind: String,
+    pub total_amount: i64,
+    pub count: u32,
+    pub remaining_amount: i64,
+    pub remaining_count: u32,
+    pub status: String,
+    pub created_at: String,
+    pub expires_at: String,
+    pub greeting: String,
+    pub best_luck: Option<ClaimLine>,
+    pub claims: Vec<ClaimLine>,
+    pub next_cursor: Option<String>,
+}
+
+impl From<PacketDetails> for PacketDetailsOut {
+    fn from(d: PacketDetails) -> PacketDetailsOut {
+        let s = &d.summary;
+        PacketDetailsOut {
+            id: s.id.to_string(),
+            sender: s.sender.to_string(),
+            kind: s.kind.as_str().to_string(),
+            total_amount: s.total_fen,
+            count: s.count,
+            remaining_amount: d.remaining_fen,
+            remaining_count: d.remaining_count,
+            status: d.status.as_str().to_string(),
+            created_at: time(s.created_at_ms),
+            expires_at: time(s.expires_at_ms),
+            greeting: s.greeting.clone(),
+            best_luck: d.best_luck.map(ClaimLine::from),
+            claims: d.claims.into_iter().map(ClaimLine::from).collect(),
+            next_cursor: d.next_cursor.map(|c| c.to_string()),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EntryOut {
+    /// `deposit`, `withdraw`, `send`, `claim` or `refund`.
+    pub kind: String,
+    /// Integer fen, always positive; `kind` says the direction.
+    pub amount: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub packet_id: Option<String>,
+    pub at: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EntriesOut {
+    pub entries: Vec<EntryOut>,
+    pub next_cursor: Option<String>,
+}
+
+impl From<EntriesPage> for EntriesOut {
+    fn from(p: EntriesPage) -> EntriesOut {
+        EntriesOut {
+            entries: p
+                .entries
+                .into_iter()
+                .map(|e| EntryOut {
+                    kind: e.kind.as_str().to_string(),
+                    amount: e.amount_fen,
+                    packet_id: e.packet_id.map(|p| p.to_string()),
+                    at: time(e.at_ms),
+                })
+                .collect(),
+            next_cursor: p.next_cursor.map(|c| c.to_string()),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReceivedItemOut {
+    pub packet_id: String,
+    pub amount: i64,
+    pub at: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReceivedOut {
+    pub count: u64,
+    pub total_amount: i64,
+    pub best_luck_count: u64,
+    pub items: Vec<ReceivedItemOut>,
+    pub next_cursor: Option<String>,
+}
+
+impl From<ReceivedHistory> for ReceivedOut {
+    fn from(h: ReceivedHistory) -> ReceivedOut {
+        ReceivedOut {
+            count: h.count,
+            total_amount: h.total_fen,
+            best_luck_count: h.best_luck_count,
+            items: h
+                .items
+                .into_iter()
+                .map(|i| ReceivedItemOut {
+                    packet_id: i.packet_id.to_string(),
+                    amount: i.amount_fen,
+                    at: time(i.at_ms),
+                })
+                .collect(),
+            next_cursor: h.next_cursor.map(|c| c.to_string()),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SentOut {
+    pub count: u64,
+    pub total_amount: i64,
+    pub items: Vec<PacketOut>,
+    pub next_cursor: Option<String>,
+}
+
+impl From<SentHistory> for SentOut {
+    fn from(h: SentHistory) -> SentOut {
+        SentOut {
+            count: h.count,
+            total_amount: h.total_fen,
+            items: h.items.iter().map(PacketOut::sent).collect(),
+            next_cursor: h.next_cursor.map(|c| c.to_string()),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditOut {
+    pub ok: bool,
+    pub deposits: i64,
+    pub withdrawals: i64,
+    pub balances: i64,
+    pub escrow: i64,
+    pub in_flight: i64,
+    pub problems: Vec<String>,
+}
+
+impl From<AuditReport> for AuditOut {
+    fn from(a: AuditReport) -> AuditOut {
+        AuditOut {
+            ok: a.ok,
+            deposits: a.deposits_fen,
+            withdrawals: a.withdrawals_fen,
+            balances: a.balances_fen,
+            escrow: a.escrow_fen,
+            in_flight: a.in_flight_fen,
+            problems: a.problems,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct PageQuery {
+    pub limit: Option<String>,
+    pub cursor: Option<String>,
+    pub year: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    pub status: &'static str,
+}
