@@ -1,6 +1,8 @@
 //! Keys and scopes. The service key acts for the app; the admin key can also move money in
 //! (deposits) and read the books (audit). Keys are compared in constant time and never logged.
 
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap};
 use subtle::ConstantTimeEq;
 
@@ -20,7 +22,7 @@ pub struct Keys {
     pub admin: Vec<u8>,
 }
 
-pub fn authorize(state: &AppState, headers: &HeaderMap, need: Scope) -> Result<(), ApiError> {
+fn authorize(state: &AppState, headers: &HeaderMap, need: Scope) -> Result<(), ApiError> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -36,5 +38,28 @@ pub fn authorize(state: &AppState, headers: &HeaderMap, need: Scope) -> Result<(
         (Scope::Service, false, true) => Ok(()),
         (Scope::Admin, false, true) => Err(ApiError::Forbidden),
         _ => Err(ApiError::Unauthorized),
+    }
+}
+
+/// Extractor: the request carries the service key (or the admin key). It runs before the body
+/// is read, so a request without a key is a 401 whatever its body.
+pub struct ServiceKey;
+
+/// Extractor: the request carries the admin key.
+pub struct AdminKey;
+
+impl FromRequestParts<AppState> for ServiceKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        authorize(state, &parts.headers, Scope::Service).map(|()| ServiceKey)
+    }
+}
+
+impl FromRequestParts<AppState> for AdminKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        authorize(state, &parts.headers, Scope::Admin).map(|()| AdminKey)
     }
 }

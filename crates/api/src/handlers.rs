@@ -2,12 +2,12 @@
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::Json;
 use hongbao_core::{Amount, Audience, Kind, PacketId, RequestId, SendRequest, UserId};
 use hongbao_engine::GrabReply;
 
-use crate::auth::{authorize, Scope};
+use crate::auth::{AdminKey, ServiceKey};
 use crate::dto::*;
 use crate::error::ApiError;
 use crate::json::StrictJson;
@@ -78,11 +78,10 @@ fn cursor<T: std::str::FromStr>(c: &Option<String>) -> ApiResult<Option<T>> {
     responses((status = 200, body = Wallet), (status = 400), (status = 401), (status = 403), (status = 409)))]
 pub async fn deposit(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    _key: AdminKey,
     Path(user): Path<String>,
     StrictJson(body): StrictJson<MoneyBody>,
 ) -> ApiResult<Json<Wallet>> {
-    authorize(&s, &headers, Scope::Admin)?;
     let user = user_id(&user)?;
     let amount = amount(body.amount, s.engine.limits().transfer_max_fen)?;
     let rid = request_id(&body.request_id)?;
@@ -94,11 +93,10 @@ pub async fn deposit(
     responses((status = 200, body = Wallet), (status = 400), (status = 401), (status = 409)))]
 pub async fn withdraw(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    _key: ServiceKey,
     Path(user): Path<String>,
     StrictJson(body): StrictJson<MoneyBody>,
 ) -> ApiResult<Json<Wallet>> {
-    authorize(&s, &headers, Scope::Service)?;
     let user = user_id(&user)?;
     let amount = amount(body.amount, s.engine.limits().transfer_max_fen)?;
     let rid = request_id(&body.request_id)?;
@@ -109,10 +107,9 @@ pub async fn withdraw(
     responses((status = 200, body = Wallet), (status = 400), (status = 401)))]
 pub async fn wallet(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    _key: ServiceKey,
     Path(user): Path<String>,
 ) -> ApiResult<Json<Wallet>> {
-    authorize(&s, &headers, Scope::Service)?;
     Ok(Json(s.engine.wallet(user_id(&user)?).await?.into()))
 }
 
@@ -121,11 +118,10 @@ pub async fn wallet(
     security(("bearer" = [])), responses((status = 200, body = EntriesOut), (status = 400), (status = 401)))]
 pub async fn entries(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    _key: ServiceKey,
     Path(user): Path<String>,
     q: Result<Query<PageQuery>, QueryRejection>,
 ) -> ApiResult<Json<EntriesOut>> {
-    authorize(&s, &headers, Scope::Service)?;
     let user = user_id(&user)?;
     let p = page(q)?;
     Ok(Json(s.engine.entries(user, cursor(&p.cursor)?, p.limit).await?.into()))
@@ -135,10 +131,9 @@ pub async fn entries(
     responses((status = 201, body = PacketOut), (status = 400), (status = 401), (status = 409)))]
 pub async fn send(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    _key: ServiceKey,
     StrictJson(body): StrictJson<SendBody>,
 ) -> ApiResult<(StatusCode, Json<PacketOut>)> {
-    authorize(&s, &headers, Scope::Service)?;
     let sender = user_id(&body.sender)?;
     let kind = Kind::parse(&body.kind)
         .ok_or_else(|| ApiError::InvalidRequest("kind must be `lucky` or `equal`".into()))?;
@@ -176,11 +171,10 @@ pub async fn send(
     security(("bearer" = [])), responses((status = 200, body = PacketDetailsOut), (status = 400), (status = 404)))]
 pub async fn packet(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    _key: ServiceKey,
     Path(id): Path<String>,
     q: Result<Query<PageQuery>, QueryRejection>,
 ) -> ApiResult<Json<PacketDetailsOut>> {
-    authorize(&s, &headers, Scope::Service)?;
     let id = packet_id(&id)?;
     let p = page(q)?;
     Ok(Json(s.engine.packet(id, cursor(&p.cursor)?, p.limit).await?.into()))
@@ -191,11 +185,10 @@ pub async fn packet(
     responses((status = 200, body = GrabOut), (status = 403), (status = 404), (status = 410)))]
 pub async fn grab(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    _key: ServiceKey,
     Path(id): Path<String>,
     StrictJson(body): StrictJson<UserBody>,
 ) -> ApiResult<Json<GrabOut>> {
-    authorize(&s, &headers, Scope::Service)?;
     let (id, user) = (packet_id(&id)?, user_id(&body.user)?);
     s.rate_limit(&user)?;
     let out = match s.engine.grab(id, user.clone()).await? {
@@ -224,11 +217,10 @@ pub async fn grab(
     responses((status = 200, body = ClaimOut), (status = 403), (status = 404), (status = 409), (status = 410)))]
 pub async fn open(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    _key: ServiceKey,
     Path(id): Path<String>,
     StrictJson(body): StrictJson<UserBody>,
 ) -> ApiResult<Json<ClaimOut>> {
-    authorize(&s, &headers, Scope::Service)?;
     let (id, user) = (packet_id(&id)?, user_id(&body.user)?);
     s.rate_limit(&user)?;
     Ok(Json(s.engine.open(id, user).await?.into()))
@@ -239,11 +231,10 @@ pub async fn open(
     responses((status = 200, body = ClaimOut), (status = 403), (status = 404), (status = 410), (status = 429)))]
 pub async fn claim(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    _key: ServiceKey,
     Path(id): Path<String>,
     StrictJson(body): StrictJson<UserBody>,
 ) -> ApiResult<Json<ClaimOut>> {
-    authorize(&s, &headers, Scope::Service)?;
     let (id, user) = (packet_id(&id)?, user_id(&body.user)?);
     s.rate_limit(&user)?;
     Ok(Json(s.engine.claim(id, user).await?.into()))
@@ -255,11 +246,10 @@ pub async fn claim(
     security(("bearer" = [])), responses((status = 200, body = ReceivedOut), (status = 400)))]
 pub async fn received(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    _key: ServiceKey,
     Path(user): Path<String>,
     q: Result<Query<PageQuery>, QueryRejection>,
 ) -> ApiResult<Json<ReceivedOut>> {
-    authorize(&s, &headers, Scope::Service)?;
     let user = user_id(&user)?;
     let p = page(q)?;
     Ok(Json(s.engine.received(user, p.year, cursor(&p.cursor)?, p.limit).await?.into()))
@@ -271,11 +261,10 @@ pub async fn received(
     security(("bearer" = [])), responses((status = 200, body = SentOut), (status = 400)))]
 pub async fn sent(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    _key: ServiceKey,
     Path(user): Path<String>,
     q: Result<Query<PageQuery>, QueryRejection>,
 ) -> ApiResult<Json<SentOut>> {
-    authorize(&s, &headers, Scope::Service)?;
     let user = user_id(&user)?;
     let p = page(q)?;
     let before = match &p.cursor {
@@ -287,8 +276,7 @@ pub async fn sent(
 
 #[utoipa::path(get, path = "/v1/admin/audit", security(("bearer" = [])),
     responses((status = 200, body = AuditOut), (status = 401), (status = 403)))]
-pub async fn audit(State(s): State<AppState>, headers: HeaderMap) -> ApiResult<Json<AuditOut>> {
-    authorize(&s, &headers, Scope::Admin)?;
+pub async fn audit(State(s): State<AppState>, _key: AdminKey) -> ApiResult<Json<AuditOut>> {
     Ok(Json(s.engine.audit().await?.into()))
 }
 
