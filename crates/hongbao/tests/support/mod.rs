@@ -67,8 +67,21 @@ pub struct TestServer {
     opts: Opts,
     data: PathBuf,
     stderr: Arc<Mutex<VecDeque<String>>>,
+    /// With `HONGBAO_TEST_STORE=postgres`, the throwaway PostgreSQL cluster the server stores
+    /// into (`--store`); it outlives restarts and goes with the server.
+    pg: Option<hongbao_testkit::PgCluster>,
     /// Owns the data dir; declared last so it is removed after the process is gone.
     _dir: Option<tempfile::TempDir>,
+}
+
+/// Which store the suite runs against: `HONGBAO_TEST_STORE=postgres` runs every black-box
+/// test on a real PostgreSQL started for it; anything else (or unset) on SQLite.
+fn postgres_wanted() -> bool {
+    match std::env::var("HONGBAO_TEST_STORE").as_deref() {
+        Ok("postgres") => true,
+        Ok("sqlite") | Err(_) => false,
+        Ok(other) => panic!("HONGBAO_TEST_STORE must be `sqlite` or `postgres`, not {other:?}"),
+    }
 }
 
 impl TestServer {
@@ -85,6 +98,7 @@ impl TestServer {
             opts,
             data,
             stderr: Arc::new(Mutex::new(VecDeque::new())),
+            pg: postgres_wanted().then(hongbao_testkit::PgCluster::start),
             _dir: Some(dir),
         };
         server.spawn().await;
@@ -99,6 +113,7 @@ impl TestServer {
             opts,
             data: data.to_path_buf(),
             stderr: Arc::new(Mutex::new(VecDeque::new())),
+            pg: postgres_wanted().then(hongbao_testkit::PgCluster::start),
             _dir: None,
         };
         server.spawn().await;
@@ -175,6 +190,9 @@ impl TestServer {
         if let Some(s) = self.opts.hold_s {
             cmd.arg("--hold-s").arg(s.to_string());
         }
+        if let Some(pg) = &self.pg {
+            cmd.arg("--store").arg(pg.url());
+        }
         cmd.env("HONGBAO_API_KEY", API_KEY)
             .env("HONGBAO_ADMIN_KEY", ADMIN_KEY)
             .env_remove("HONGBAO_SETS")
@@ -241,6 +259,12 @@ impl TestServer {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
+        if self.pg.is_some() {
+            assert!(
+                !self.data.join("set-0.sqlite").exists(),
+                "HONGBAO_TEST_STORE=postgres, yet the server wrote SQLite files"
+            );
+        }
         let base = line
             .strip_prefix(LISTENING_PREFIX)
             .unwrap_or_else(|| {
