@@ -47,6 +47,8 @@ pub struct Opts {
     pub sets: Option<u32>,
     /// `--hold-s S`; the server's default (30 s) when `None`.
     pub hold_s: Option<u32>,
+    /// Any further `serve` arguments, e.g. `["--user-rate", "2"]`.
+    pub args: Vec<String>,
 }
 
 impl Opts {
@@ -193,6 +195,7 @@ impl TestServer {
         if let Some(pg) = &self.pg {
             cmd.arg("--store").arg(pg.url());
         }
+        cmd.args(&self.opts.args);
         cmd.env("HONGBAO_API_KEY", API_KEY)
             .env("HONGBAO_ADMIN_KEY", ADMIN_KEY)
             .env_remove("HONGBAO_SETS")
