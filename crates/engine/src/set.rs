@@ -405,6 +405,12 @@ fn send_fingerprint(s: &ValidSend) -> u64 {
     ])
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transfer {
+    Deposit,
+    Withdraw,
+}
+
 enum IdemCheck<T> {
     New,
     Replay(T),
@@ -466,11 +472,11 @@ impl SetState {
     fn apply(&mut self, ctx: &SetContext, store: &mut dyn Store, cmd: Command, now_ms: Millis, w: &mut Work) {
         match cmd {
             Command::Deposit { user, amount, request_id, reply } => {
-                let r = self.deposit(ctx, user, amount, request_id, now_ms, w);
+                let r = self.transfer(ctx, Transfer::Deposit, user, amount, request_id, now_ms, w);
                 w.replies.push(Pending::Wallet(reply, r));
             }
             Command::Withdraw { user, amount, request_id, reply } => {
-                let r = self.withdraw(user, amount, request_id, now_ms, w);
+                let r = self.transfer(ctx, Transfer::Withdraw, user, amount, request_id, now_ms, w);
                 w.replies.push(Pending::Wallet(reply, r));
             }
             Command::Send { send, reply } => {
@@ -566,65 +572,61 @@ impl SetState {
         w.batch.entries.push(Entry { user: user.clone(), kind, amount_fen, packet_id, at_ms });
     }
 
-    fn deposit(
+    /// A deposit or a withdrawal: idempotent per (user, request_id), bounded by the balance
+    /// limit going in and by the balance going out.
+    #[allow(clippy::too_many_arguments)]
+    fn transfer(
         &mut self,
         ctx: &SetContext,
+        dir: Transfer,
         user: UserId,
         amount: Amount,
         request_id: RequestId,
         now_ms: Millis,
         w: &mut Work,
     ) -> Result<WalletReply, EngineError> {
-        let fp = fingerprint(&["deposit", &amount.fen().to_string()]);
-        match self.check_idem(&user, &request_id, fp, |r| match r {
-            IdemResult::Deposit { balance_fen } => Some(balance_fen),
+        let fen = amount.fen();
+        let (op, kind) = match dir {
+            Transfer::Deposit => ("deposit", EntryKind::Deposit),
+            Transfer::Withdraw => ("withdraw", EntryKind::Withdraw),
+        };
+        let fp = fingerprint(&[op, &fen.to_string()]);
+        match self.check_idem(&user, &request_id, fp, |r| match (dir, r) {
+            (Transfer::Deposit, IdemResult::Deposit { balance_fen })
+            | (Transfer::Withdraw, IdemResult::Withdraw { balance_fen }) => Some(balance_fen),
             _ => None,
         }) {
             IdemCheck::Replay(balance_fen) => return Ok(WalletReply { user, balance_fen }),
             IdemCheck::Conflict => return Err(EngineError::IdempotencyConflict),
             IdemCheck::New => {}
         }
-        let balance = self
-            .balance(&user)
-            .checked_add(amount.fen())
-            .filter(|b| *b <= ctx.limits.balance_max_fen)
-            .ok_or(EngineError::BalanceLimit)?;
+        let balance = match dir {
+            Transfer::Deposit => self
+                .balance(&user)
+                .checked_add(fen)
+                .filter(|b| *b <= ctx.limits.balance_max_fen)
+                .ok_or(EngineError::BalanceLimit)?,
+            Transfer::Withdraw => hongbao_core::money::sub_fen(self.balance(&user), fen)
+                .ok_or(EngineError::InsufficientFunds)?,
+        };
         self.set_balance(&user, balance, w);
-        self.totals.deposits_fen =
-            self.totals.deposits_fen.checked_add(amount.fen()).expect("deposit total overflows");
-        w.deposits_fen += amount.fen();
+        let (total, moved, result) = match dir {
+            Transfer::Deposit => (
+                &mut self.totals.deposits_fen,
+                &mut w.deposits_fen,
+                IdemResult::Deposit { balance_fen: balance },
+            ),
+            Transfer::Withdraw => (
+                &mut self.totals.withdrawals_fen,
+                &mut w.withdrawals_fen,
+                IdemResult::Withdraw { balance_fen: balance },
+            ),
+        };
+        *total = total.checked_add(fen).expect("transfer total overflows");
+        *moved += fen;
         w.totals_moved = true;
-        self.entry(&user, EntryKind::Deposit, amount.fen(), None, now_ms, w);
-        self.remember(&user, &request_id, fp, IdemResult::Deposit { balance_fen: balance }, now_ms, w);
-        Ok(WalletReply { user, balance_fen: balance })
-    }
-
-    fn withdraw(
-        &mut self,
-        user: UserId,
-        amount: Amount,
-        request_id: RequestId,
-        now_ms: Millis,
-        w: &mut Work,
-    ) -> Result<WalletReply, EngineError> {
-        let fp = fingerprint(&["withdraw", &amount.fen().to_string()]);
-        match self.check_idem(&user, &request_id, fp, |r| match r {
-            IdemResult::Withdraw { balance_fen } => Some(balance_fen),
-            _ => None,
-        }) {
-            IdemCheck::Replay(balance_fen) => return Ok(WalletReply { user, balance_fen }),
-            IdemCheck::Conflict => return Err(EngineError::IdempotencyConflict),
-            IdemCheck::New => {}
-        }
-        let balance = hongbao_core::money::sub_fen(self.balance(&user), amount.fen())
-            .ok_or(EngineError::InsufficientFunds)?;
-        self.set_balance(&user, balance, w);
-        self.totals.withdrawals_fen =
-            self.totals.withdrawals_fen.checked_add(amount.fen()).expect("withdrawal total overflows");
-        w.withdrawals_fen += amount.fen();
-        w.totals_moved = true;
-        self.entry(&user, EntryKind::Withdraw, amount.fen(), None, now_ms, w);
-        self.remember(&user, &request_id, fp, IdemResult::Withdraw { balance_fen: balance }, now_ms, w);
+        self.entry(&user, kind, fen, None, now_ms, w);
+        self.remember(&user, &request_id, fp, result, now_ms, w);
         Ok(WalletReply { user, balance_fen: balance })
     }
 
