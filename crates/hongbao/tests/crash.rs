@@ -18,9 +18,13 @@ use support::load::*;
 use support::*;
 
 const SETS: u32 = 4;
-const KILLS: usize = 3;
+/// Crash cycles; `HONGBAO_CRASH_CYCLES` runs more.
+fn kills() -> usize {
+    std::env::var("HONGBAO_CRASH_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(20)
+}
 const SENDERS: usize = 20;
-const PACKETS: usize = 48;
+/// Packets per crash cycle, so every cycle has a storm under way when the kill lands.
+const PACKETS_PER_KILL: usize = 16;
 const USERS: usize = 800;
 const GROUP_MAX: usize = 200;
 const ANYONE_EVERY: usize = 5;
@@ -128,18 +132,25 @@ async fn kill_9_during_a_storm_loses_nothing_acknowledged() {
     let mut server = TestServer::start(Opts::sets(SETS)).await;
     let senders = names("s", SENDERS);
     let users = names("u", USERS);
-    let plans = plan_packets(&mut rng, &senders, &users, PACKETS, GROUP_MAX, ANYONE_EVERY);
+    let plans = plan_packets(
+        &mut rng,
+        &senders,
+        &users,
+        (PACKETS_PER_KILL * kills()).max(48),
+        GROUP_MAX,
+        ANYONE_EVERY,
+    );
     let deposits = fund_senders(&server, &plans, &mut rng).await;
     server.deposit_ok(SIDE_SENDER, SIDE_DEPOSIT).await;
     let ids = Arc::new(send_all(&server, &plans, CLIENTS).await);
     let attempts = attempts(&mut rng, &plans, DUP_PERCENT);
-    let per_round = attempts.len() / (KILLS + 2);
+    let per_round = attempts.len() / (kills() + 2);
     let work = Work::new(attempts);
     let mut known = Known::default();
     let mut side_pending: Vec<(String, i64)> = Vec::new();
     let deposited: i64 = deposits.values().sum::<i64>() + SIDE_DEPOSIT;
 
-    for round in 0..=KILLS {
+    for round in 0..=kills() {
         // Act: a storm, and a kill -9 once it is well under way (except in the last round).
         work.reset_answered();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -149,7 +160,7 @@ async fn kill_9_during_a_storm_loses_nothing_acknowledged() {
             tokio::spawn(async move { run_claims(&api, ids, work, CLIENTS).await })
         };
         let started = Instant::now();
-        if round < KILLS {
+        if round < kills() {
             while work.answered() < per_round && work.len() > 0 {
                 assert!(started.elapsed() < ROUND_WAIT, "round {round}: storm made no progress");
                 tokio::time::sleep(Duration::from_millis(2)).await;
@@ -184,7 +195,7 @@ async fn kill_9_during_a_storm_loses_nothing_acknowledged() {
             &known.unexpected[..known.unexpected.len().min(20)]
         );
 
-        if round < KILLS {
+        if round < kills() {
             server.restart().await;
             // Assert, after each restart: nothing acknowledged was lost, and the books balance.
             check_acknowledged(&server, &plans, &ids, &known).await;
