@@ -161,11 +161,13 @@ async fn kill_9_during_a_storm_loses_nothing_acknowledged() {
         };
         let started = Instant::now();
         if round < kills() {
-            while work.answered() < per_round && work.len() > 0 {
+            // Half a round's share answered is "well under way"; the other half is the margin
+            // that keeps work queued when the kill lands, however fast the machine is.
+            while work.answered() < per_round / 2 && work.len() > 0 {
                 assert!(started.elapsed() < ROUND_WAIT, "round {round}: storm made no progress");
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            tokio::time::sleep(Duration::from_millis(rng.random_range(0..20))).await;
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..5))).await;
             assert!(work.len() > 0, "round {round}: the storm ended before the kill");
             server.kill9();
         }
