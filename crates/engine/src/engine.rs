@@ -152,7 +152,16 @@ impl Engine {
             let (tx, started_rx) = std::sync::mpsc::channel();
             let handle = std::thread::Builder::new()
                 .name(format!("hongbao-set-{set}"))
-                .spawn(move || set::run(ctx, store, rx, tx))
+                .spawn(move || {
+                    // A panic in a set is a broken invariant: stop the whole process rather
+                    // than keep serving with a set that no longer answers (fail-stop; the
+                    // supervisor restarts it and the set reloads from its store).
+                    let run = std::panic::AssertUnwindSafe(|| set::run(ctx, store, rx, tx));
+                    if std::panic::catch_unwind(run).is_err() {
+                        tracing::error!(set, "set thread panicked: stopping the process");
+                        std::process::abort();
+                    }
+                })
                 .map_err(|e| format!("cannot start set thread: {e}"))?;
             readers.push(reader);
             ready.push(flag);
