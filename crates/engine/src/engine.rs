@@ -67,8 +67,8 @@ struct Inner {
     queues: Vec<Sender<Command>>,
     readers: Vec<Arc<dyn Reader>>,
     ready: Vec<Arc<AtomicBool>>,
-    /// Set once shutdown begins: new commands are refused.
-    stopping: AtomicBool,
+    /// Set once shutdown begins: new commands are refused, and sets reloading give up.
+    stopping: Arc<AtomicBool>,
     /// Set threads, joined at shutdown. Guarded by a std mutex, never held across `.await`.
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// One audit at a time: an audit pauses every set. Held across `.await` by design.
@@ -77,6 +77,9 @@ struct Inner {
     /// that grabs and opens need: past the bound, queries are refused (503).
     pub(crate) query_permits: Arc<tokio::sync::Semaphore>,
 }
+
+/// How long shutdown waits for room in a set's queue.
+const SHUTDOWN_SEND_WAIT: Duration = Duration::from_secs(10);
 
 /// Queries that may run at once (each holds a read connection and a blocking thread).
 pub(crate) const QUERIES_RUNNING_MAX: usize = 16;
@@ -125,6 +128,7 @@ impl Engine {
             return Err(format!("sets must be between 1 and {}", hongbao_core::ids::SETS_MAX));
         }
         let seed = config.seed.unwrap_or_else(rand::random);
+        let stopping = Arc::new(AtomicBool::new(false));
         let mut queues = Vec::new();
         let mut receivers = Vec::new();
         for _ in 0..config.sets {
@@ -148,6 +152,7 @@ impl Engine {
                 seed,
                 peers: queues.clone(),
                 ready: flag.clone(),
+                stopping: stopping.clone(),
             };
             let (tx, started_rx) = std::sync::mpsc::channel();
             let handle = std::thread::Builder::new()
@@ -177,7 +182,7 @@ impl Engine {
                 queues,
                 readers,
                 ready,
-                stopping: AtomicBool::new(false),
+                stopping,
                 threads: Mutex::new(threads),
                 audit_lock: tokio::sync::Mutex::new(()),
                 query_permits: Arc::new(tokio::sync::Semaphore::new(QUERIES_RUNNING_MAX)),
@@ -376,8 +381,11 @@ impl Engine {
         }
         for q in &self.inner.queues {
             let q = q.clone();
-            // Shutdown waits for room: it must reach the set.
-            let _ = tokio::task::spawn_blocking(move || q.send(Command::Shutdown)).await;
+            // Shutdown waits for room: it must reach a live set. A set that gave up (its
+            // store is gone) has dropped its queue, and the send returns at once.
+            let _ =
+                tokio::task::spawn_blocking(move || q.send_timeout(Command::Shutdown, SHUTDOWN_SEND_WAIT))
+                    .await;
         }
         let threads: Vec<JoinHandle<()>> =
             std::mem::take(&mut *self.inner.threads.lock().expect("threads lock"));

@@ -119,6 +119,8 @@ pub(crate) struct SetContext {
     pub peers: Vec<Sender<Command>>,
     /// False while the set is loading or reloading after a store failure.
     pub ready: Arc<AtomicBool>,
+    /// Set by the engine when it shuts down: a set stuck reloading from a dead store gives up.
+    pub stopping: Arc<AtomicBool>,
 }
 
 /// A reply to send once the batch is committed.
@@ -286,7 +288,9 @@ impl SetRunner {
             self.state.prune_idempotency(now_ms - self.ctx.idempotency_retention_ms);
         }
         if !self.state.finish(&self.ctx, self.store.as_mut(), work, now_ms) {
-            self.reload();
+            if !self.reload() {
+                return false;
+            }
         } else if tick {
             self.state.relay_all(&self.ctx, now_ms);
         }
@@ -316,9 +320,17 @@ impl SetRunner {
     /// Fail-stop after a failed commit: memory holds effects the store does not. Drop it
     /// and rebuild from the store, retrying until the store works again. Commands that arrive
     /// meanwhile wait in the queue, and a full queue turns new work away at once.
-    pub(crate) fn reload(&mut self) {
+    /// Returns false when the engine began shutting down before the store came back.
+    pub(crate) fn reload(&mut self) -> bool {
         self.ctx.ready.store(false, Ordering::SeqCst);
         loop {
+            if self.ctx.stopping.load(Ordering::SeqCst) {
+                tracing::warn!(set = self.ctx.set, "shutting down while the store is failing");
+                while let Ok(cmd) = self.rx.try_recv() {
+                    reject(cmd);
+                }
+                return false;
+            }
             match load(&self.ctx, self.store.as_mut()) {
                 Ok(s) => {
                     tracing::warn!(set = self.ctx.set, "set reloaded from its store");
@@ -333,6 +345,7 @@ impl SetRunner {
         }
         self.ctx.ready.store(true, Ordering::SeqCst);
         self.state.relay_all(&self.ctx, i64::MIN);
+        true
     }
 
     /// This set's figures and its store's, for the simulation.

@@ -193,6 +193,7 @@ impl Sim {
             seed: self.seed,
             peers: self.queues.clone(),
             ready: Arc::new(AtomicBool::new(false)),
+            stopping: Arc::new(AtomicBool::new(false)),
         };
         let store = FaultyStore { inner: store, fault: self.faults[set as usize].clone() };
         let runner = SetRunner::open(ctx, Box::new(store), self.receivers[set as usize].clone())
