@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use chrono::{NaiveDate, TimeZone, Utc};
 use hongbao_core::{Millis, PacketId, UserId};
-use hongbao_store::{PacketRow, Reader, StoreError};
+use hongbao_store::{Reader, StoreError};
 
 use crate::engine::{Engine, QUERY_WAIT_MAX};
 use crate::reply::*;
@@ -52,20 +52,6 @@ fn year_range(year: Option<i32>) -> (Millis, Millis) {
             (Some(a), Some(b)) => (a, b),
             _ => (0, 0),
         },
-    }
-}
-
-fn summary(row: &PacketRow) -> PacketSummary {
-    let h = &row.header;
-    PacketSummary {
-        id: h.id,
-        sender: h.sender.clone(),
-        kind: h.kind,
-        total_fen: h.total_fen,
-        count: h.count,
-        greeting: h.greeting.clone(),
-        created_at_ms: h.created_at_ms,
-        expires_at_ms: h.expires_at_ms,
     }
 }
 
@@ -128,7 +114,7 @@ impl Engine {
         let claims: Vec<_> = claims.into_iter().take(limit as usize).collect();
         let next_cursor = if more { claims.last().map(|c| c.index) } else { None };
         Ok(PacketDetails {
-            summary: summary(&row),
+            summary: PacketSummary::of(&row.header),
             remaining_fen: row.header.total_fen - row.opened_fen - row.refunded_fen,
             remaining_count: row.header.count - row.opened_count,
             status: row.status,
@@ -158,7 +144,7 @@ impl Engine {
             .iter()
             .take(limit as usize)
             .map(|row| SentItem {
-                summary: summary(row),
+                summary: PacketSummary::of(&row.header),
                 status: row.status,
                 remaining_fen: row.header.total_fen - row.opened_fen - row.refunded_fen,
                 remaining_count: row.header.count - row.opened_count,

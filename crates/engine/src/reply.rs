@@ -1,5 +1,6 @@
 //! What the engine answers. Plain data: the API turns these into JSON.
 
+use hongbao_core::packet::PacketHeader;
 use hongbao_core::{ClaimError, Kind, Millis, PacketId, PacketStatus, UserId};
 use hongbao_store::EntryKind;
 use thiserror::Error;
@@ -44,6 +45,22 @@ pub struct PacketSummary {
     pub greeting: String,
     pub created_at_ms: Millis,
     pub expires_at_ms: Millis,
+}
+
+impl PacketSummary {
+    /// What a reply says about a packet: the parts that never change after the send.
+    pub fn of(h: &PacketHeader) -> PacketSummary {
+        PacketSummary {
+            id: h.id,
+            sender: h.sender.clone(),
+            kind: h.kind,
+            total_fen: h.total_fen,
+            count: h.count,
+            greeting: h.greeting.clone(),
+            created_at_ms: h.created_at_ms,
+            expires_at_ms: h.expires_at_ms,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -374,20 +374,6 @@ fn load(ctx: &SetContext, store: &mut dyn Store) -> Result<SetState, StoreError>
     Ok(SetState::from_loaded(ctx, loaded))
 }
 
-fn summary(p: &Packet) -> PacketSummary {
-    let h = p.header();
-    PacketSummary {
-        id: h.id,
-        sender: h.sender.clone(),
-        kind: h.kind,
-        total_fen: h.total_fen,
-        count: h.count,
-        greeting: h.greeting.clone(),
-        created_at_ms: h.created_at_ms,
-        expires_at_ms: h.expires_at_ms,
-    }
-}
-
 fn claim_reply(packet: PacketId, c: &Claim) -> ClaimReply {
     ClaimReply { packet_id: packet, user: c.user.clone(), amount_fen: c.amount_fen, at_ms: c.at_ms }
 }
@@ -658,7 +644,7 @@ impl SetState {
         }) {
             IdemCheck::Replay(id) => {
                 self.find_packet(ctx, store, id)?;
-                return Ok(summary(&self.packets[&id]));
+                return Ok(PacketSummary::of(self.packets[&id].header()));
             }
             IdemCheck::Conflict => return Err(EngineError::IdempotencyConflict),
             IdemCheck::New => {}
@@ -674,7 +660,7 @@ impl SetState {
         self.remember(&send.sender, &send.request_id, fp, IdemResult::Send { packet_id: id }, now_ms, w);
         w.batch.new_packets.push(packet.header().clone());
         self.expiries.insert((packet.header().expires_at_ms, id));
-        let s = summary(&packet);
+        let s = PacketSummary::of(packet.header());
         self.packets.insert(id, packet);
         Ok(s)
     }
