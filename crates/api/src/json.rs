@@ -31,6 +31,11 @@ where
         let bytes = Bytes::from_request(req, state)
             .await
             .map_err(|_| ApiError::InvalidRequest(format!("body must be at most {BODY_BYTES_MAX} bytes")))?;
+        // serde's derive also reads a struct from an array of its fields in order
+        // (`[100, "r1"]` would be a deposit): a body must be one JSON object.
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(ApiError::InvalidRequest("body must be a JSON object".into()));
+        }
         let mut de = serde_json::Deserializer::from_slice(&bytes);
         let value =
             T::deserialize(&mut de).map_err(|e| ApiError::InvalidRequest(format!("invalid body: {e}")))?;
