@@ -1,0 +1,146 @@
+//! hongbao-bench: the load generator. It drives a running `hongbao serve` over HTTP, or the
+//! engine and its store directly in this process, and reports what it measured: every answer
+//! counted, throughput, HDR latency percentiles, the audit at the end, a JSON result and a plot
+//! of throughput and latency over time.
+//!
+//! It measures and prints; it never asserts a figure (STYLE.md: performance is measured by
+//! benchmarks that print figures). Scenarios:
+//! - `storm`: one packet, a crowd far larger than its shares, every request counted;
+//! - `festival`: many packets drawn Zipf-hot, claimers with senders refilling emptied packets
+//!   and a trickle of history queries beside them;
+//! - `ceiling`: `GET /healthz`, the most the HTTP layer and this client can do on this machine;
+//! - `resident`: (in process) N active packets, the memory they hold and how long a restart
+//!   on their data dir takes.
+
+mod client;
+mod http;
+mod load;
+mod machine;
+mod plot;
+mod record;
+mod report;
+mod resident;
+mod zipf;
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+
+pub use report::BenchResult;
+pub use zipf::Zipf;
+
+/// What to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// One packet of --shares shares, --concurrency claimers, every request a new user
+    Storm,
+    /// --packets packets of --shares shares, claims Zipf-hot, emptied packets re-sent, history queries
+    Festival,
+    /// GET /healthz: the HTTP ceiling (HTTP only)
+    Ceiling,
+    /// --packets active packets in process: RSS, then the time a restart on the same data dir takes
+    Resident,
+}
+
+impl Scenario {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Storm => "storm",
+            Scenario::Festival => "festival",
+            Scenario::Ceiling => "ceiling",
+            Scenario::Resident => "resident",
+        }
+    }
+}
+
+/// `hongbao bench` options.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Scenario to run
+    #[arg(value_enum)]
+    pub scenario: Scenario,
+    /// The server to load (ignored with --in-process)
+    #[arg(long, env = "HONGBAO_BENCH_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// Service key for claims, sends and queries
+    #[arg(long, env = "HONGBAO_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Admin key for deposits and the audit
+    #[arg(long, env = "HONGBAO_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
+    /// How long the load runs, in seconds
+    #[arg(long, default_value_t = 10)]
+    pub duration_s: u64,
+    /// Requests in flight: HTTP connections, or engine calls awaited at once in process
+    #[arg(long, default_value_t = 256)]
+    pub concurrency: usize,
+    /// Sets: the engine's with --in-process; over HTTP, what the server was started with (for the record)
+    #[arg(long, default_value_t = 1)]
+    pub sets: u32,
+    /// Shares per packet [default: storm 100000, festival 1000, resident 10]
+    #[arg(long)]
+    pub shares: Option<u32>,
+    /// Packets [default: festival 500, resident 1000000]
+    #[arg(long)]
+    pub packets: Option<u32>,
+    /// Drive the engine and its store in this process, with no HTTP
+    #[arg(long)]
+    pub in_process: bool,
+    /// With --in-process: no store at all (memory only; nothing survives, no audit)
+    #[arg(long)]
+    pub store_off: bool,
+    /// With --in-process: the data dir [default: a fresh temporary dir, removed afterwards]
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Write the result as JSON here
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Draw throughput and latency over time to this SVG file
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Open loop: this many requests per second in all, latency measured from when each was
+    /// due (no coordinated omission) [default: as fast as answers come]
+    #[arg(long)]
+    pub rate: Option<u64>,
+    /// Festival: the Zipf exponent of packet popularity (0 is uniform)
+    #[arg(long, default_value_t = 1.0)]
+    pub zipf_s: f64,
+    /// Festival: history queries per thousand requests
+    #[arg(long, default_value_t = 10)]
+    pub history_per_mille: u32,
+    /// Threads that run the load [default: 2 over HTTP, 1 in process]
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// No progress bar or progress lines
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Runs the scenario, prints the summary, writes the JSON result and the plot if asked.
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(dir) = std::env::var_os(resident::RESTART_CHILD_ENV) {
+        return resident::restart_child(&args, PathBuf::from(dir));
+    }
+    let result = measure(&args)?;
+    print!("{}", result.summary());
+    if let Some(path) = &args.out {
+        result.write_json(path)?;
+        println!("result: {}", path.display());
+    }
+    if let Some(path) = &args.plot {
+        plot::draw(&result, path)?;
+        println!("plot: {}", path.display());
+    }
+    Ok(())
+}
+
+/// Runs the scenario and returns what it measured, printing only progress.
+pub fn measure(args: &BenchArgs) -> anyhow::Result<BenchResult> {
+    anyhow::ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
+    anyhow::ensure!(args.duration_s >= 1, "--duration-s must be at least 1");
+    anyhow::ensure!(!args.store_off || args.in_process, "--store-off needs --in-process");
+    match args.scenario {
+        Scenario::Resident => resident::run(args),
+        _ => load::run(args),
+    }
+}

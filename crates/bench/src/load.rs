@@ -1,0 +1,825 @@
+//! The load scenarios: `storm`, `festival` and `ceiling`, over HTTP or in process.
+//!
+//! A small control runtime does setup, progress and the audit; `--threads` load threads, each
+//! with a single-threaded runtime of its own, run the claimers and record into thread-local
+//! histograms (see `record`). Every task connects first; the clock starts when all of them are ready, so
+//! connecting is never measured. Closed loop by default (each task sends its next request when
+//! its last one is answered, so `--concurrency` is the number in flight); `--rate` makes it an
+//! open loop whose latencies count from when each request was due.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use hongbao_core::SystemClock;
+use hongbao_engine::{Engine, EngineConfig};
+use hongbao_store::{NullReader, NullStore, Reader, Store};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::{mpsc, watch};
+
+use crate::client::{Answer, Client, Target};
+use crate::http::Endpoint;
+use crate::machine::{self, CpuSample, CpuUse, Machine};
+use crate::record::{self, Op, Recorder};
+use crate::report::{self, BenchResult, RunConfig, StormFigures};
+use crate::zipf::Zipf;
+use crate::{BenchArgs, Scenario};
+
+/// Average share in fen: every packet holds 1 yuan per share.
+pub(crate) const SHARE_AVERAGE_FEN: i64 = 100;
+/// Packets live an hour: far longer than any run, so none expires under the load.
+pub(crate) const PACKET_EXPIRES_IN_S: i64 = 3600;
+/// Festival senders, each funded once for every packet it may send during the run.
+const FESTIVAL_SENDERS: usize = 64;
+/// What each festival sender is given: 10^11 fen covers a million 1,000-share packets.
+const FESTIVAL_SENDER_FUND_FEN: i64 = 100_000_000_000;
+/// Tasks that re-send emptied festival packets. Sends are rare beside claims (one per
+/// `--shares` claims), so a few keep up.
+const FESTIVAL_SENDER_TASKS: usize = 4;
+/// Draws a claimer makes for a slot that holds a live packet before it yields.
+const PICK_TRIES: usize = 16;
+/// Connections (or tasks) used to create packets and fund senders before the load.
+pub(crate) const SETUP_CONCURRENCY: usize = 32;
+/// How often the progress bar is redrawn, and how often a plain line is printed when stderr
+/// is not a terminal.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+const PROGRESS_LINE_EVERY: Duration = Duration::from_secs(5);
+/// Pause before retrying a setup request the service refused as overloaded.
+const SETUP_RETRY_PAUSE: Duration = Duration::from_millis(5);
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
+    let scenario = args.scenario;
+    if scenario == Scenario::Ceiling && args.in_process {
+        bail!("ceiling measures the HTTP layer: it has no in-process mode");
+    }
+    let threads = args.threads.unwrap_or(if args.in_process { 1 } else { 2 }).max(1);
+    let shares = args.shares.unwrap_or(if scenario == Scenario::Storm { 100_000 } else { 1_000 });
+    let packets = match scenario {
+        Scenario::Storm => 1,
+        Scenario::Festival => args.packets.unwrap_or(500).max(1),
+        _ => 0,
+    };
+    let started_at_unix_s =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let nonce = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
+    let mut notes = Vec::new();
+    let control = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("hongbao-bench-control")
+        .enable_all()
+        .build()
+        .context("cannot start the control runtime")?;
+
+    let started = start_target(args, &control, &mut notes)?;
+    let target = started.target.clone();
+
+    // Setup: fund senders, create packets.
+    let plan = control.block_on(async {
+        match scenario {
+            Scenario::Storm => {
+                let sender = format!("b{nonce}s0");
+                let total_fen = i64::from(shares) * SHARE_AVERAGE_FEN;
+                fund(&target, std::slice::from_ref(&sender), total_fen, &nonce).await?;
+                let ids = create_packets(&target, &[sender], 1, shares, total_fen, &nonce, 1, None).await?;
+                Ok::<Plan, anyhow::Error>(Plan::Storm {
+                    packet: ids[0],
+                    shares: u64::from(shares),
+                    total_fen,
+                    paid: AtomicU64::new(0),
+                    emptied_us: AtomicU64::new(0),
+                    prefix: format!("b{nonce}u"),
+                })
+            }
+            Scenario::Festival => {
+                let senders: Vec<String> = (0..FESTIVAL_SENDERS).map(|i| format!("f{nonce}s{i}")).collect();
+                let total_fen = i64::from(shares) * SHARE_AVERAGE_FEN;
+                fund(&target, &senders, FESTIVAL_SENDER_FUND_FEN, &nonce).await?;
+                let pb = setup_bar(args.quiet, u64::from(packets), "creating packets");
+                let ids = create_packets(
+                    &target,
+                    &senders,
+                    packets as usize,
+                    shares,
+                    total_fen,
+                    &nonce,
+                    SETUP_CONCURRENCY,
+                    Some(&pb),
+                )
+                .await?;
+                pb.finish_and_clear();
+                let (refill, refill_rx) = mpsc::unbounded_channel();
+                Ok(Plan::Festival {
+                    slots: ids.into_iter().map(AtomicU64::new).collect(),
+                    zipf: Zipf::new(packets as usize, args.zipf_s),
+                    refill,
+                    refill_rx: tokio::sync::Mutex::new(refill_rx),
+                    sends: AtomicU64::new(0),
+                    history_per_mille: args.history_per_mille.min(1000),
+                    senders,
+                    total_fen,
+                    shares,
+                    nonce: nonce.clone(),
+                    prefix: format!("f{nonce}u"),
+                })
+            }
+            _ => Ok(Plan::Ceiling),
+        }
+    })?;
+    let plan = Arc::new(plan);
+
+    // Load: `threads` OS threads, each with its own single-threaded runtime and its share of
+    // the tasks (as wrk runs one event loop per thread). A task and its connection stay on one
+    // thread: no work stealing, no cross-thread wake-ups per request.
+    let (go_tx, go_rx) = watch::channel(None::<Go>);
+    let refillers = if matches!(*plan, Plan::Festival { .. }) { FESTIVAL_SENDER_TASKS } else { 0 };
+    let tasks = args.concurrency + refillers;
+    let (ready_tx, mut ready_rx) = mpsc::channel::<Result<(), String>>(tasks);
+    let mut per_thread: Vec<Vec<LoadFuture>> = (0..threads).map(|_| Vec::new()).collect();
+    for w in 0..args.concurrency {
+        let t =
+            Task { target: target.clone(), plan: plan.clone(), ready: ready_tx.clone(), go: go_rx.clone() };
+        per_thread[w % threads].push(Box::pin(claimer(t, w)));
+    }
+    for r in 0..refillers {
+        let t =
+            Task { target: target.clone(), plan: plan.clone(), ready: ready_tx.clone(), go: go_rx.clone() };
+        per_thread[r % threads].push(Box::pin(refiller(t, r)));
+    }
+    drop(ready_tx);
+    let mut load_threads = Vec::with_capacity(threads);
+    for (i, futures) in per_thread.into_iter().enumerate() {
+        let handle = std::thread::Builder::new()
+            .name(format!("hongbao-bench-load-{i}"))
+            .spawn(move || load_thread(futures))
+            .context("cannot start a load thread")?;
+        load_threads.push(handle);
+    }
+    let pace = match args.rate {
+        Some(0) => bail!("--rate must be at least 1"),
+        Some(r) => Some(Duration::from_secs_f64(args.concurrency as f64 / r as f64)),
+        None => None,
+    };
+    let main_op = if scenario == Scenario::Ceiling { Op::Health } else { Op::Claim };
+    let (recorder, ends, cpu) = control.block_on(async {
+        for _ in 0..tasks {
+            match ready_rx.recv().await {
+                Some(Ok(())) => {}
+                Some(Err(e)) => bail!("a load task could not start: {e}"),
+                None => bail!("the load tasks stopped before starting"),
+            }
+        }
+        let loadavg_before = machine::loadavg_1m();
+        let cpu_before = CpuSample::now();
+        let start = Instant::now();
+        let recorder = Recorder::new(start);
+        let deadline = start + Duration::from_secs(args.duration_s);
+        go_tx.send_replace(Some(Go {
+            recorder: recorder.clone(),
+            start,
+            deadline,
+            pace,
+            concurrency: args.concurrency,
+        }));
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let label = format!("{} ({})", scenario.name(), if args.in_process { "in process" } else { "http" });
+        let ticker = tokio::spawn(progress(recorder.clone(), deadline, args.quiet, label, main_op, stop_rx));
+        let ends = tokio::task::spawn_blocking(move || {
+            let mut ends = Vec::new();
+            for t in load_threads {
+                ends.extend(t.join().map_err(|_| anyhow!("a load thread panicked"))??);
+            }
+            Ok::<Vec<TaskEnd>, anyhow::Error>(ends)
+        })
+        .await
+        .map_err(|e| anyhow!("joining the load threads: {e}"))??;
+        let cpu = CpuUse::between(cpu_before, CpuSample::now(), loadavg_before);
+        let _ = stop_tx.send(());
+        let _ = ticker.await;
+        Ok((recorder, ends, cpu))
+    })?;
+
+    let start = recorder.start;
+    let last = ends.iter().filter_map(|e| e.last).max().unwrap_or(start);
+    let elapsed_s = last.saturating_duration_since(start).as_secs_f64().max(1e-3);
+    let counted: u64 = ends.iter().map(|e| e.requests).sum();
+    let total = recorder.total();
+    if total.requests() != counted {
+        notes.push(format!(
+            "the timeline holds {} answers but the tasks counted {counted}: figures may be low",
+            total.requests()
+        ));
+    }
+    let seconds = recorder.seconds();
+    let (ops, claims, timeline) = report::figures(&total, &seconds, main_op, elapsed_s);
+    let storm = match &*plan {
+        Plan::Storm { packet, shares, total_fen, emptied_us, .. } => {
+            let emptied = emptied_us.load(Ordering::Relaxed);
+            let emptied_after_s = (emptied > 0).then(|| emptied as f64 / 1e6);
+            let paid = claims.as_ref().map_or(0, |c| c.paid);
+            let paid_fen = claims.as_ref().map_or(0, |c| c.paid_fen);
+            let away = claims.as_ref().map_or(0, |c| c.turned_away);
+            // Every share is paid before the first claimer is turned away, so what was turned
+            // away came after the packet emptied.
+            let turned_away_per_s_after_empty =
+                emptied_after_s.filter(|t| elapsed_s - t > 0.1).map(|t| report::rate(away, elapsed_s - t));
+            Some(StormFigures {
+                packet_id: packet.to_string(),
+                shares: *shares as u32,
+                total_fen: *total_fen,
+                emptied_after_s,
+                paid_per_s_until_empty: emptied_after_s.map(|t| report::rate(*shares, t)),
+                turned_away_per_s_after_empty,
+                paid_fen_matches_total: paid == *shares && paid_fen == *total_fen,
+            })
+        }
+        _ => None,
+    };
+    if let Plan::Festival { sends, .. } = &*plan {
+        let sent = sends.load(Ordering::Relaxed);
+        notes.push(format!("{sent} emptied packets were re-sent during the run"));
+    }
+
+    // Audit.
+    let (audit, audit_ok) = control.block_on(audit(&started, &mut notes));
+    let store = started.store.clone();
+    control.block_on(started.stop());
+
+    let requests = total.requests();
+    Ok(BenchResult {
+        scenario: scenario.name().to_string(),
+        mode: if args.in_process { "in_process" } else { "http" }.to_string(),
+        store,
+        url: (!args.in_process).then(|| args.url.clone()),
+        started_at_unix_s,
+        config: RunConfig {
+            duration_s: args.duration_s,
+            concurrency: args.concurrency,
+            threads,
+            sets: args.sets,
+            shares: if scenario == Scenario::Ceiling { 0 } else { shares },
+            packets,
+            rate_per_s: args.rate,
+            zipf_s: args.zipf_s,
+            history_per_mille: if scenario == Scenario::Festival { args.history_per_mille } else { 0 },
+        },
+        elapsed_s: (elapsed_s * 1000.0).round() / 1000.0,
+        requests,
+        requests_per_s: report::rate(requests, elapsed_s),
+        claims,
+        ops,
+        storm,
+        resident: None,
+        cpu: Some(cpu),
+        timeline,
+        audit,
+        audit_ok,
+        errors_sample: recorder.errors(),
+        notes,
+        machine: Machine::here(),
+    })
+}
+
+type LoadFuture = std::pin::Pin<Box<dyn std::future::Future<Output = TaskEnd> + Send>>;
+
+/// One load thread: runs its tasks to the end, then hands its last second of counts to the
+/// timeline.
+fn load_thread(futures: Vec<LoadFuture>) -> anyhow::Result<Vec<TaskEnd>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start a load thread's runtime")?;
+    let ends = rt.block_on(async {
+        let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+        let mut ends = Vec::with_capacity(handles.len());
+        for h in handles {
+            ends.push(h.await.map_err(|e| anyhow!("a load task panicked: {e}"))?);
+        }
+        Ok::<Vec<TaskEnd>, anyhow::Error>(ends)
+    });
+    record::flush_thread();
+    ends
+}
+
+/// The target under load and what must be stopped afterwards.
+pub(crate) struct Started {
+    pub target: Target,
+    pub store: String,
+    engine: Option<Engine>,
+    store_off: bool,
+    /// Removed when dropped, after the engine has stopped.
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Started {
+    pub async fn stop(self) {
+        if let Some(engine) = &self.engine {
+            engine.shutdown().await;
+        }
+    }
+}
+
+pub(crate) fn start_target(
+    args: &BenchArgs,
+    control: &tokio::runtime::Runtime,
+    notes: &mut Vec<String>,
+) -> anyhow::Result<Started> {
+    if !args.in_process {
+        let api_key =
+            args.api_key.as_deref().ok_or_else(|| anyhow!("--api-key (or HONGBAO_API_KEY) is needed"))?;
+        let admin_key = args
+            .admin_key
+            .as_deref()
+            .ok_or_else(|| anyhow!("--admin-key (or HONGBAO_ADMIN_KEY) is needed"))?;
+        let endpoint = control.block_on(Endpoint::new(&args.url, api_key, admin_key))?;
+        return Ok(Started {
+            target: Target::Http(endpoint),
+            store: "server".to_string(),
+            engine: None,
+            store_off: false,
+            _dir: None,
+        });
+    }
+    let (engine, dir) = start_engine(args)?;
+    if args.store_off {
+        notes.push(
+            "memory only: every set runs on a store that keeps nothing (NullStore), so nothing is durable"
+                .to_string(),
+        );
+    } else {
+        notes.push("durable: one SQLite file per set, synchronous=FULL, replies after commit".to_string());
+    }
+    Ok(Started {
+        target: Target::Engine(engine.clone()),
+        store: if args.store_off { "none" } else { "sqlite" }.to_string(),
+        engine: Some(engine),
+        store_off: args.store_off,
+        _dir: dir,
+    })
+}
+
+/// Starts the engine in this process: SQLite files in the data dir, or no store at all.
+pub(crate) fn start_engine(args: &BenchArgs) -> anyhow::Result<(Engine, Option<tempfile::TempDir>)> {
+    let (path, dir) = match &args.data {
+        Some(path) => (path.clone(), None),
+        None => {
+            let dir = tempfile::Builder::new()
+                .prefix("hongbao-bench.")
+                .tempdir()
+                .context("cannot make a temp dir")?;
+            (dir.path().to_path_buf(), Some(dir))
+        }
+    };
+    let mut config = EngineConfig::new(path);
+    config.sets = args.sets;
+    let engine = if args.store_off {
+        let stores: Vec<(Box<dyn Store>, Arc<dyn Reader>)> = (0..args.sets)
+            .map(|_| (Box::new(NullStore) as Box<dyn Store>, Arc::new(NullReader) as Arc<dyn Reader>))
+            .collect();
+        Engine::start_with(config, stores, Arc::new(SystemClock))
+    } else {
+        Engine::start(config, Arc::new(SystemClock))
+    }
+    .map_err(|e| anyhow!("cannot start the engine: {e}"))?;
+    Ok((engine, dir))
+}
+
+async fn audit(started: &Started, notes: &mut Vec<String>) -> (Option<serde_json::Value>, Option<bool>) {
+    if started.store_off {
+        notes.push(
+            "audit skipped: it compares each set's memory with its store, and this store keeps nothing"
+                .into(),
+        );
+        return (None, None);
+    }
+    match &started.target {
+        Target::Http(_) => {
+            let answer = async {
+                let Client::Http(mut c) = started.target.client().await? else {
+                    unreachable!("an HTTP target")
+                };
+                c.audit().await
+            }
+            .await;
+            match answer {
+                Ok(v) => {
+                    let ok = v.get("ok").and_then(|ok| ok.as_bool());
+                    (Some(v), ok)
+                }
+                Err(e) => {
+                    notes.push(format!("audit failed to run: {e:#}"));
+                    (None, Some(false))
+                }
+            }
+        }
+        Target::Engine(engine) => match engine.audit().await {
+            Ok(r) => {
+                let v = serde_json::json!({
+                    "ok": r.ok, "deposits": r.deposits_fen, "withdrawals": r.withdrawals_fen,
+                    "balances": r.balances_fen, "escrow": r.escrow_fen, "in_flight": r.in_flight_fen,
+                    "problems": r.problems,
+                });
+                (Some(v), Some(r.ok))
+            }
+            Err(e) => {
+                notes.push(format!("audit failed to run: {e}"));
+                (None, Some(false))
+            }
+        },
+    }
+}
+
+/// What each scenario's tasks share.
+enum Plan {
+    Storm {
+        packet: u64,
+        shares: u64,
+        total_fen: i64,
+        /// Shares paid so far, to time the moment the packet empties.
+        paid: AtomicU64,
+        /// Microseconds from the start to the last share; 0 until then.
+        emptied_us: AtomicU64,
+        prefix: String,
+    },
+    Festival {
+        /// Live packet ids by popularity rank; 0 while a slot waits for its re-send.
+        slots: Vec<AtomicU64>,
+        zipf: Zipf,
+        /// Slots whose packet emptied: the refillers send a new packet into each.
+        refill: mpsc::UnboundedSender<usize>,
+        /// Shared by the refillers; held across `.await` by design (one waits at a time).
+        refill_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<usize>>,
+        sends: AtomicU64,
+        history_per_mille: u32,
+        senders: Vec<String>,
+        total_fen: i64,
+        shares: u32,
+        nonce: String,
+        prefix: String,
+    },
+    Ceiling,
+}
+
+/// The start signal: the clock, the deadline and the pace.
+#[derive(Clone)]
+struct Go {
+    recorder: Arc<Recorder>,
+    start: Instant,
+    deadline: Instant,
+    /// Open loop: each task sends one request per this interval.
+    pace: Option<Duration>,
+    concurrency: usize,
+}
+
+struct Task {
+    target: Target,
+    plan: Arc<Plan>,
+    ready: mpsc::Sender<Result<(), String>>,
+    go: watch::Receiver<Option<Go>>,
+}
+
+/// What a task counted itself, to check the timeline against.
+struct TaskEnd {
+    requests: u64,
+    last: Option<Instant>,
+}
+
+impl Task {
+    /// Connects, reports ready and waits for the start.
+    async fn start(&mut self) -> Option<(Client, Go)> {
+        let client = match self.target.client().await {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = self.ready.send(Err(format!("{e:#}"))).await;
+                return None;
+            }
+        };
+        let _ = self.ready.send(Ok(())).await;
+        let go = self.go.wait_for(|g| g.is_some()).await.ok()?.clone()?;
+        Some((client, go))
+    }
+}
+
+/// When each request is due, for the open loop.
+struct Pacer {
+    interval: Option<Duration>,
+    next: Instant,
+}
+
+impl Pacer {
+    fn new(go: &Go, task: usize) -> Pacer {
+        // Tasks start spread over one interval, so the open loop does not begin with a burst.
+        let offset = go.pace.map_or(Duration::ZERO, |p| p.mul_f64(task as f64 / go.concurrency as f64));
+        Pacer { interval: go.pace, next: go.start + offset }
+    }
+
+    /// Waits for the next request's turn and returns the instant its latency counts from,
+    /// or `None` once the deadline has passed. A task that is on time sleeps and counts from
+    /// when it woke (the timer's lateness is the client's, not the server's); a task that is
+    /// behind counts from when the request was due, so waiting for a slow answer is measured
+    /// (no coordinated omission).
+    async fn next(&mut self, deadline: Instant) -> Option<Instant> {
+        let now = Instant::now();
+        let Some(interval) = self.interval else {
+            return (now < deadline).then_some(now);
+        };
+        if self.next >= deadline {
+            return None;
+        }
+        let origin = if self.next > now {
+            tokio::time::sleep_until(self.next.into()).await;
+            Instant::now()
+        } else {
+            self.next
+        };
+        self.next += interval;
+        Some(origin)
+    }
+}
+
+async fn claimer(mut task: Task, w: usize) -> TaskEnd {
+    let mut end = TaskEnd { requests: 0, last: None };
+    let Some((mut client, go)) = task.start().await else { return end };
+    let plan = task.plan.clone();
+    let recorder = go.recorder.clone();
+    let mut pacer = Pacer::new(&go, w);
+    let mut rng = SmallRng::seed_from_u64(rand::random::<u64>() ^ w as u64);
+    // Request ids and user names are formatted into reused strings.
+    let mut user = String::with_capacity(48);
+    let mut last_paid = String::with_capacity(48);
+    let mut seq: u64 = 0;
+    while let Some(origin) = pacer.next(go.deadline).await {
+        let (op, answer) = match &*plan {
+            Plan::Ceiling => (Op::Health, client.healthz().await),
+            Plan::Storm { packet, shares, paid, emptied_us, prefix, .. } => {
+                seq += 1;
+                user.clear();
+                let _ = write!(user, "{prefix}{w}x{seq}");
+                let answer = client.claim(*packet, &user).await;
+                if matches!(answer, Answer::Paid(_)) && paid.fetch_add(1, Ordering::Relaxed) + 1 == *shares {
+                    let us = u64::try_from(go.start.elapsed().as_micros()).unwrap_or(u64::MAX);
+                    emptied_us.store(us.max(1), Ordering::Relaxed);
+                }
+                (Op::Claim, answer)
+            }
+            Plan::Festival { slots, zipf, refill, history_per_mille, senders, prefix, .. } => {
+                if *history_per_mille > 0 && rng.random_range(0..1000) < *history_per_mille {
+                    let sent = last_paid.is_empty() || rng.random_bool(0.5);
+                    let answer = if sent {
+                        let who = &senders[rng.random_range(0..senders.len())];
+                        client.history(who, true).await
+                    } else {
+                        client.history(&last_paid, false).await
+                    };
+                    (Op::History, answer)
+                } else {
+                    let Some((slot, packet)) = pick(slots, zipf, &mut rng) else {
+                        // Every slot drawn is waiting for its re-send: let the refillers run.
+                        tokio::task::yield_now().await;
+                        continue;
+                    };
+                    seq += 1;
+                    user.clear();
+                    let _ = write!(user, "{prefix}{w}x{seq}");
+                    let answer = client.claim(packet, &user).await;
+                    match &answer {
+                        Answer::Paid(_) => std::mem::swap(&mut user, &mut last_paid),
+                        Answer::Away => {
+                            // The first claimer to see the packet empty asks for a new one.
+                            let emptied =
+                                slots[slot].compare_exchange(packet, 0, Ordering::AcqRel, Ordering::Relaxed);
+                            if emptied.is_ok() {
+                                let _ = refill.send(slot);
+                            }
+                        }
+                        _ => {}
+                    }
+                    (Op::Claim, answer)
+                }
+            }
+        };
+        let now = Instant::now();
+        recorder.record(op, answer.outcome(), now.saturating_duration_since(origin), answer.paid_fen(), now);
+        if let Answer::Error(e) = &answer {
+            recorder.error_sample(e);
+        }
+        end.requests += 1;
+        end.last = Some(now);
+    }
+    end
+}
+
+fn pick(slots: &[AtomicU64], zipf: &Zipf, rng: &mut SmallRng) -> Option<(usize, u64)> {
+    (0..PICK_TRIES).find_map(|_| {
+        let k = zipf.sample(rng);
+        let id = slots[k].load(Ordering::Acquire);
+        (id != 0).then_some((k, id))
+    })
+}
+
+/// Festival: sends a new packet into each slot whose packet emptied.
+async fn refiller(mut task: Task, r: usize) -> TaskEnd {
+    let mut end = TaskEnd { requests: 0, last: None };
+    let Some((mut client, go)) = task.start().await else { return end };
+    let plan = task.plan.clone();
+    let Plan::Festival { slots, refill, refill_rx, sends, senders, total_fen, shares, nonce, .. } = &*plan
+    else {
+        return end;
+    };
+    let recorder = go.recorder.clone();
+    let mut request_id = String::with_capacity(48);
+    loop {
+        let slot = {
+            let mut rx = refill_rx.lock().await;
+            tokio::select! {
+                slot = rx.recv() => slot,
+                _ = tokio::time::sleep_until(go.deadline.into()) => None,
+            }
+        };
+        let Some(slot) = slot else { break };
+        let origin = Instant::now();
+        if origin >= go.deadline {
+            break;
+        }
+        let n = sends.fetch_add(1, Ordering::Relaxed);
+        let sender = &senders[n as usize % senders.len()];
+        request_id.clear();
+        let _ = write!(request_id, "{nonce}-r{r}-{n}");
+        let (answer, id) = client.send(sender, *total_fen, *shares, PACKET_EXPIRES_IN_S, &request_id).await;
+        let now = Instant::now();
+        recorder.record(Op::Send, answer.outcome(), now.saturating_duration_since(origin), 0, now);
+        end.requests += 1;
+        end.last = Some(now);
+        match id {
+            Some(id) => slots[slot].store(id, Ordering::Release),
+            None => {
+                if let Answer::Error(e) = &answer {
+                    recorder.error_sample(e);
+                }
+                // Try again later: the slot stays empty meanwhile.
+                tokio::time::sleep(SETUP_RETRY_PAUSE).await;
+                let _ = refill.send(slot);
+            }
+        }
+    }
+    end
+}
+
+async fn progress(
+    recorder: Arc<Recorder>,
+    deadline: Instant,
+    quiet: bool,
+    label: String,
+    main: Op,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    if quiet {
+        let _ = stop.await;
+        return;
+    }
+    let length_ms = deadline.saturating_duration_since(recorder.start).as_millis() as u64;
+    let pb = ProgressBar::new(length_ms);
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} {prefix} [{bar:30}] {elapsed:>4} {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(label.clone());
+    let mut every = tokio::time::interval(PROGRESS_EVERY);
+    let mut last_line = Instant::now();
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = &mut stop => break,
+        }
+        let (total, last) = recorder.counts();
+        let ok = total.count(main, record::Outcome::Ok);
+        let away = total.count(main, record::Outcome::Away);
+        let refused = total.count(main, record::Outcome::Overloaded);
+        let errors = total.requests() - ok - away - refused;
+        let rate =
+            last.map_or(0, |s| s.count(main, record::Outcome::Ok) + s.count(main, record::Outcome::Away));
+        let msg = format!(
+            "ok {} away {} refused {} other/errors {} | {}/s",
+            report::thousands(ok as f64),
+            report::thousands(away as f64),
+            report::thousands(refused as f64),
+            report::thousands(errors as f64),
+            report::thousands(rate as f64)
+        );
+        pb.set_position(recorder.start.elapsed().as_millis().min(u128::from(length_ms)) as u64);
+        if pb.is_hidden() && last_line.elapsed() >= PROGRESS_LINE_EVERY {
+            eprintln!("{label} {:>3} s: {msg}", recorder.start.elapsed().as_secs());
+            last_line = Instant::now();
+        }
+        pb.set_message(msg);
+    }
+    pb.finish_and_clear();
+}
+
+pub(crate) fn setup_bar(quiet: bool, len: u64, what: &str) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} {prefix} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(what.to_string());
+    pb
+}
+
+/// Deposits `amount_fen` into each sender's wallet.
+pub(crate) async fn fund(
+    target: &Target,
+    senders: &[String],
+    amount_fen: i64,
+    nonce: &str,
+) -> anyhow::Result<()> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let senders: Arc<[String]> = senders.into();
+    let mut tasks = Vec::new();
+    for _ in 0..SETUP_CONCURRENCY.min(senders.len()) {
+        let (target, next, senders, nonce) =
+            (target.clone(), next.clone(), senders.clone(), nonce.to_string());
+        tasks.push(tokio::spawn(async move {
+            let mut client = target.client().await?;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(sender) = senders.get(i) else { return Ok::<(), anyhow::Error>(()) };
+                let request_id = format!("{nonce}-d{i}");
+                loop {
+                    match client.deposit(sender, amount_fen, &request_id).await {
+                        Answer::Done | Answer::Paid(_) => break,
+                        Answer::Overloaded => tokio::time::sleep(SETUP_RETRY_PAUSE).await,
+                        Answer::Away => bail!("deposit for {sender} was turned away"),
+                        Answer::Error(e) => bail!("deposit for {sender}: {e}"),
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.map_err(|e| anyhow!("a setup task panicked: {e}"))??;
+    }
+    Ok(())
+}
+
+/// Sends `count` lucky packets for anyone, round-robin over the senders; returns their ids in
+/// order.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn create_packets(
+    target: &Target,
+    senders: &[String],
+    count: usize,
+    shares: u32,
+    total_fen: i64,
+    nonce: &str,
+    concurrency: usize,
+    progress: Option<&ProgressBar>,
+) -> anyhow::Result<Vec<u64>> {
+    let ids: Arc<Vec<AtomicU64>> = Arc::new((0..count).map(|_| AtomicU64::new(0)).collect());
+    let next = Arc::new(AtomicUsize::new(0));
+    let senders: Arc<[String]> = senders.into();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency.clamp(1, count.max(1)) {
+        let (target, ids, next, senders) = (target.clone(), ids.clone(), next.clone(), senders.clone());
+        let (nonce, pb) = (nonce.to_string(), progress.cloned());
+        tasks.push(tokio::spawn(async move {
+            let mut client = target.client().await?;
+            let mut request_id = String::with_capacity(48);
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= ids.len() {
+                    return Ok::<(), anyhow::Error>(());
+                }
+                let sender = &senders[i % senders.len()];
+                request_id.clear();
+                let _ = write!(request_id, "{nonce}-p{i}");
+                loop {
+                    match client.send(sender, total_fen, shares, PACKET_EXPIRES_IN_S, &request_id).await {
+                        (_, Some(id)) => {
+                            ids[i].store(id, Ordering::Relaxed);
+                            break;
+                        }
+                        (Answer::Overloaded, None) => tokio::time::sleep(SETUP_RETRY_PAUSE).await,
+                        (Answer::Error(e), None) => bail!("send by {sender}: {e}"),
+                        (other, None) => bail!("send by {sender}: {other:?}"),
+                    }
+                }
+                if let Some(pb) = &pb {
+                    pb.inc(1);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.map_err(|e| anyhow!("a setup task panicked: {e}"))??;
+    }
+    Ok(ids.iter().map(|id| id.load(Ordering::Relaxed)).collect())
+}
