@@ -2,15 +2,89 @@
 //!
 //! A `lucky` share is drawn from a per-packet random source: ChaCha8 seeded with the packet's
 //! stored seed, on a stream numbered by the share's position. The same packet state always
-//! yields the same amount, so a share can be recomputed and audited from the store.
+//! yields the same amount, so a share can be recomputed and audited from the store. Each
+//! packet stores the [`AmountRule`] it was sent under, so a rule can be improved without
+//! changing how an old packet's amounts are recomputed.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+/// Which rule draws a packet's lucky shares. Stored with the packet (`amount_rule`); a packet
+/// keeps its rule for its whole life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AmountRule {
+    /// Uniform in [1, ⌊2 × remaining average⌋], capped so every later share can still get
+    /// 1 fen. Its mean is about half a fen above the remaining average, so with shares of a
+    /// few fen the early claimers are favoured (+5 % for the first of 10 shares of 1 yuan).
+    /// Packets sent before rule 2 keep it.
+    V1 = 1,
+    /// 1 fen plus a uniform extra in [0, k], where k is 2 × (remaining − 1 fen per share) /
+    /// remaining shares rounded down or up at random with the probability of its fraction: every
+    /// share's mean is exactly the remaining average, whatever its position, and it stays at most
+    /// twice that average and leaves 1 fen for each later share.
+    V2 = 2,
+}
+
+impl AmountRule {
+    /// The rule new packets are sent under.
+    pub const CURRENT: AmountRule = AmountRule::V2;
+
+    /// The number stored for this rule.
+    pub fn code(self) -> i64 {
+        self as i64
+    }
+
+    pub fn from_code(code: i64) -> Option<AmountRule> {
+        match code {
+            1 => Some(AmountRule::V1),
+            2 => Some(AmountRule::V2),
+            _ => None,
+        }
+    }
+
+    /// The size of share number `index` (0-based) of a lucky packet when `remaining_fen` is
+    /// left for `remaining_count` shares, under this rule. The last share takes the rest.
+    pub fn lucky_share(self, seed: u64, index: u32, remaining_fen: i64, remaining_count: u32) -> i64 {
+        match self {
+            AmountRule::V1 => lucky_share_v1(seed, index, remaining_fen, remaining_count),
+            AmountRule::V2 => lucky_share(seed, index, remaining_fen, remaining_count),
+        }
+    }
+}
+
+fn share_rng(seed: u64, index: u32) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(u64::from(index));
+    rng
+}
+
 /// The size of share number `index` (0-based) of a lucky packet when `remaining_fen` is left
-/// for `remaining_count` shares: uniform in [1, 2 × remaining average] (the double-average
-/// rule), capped so every later share can still get 1 fen; the last share takes the rest.
+/// for `remaining_count` shares, under the current rule ([`AmountRule::V2`]): 1 fen plus a
+/// uniform extra whose mean makes the share's mean exactly the remaining average, at most twice
+/// that average (the double-average rule), leaving 1 fen for every later share; the last share
+/// takes the rest.
 pub fn lucky_share(seed: u64, index: u32, remaining_fen: i64, remaining_count: u32) -> i64 {
+    assert!(remaining_count >= 1, "no share left to draw");
+    assert!(remaining_fen >= i64::from(remaining_count), "fewer fen than shares");
+    if remaining_count == 1 {
+        return remaining_fen;
+    }
+    let rc = i64::from(remaining_count);
+    // The extra's mean must be (remaining − rc) / rc, so its top is twice that: k + frac / rc.
+    // remaining_fen ≤ AMOUNT_MAX_FEN, so doubling cannot overflow.
+    let spare_twice = (remaining_fen - rc) * 2;
+    let (k, frac) = (spare_twice / rc, spare_twice % rc);
+    let mut rng = share_rng(seed, index);
+    // Round the top up with the probability of the fraction, so the mean is exact. The share
+    // is then at most 1 + ⌈2 (remaining − rc) / rc⌉, which is ≤ ⌊2 × remaining / rc⌋ (double
+    // average) and ≤ remaining − (rc − 1) (1 fen for every later share) when rc ≥ 2.
+    let top = if frac > 0 && rng.random_range(0..rc) < frac { k + 1 } else { k };
+    1 + rng.random_range(0..=top)
+}
+
+/// [`AmountRule::V1`]: uniform in [1, ⌊2 × remaining average⌋], capped so every later share
+/// can still get 1 fen; the last share takes the rest.
+pub fn lucky_share_v1(seed: u64, index: u32, remaining_fen: i64, remaining_count: u32) -> i64 {
     assert!(remaining_count >= 1, "no share left to draw");
     assert!(remaining_fen >= i64::from(remaining_count), "fewer fen than shares");
     if remaining_count == 1 {
@@ -22,9 +96,7 @@ pub fn lucky_share(seed: u64, index: u32, remaining_fen: i64, remaining_count: u
     let keep_for_others = remaining_fen - (rc - 1);
     let max = double_average.min(keep_for_others);
     debug_assert!(max >= 1);
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    rng.set_stream(u64::from(index));
-    rng.random_range(1..=max)
+    share_rng(seed, index).random_range(1..=max)
 }
 
 /// The size of every share of an `equal` packet (validated to divide exactly at send).
@@ -54,6 +126,39 @@ mod tests {
     #[test]
     fn same_inputs_same_amount() {
         assert_eq!(lucky_share(42, 3, 10_000, 7), lucky_share(42, 3, 10_000, 7));
+    }
+
+    #[test]
+    fn both_rules_keep_to_the_double_average_and_leave_a_fen_each() {
+        for rule in [AmountRule::V1, AmountRule::V2] {
+            for (ra, rc) in [(2i64, 2u32), (3, 2), (5, 3), (10, 3), (100, 10), (7, 7), (1_000_000, 3)] {
+                for seed in 0..500 {
+                    let s = rule.lucky_share(seed, 0, ra, rc);
+                    let rc64 = i64::from(rc);
+                    assert!(s >= 1 && s <= ra * 2 / rc64 && s <= ra - (rc64 - 1), "{rule:?} {ra}/{rc}: {s}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rule_2_averages_the_remaining_average_exactly() {
+        // 10 fen over 3 shares: the mean must be 3.33 fen, which rule 1 misses (its mean is 3.5).
+        let draws = 60_000u64;
+        let mean = |rule: AmountRule| {
+            (0..draws).map(|seed| rule.lucky_share(seed, 0, 10, 3)).sum::<i64>() as f64 / draws as f64
+        };
+        assert!((mean(AmountRule::V2) - 10.0 / 3.0).abs() < 0.02, "rule 2 mean {}", mean(AmountRule::V2));
+        assert!((mean(AmountRule::V1) - 3.5).abs() < 0.02, "rule 1 mean {}", mean(AmountRule::V1));
+    }
+
+    #[test]
+    fn stored_codes_round_trip() {
+        for rule in [AmountRule::V1, AmountRule::V2] {
+            assert_eq!(AmountRule::from_code(rule.code()), Some(rule));
+        }
+        assert_eq!(AmountRule::from_code(0), None);
+        assert_eq!(AmountRule::from_code(3), None);
     }
 
     #[test]

@@ -17,7 +17,7 @@ pub mod limits;
 pub mod money;
 pub mod packet;
 
-pub use amount::{equal_share, lucky_share};
+pub use amount::{equal_share, lucky_share, lucky_share_v1, AmountRule};
 pub use clock::{Clock, ManualClock, Millis, SystemClock};
 pub use ids::{set_of_user, IdError, PacketId, PacketIdGen, RequestId, UserId};
 pub use limits::{Limits, SendError, SendRequest, ValidSend};

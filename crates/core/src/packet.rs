@@ -6,7 +6,7 @@
 
 use thiserror::Error;
 
-use crate::amount::{equal_share, lucky_share};
+use crate::amount::{equal_share, AmountRule};
 use crate::clock::Millis;
 use crate::ids::{PacketId, UserId};
 use crate::limits::ValidSend;
@@ -140,6 +140,8 @@ pub struct PacketHeader {
     pub expires_at_ms: Millis,
     /// Seed of the per-packet random source that decides lucky amounts.
     pub seed: u64,
+    /// The rule that draws its lucky amounts from the seed: the current one at send.
+    pub amount_rule: AmountRule,
 }
 
 #[derive(Debug, Clone)]
@@ -169,6 +171,7 @@ impl Packet {
             created_at_ms: now_ms,
             expires_at_ms: now_ms + send.expires_in_s * 1000,
             seed,
+            amount_rule: AmountRule::CURRENT,
         };
         Packet::restore(header, PacketStatus::Active, 0, Vec::new())
     }
@@ -350,7 +353,7 @@ impl Packet {
         let index = self.opened_count;
         let amount_fen = match self.header.kind {
             Kind::Equal => equal_share(self.header.total_fen, self.header.count),
-            Kind::Lucky => lucky_share(self.header.seed, index, ra, rc),
+            Kind::Lucky => self.header.amount_rule.lucky_share(self.header.seed, index, ra, rc),
         };
         // DESIGN.md §2.3 and §2.4: at least 1 fen, at most twice the remaining average unless last.
         assert!(amount_fen >= 1 && amount_fen <= ra, "share {amount_fen} out of [1, {ra}]");

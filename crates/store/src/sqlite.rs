@@ -23,7 +23,8 @@ use crate::{Result, StoreError};
 macro_rules! packet_columns {
     () => {
         "id, sender, kind, total_fen, count, audience_anyone, greeting, created_at_ms, \
-         expires_at_ms, seed, status, opened_count, opened_fen, refunded_fen, best_user, best_fen"
+         expires_at_ms, seed, status, opened_count, opened_fen, refunded_fen, best_user, best_fen, \
+         amount_rule"
     };
 }
 

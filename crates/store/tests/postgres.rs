@@ -7,7 +7,7 @@
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use hongbao_core::packet::PacketHeader;
-use hongbao_core::{Audience, Claim, Kind, PacketId, PacketIdGen, PacketStatus, UserId};
+use hongbao_core::{AmountRule, Audience, Claim, Kind, PacketId, PacketIdGen, PacketStatus, UserId};
 use hongbao_store::{
     open_postgres, Batch, ClaimRow, Entry, EntryKind, IdemRecord, IdemResult, OutboxItem, PacketUpdate,
     PgReader, PgStore, Reader, Store, StoreError, Totals,
@@ -57,6 +57,7 @@ fn header(
         expires_at_ms: at_ms + 86_400_000,
         // Past i64::MAX: the bit-cast must round-trip.
         seed: u64::MAX - 7,
+        amount_rule: AmountRule::CURRENT,
     }
 }
 
@@ -325,7 +326,10 @@ fn migrations_are_versioned_and_run_once() {
     let pg = PgCluster::start();
     drop(open(&pg));
     drop(open(&pg));
-    assert_eq!(pg.psql("SELECT string_agg(version::text, ',') FROM hongbao_set_0.schema_version"), "1");
+    assert_eq!(
+        pg.psql("SELECT string_agg(version::text, ',' ORDER BY version) FROM hongbao_set_0.schema_version"),
+        "1,2"
+    );
     assert_eq!(pg.psql("SELECT count(*) FROM hongbao_set_0.totals"), "1");
 }
 

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use hongbao_core::packet::PacketHeader;
-use hongbao_core::{Audience, Claim, Kind, PacketId, PacketIdGen, PacketStatus, UserId};
+use hongbao_core::{AmountRule, Audience, Claim, Kind, PacketId, PacketIdGen, PacketStatus, UserId};
 use hongbao_store::{
     open_sqlite, Batch, ClaimRow, Entry, EntryKind, IdemRecord, IdemResult, OutboxItem, PacketUpdate, Reader,
     SqliteReader, SqliteStore, Store, StoreError, Totals,
@@ -46,6 +46,7 @@ fn header(
         expires_at_ms: at_ms + 86_400_000,
         // Past i64::MAX: the bit-cast must round-trip.
         seed: u64::MAX - 7,
+        amount_rule: AmountRule::CURRENT,
     }
 }
 

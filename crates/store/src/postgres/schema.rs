@@ -13,7 +13,7 @@ use super::{schema_name, PgConn};
 use crate::{Result, StoreError};
 
 /// Every migration, in order; `MIGRATIONS[i]` takes a schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[V1];
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2];
 
 /// First key of the advisory lock a set's migrations hold ("Hong"); the second is the set.
 const MIGRATION_LOCK_CLASS: i32 = 0x486f_6e67;
@@ -147,6 +147,12 @@ CREATE TABLE totals (
     withdrawals_fen bigint NOT NULL CHECK (withdrawals_fen >= 0)
 );
 INSERT INTO totals (id, deposits_fen, withdrawals_fen) VALUES (0, 0, 0);
+";
+
+/// Each packet records the amount rule that draws its lucky shares (`hongbao_core::AmountRule`):
+/// packets sent before the column existed were drawn by rule 1 and keep it.
+const V2: &str = "
+ALTER TABLE packets ADD COLUMN amount_rule smallint NOT NULL DEFAULT 1 CHECK (amount_rule IN (1, 2));
 ";
 
 /// Creates the set's schema when missing, brings it up to the newest version, and checks (or,

@@ -52,10 +52,11 @@ const INSERT_ENTRIES: &str = "INSERT INTO entries (id, user_id, kind, amount_fen
      ORDER BY e.n";
 
 const INSERT_PACKETS: &str = "INSERT INTO packets (id, sender, kind, total_fen, count, audience_anyone, \
-         greeting, created_at_ms, expires_at_ms, seed, status, opened_count, opened_fen, refunded_fen) \
-     SELECT p.i, p.s, p.k, p.t, p.c, p.a, p.g, p.cr, p.ex, p.sd, 'active', 0, 0, 0 \
+         greeting, created_at_ms, expires_at_ms, seed, status, opened_count, opened_fen, refunded_fen, \
+         amount_rule) \
+     SELECT p.i, p.s, p.k, p.t, p.c, p.a, p.g, p.cr, p.ex, p.sd, 'active', 0, 0, 0, p.r \
      FROM unnest($1::int8[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::bool[], $7::text[], \
-         $8::int8[], $9::int8[], $10::int8[]) AS p(i, s, k, t, c, a, g, cr, ex, sd)";
+         $8::int8[], $9::int8[], $10::int8[], $11::int2[]) AS p(i, s, k, t, c, a, g, cr, ex, sd, r)";
 
 const INSERT_AUDIENCE: &str =
     "INSERT INTO audience (packet_id, user_id) SELECT * FROM unnest($1::int8[], $2::text[])";
@@ -478,10 +479,14 @@ fn write_batch(conn: &mut PgConn, b: &Batch) -> Result<()> {
         let expires: Vec<i64> = p.iter().map(|h| h.expires_at_ms).collect();
         // Bit-cast: PostgreSQL integers are signed.
         let seeds: Vec<i64> = p.iter().map(|h| h.seed as i64).collect();
+        let rules: Vec<i16> = p.iter().map(|h| h.amount_rule.code() as i16).collect();
         let s = st.get(&mut tx, INSERT_PACKETS)?;
         tx.execute(
             &s,
-            &[&ids, &senders, &kinds, &totals, &counts, &anyone, &greetings, &created, &expires, &seeds],
+            &[
+                &ids, &senders, &kinds, &totals, &counts, &anyone, &greetings, &created, &expires, &seeds,
+                &rules,
+            ],
         )?;
 
         let mut member_packets: Vec<i64> = Vec::new();

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use hongbao_core::packet::PacketHeader;
-use hongbao_core::{Audience, Claim, Kind, PacketId, PacketStatus, UserId};
+use hongbao_core::{AmountRule, Audience, Claim, Kind, PacketId, PacketStatus, UserId};
 use rusqlite::Row;
 
 use crate::{EntryKind, EntryRow, IdemRecord, IdemResult, OutboxItem, PacketRow, Result, StoreError};
@@ -126,6 +126,9 @@ pub(super) fn packet_row(row: &Row<'_>, users: &mut Users) -> Result<PacketRow> 
         (None, None) => None,
         _ => return Err(corrupt(format!("packet {id} has half a best luck"))),
     };
+    let rule_code: i64 = row.get(16)?;
+    let amount_rule = AmountRule::from_code(rule_code)
+        .ok_or_else(|| corrupt(format!("packet {id} has amount rule {rule_code}")))?;
     let header = PacketHeader {
         id,
         sender,
@@ -137,6 +140,7 @@ pub(super) fn packet_row(row: &Row<'_>, users: &mut Users) -> Result<PacketRow> 
         created_at_ms,
         expires_at_ms,
         seed,
+        amount_rule,
     };
     Ok(PacketRow { header, status, opened_count, opened_fen, refunded_fen, best })
 }

@@ -11,7 +11,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior};
 use crate::{Result, StoreError};
 
 /// Every migration, in order; `MIGRATIONS[i]` takes a file from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[V1];
+const MIGRATIONS: &[&str] = &[V1, V2];
 
 /// Names carry their unit last (`_fen`, `_ms`). Every query the store and the reader run has
 /// an index; the comments say which query each one serves.
@@ -130,6 +130,12 @@ CREATE TABLE totals (
 INSERT INTO totals (id, deposits_fen, withdrawals_fen) VALUES (0, 0, 0);
 ";
 
+/// Each packet records the amount rule that draws its lucky shares (`hongbao_core::AmountRule`):
+/// packets sent before the column existed were drawn by rule 1 and keep it.
+const V2: &str = "
+ALTER TABLE packets ADD COLUMN amount_rule INTEGER NOT NULL DEFAULT 1 CHECK (amount_rule IN (1, 2));
+";
+
 /// Brings the file up to the newest schema and checks (or, in a new file, records) which set
 /// of how many it holds. All in one transaction: a crash half-way leaves the old version.
 pub(super) fn migrate(conn: &mut Connection, path: &Path, set: u32, sets: u32) -> Result<()> {
@@ -201,5 +207,23 @@ mod tests {
         assert_eq!(version, MIGRATIONS.len() as i64);
         // A second open is a no-op, not a second run of the scripts.
         migrate(&mut conn, Path::new("mem"), 0, 1).unwrap();
+    }
+
+    #[test]
+    fn packets_from_before_the_rule_column_keep_rule_1() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(V1).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        conn.execute(
+            "INSERT INTO packets (id, sender, kind, total_fen, count, audience_anyone, greeting, \
+             created_at_ms, expires_at_ms, seed, status, opened_count, opened_fen, refunded_fen) \
+             VALUES (1, 'alice', 'lucky', 100, 10, 1, '', 0, 1000, 7, 'active', 0, 0, 0)",
+            [],
+        )
+        .unwrap();
+        migrate(&mut conn, Path::new("mem"), 0, 1).unwrap();
+        let rule: i64 =
+            conn.query_row("SELECT amount_rule FROM packets WHERE id = 1", [], |r| r.get(0)).unwrap();
+        assert_eq!(rule, hongbao_core::AmountRule::V1.code());
     }
 }

@@ -355,7 +355,7 @@ fn write_batch(conn: &mut Connection, b: &Batch) -> Result<()> {
         let mut st = tx.prepare_cached(concat!(
             "INSERT INTO packets (",
             packet_columns!(),
-            ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'active', 0, 0, 0, NULL, NULL)"
+            ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'active', 0, 0, 0, NULL, NULL, ?11)"
         ))?;
         let mut member = tx.prepare_cached("INSERT INTO audience (packet_id, user) VALUES (?1, ?2)")?;
         for h in &b.new_packets {
@@ -372,6 +372,7 @@ fn write_batch(conn: &mut Connection, b: &Batch) -> Result<()> {
                 h.expires_at_ms,
                 // Bit-cast: SQLite integers are signed.
                 h.seed as i64,
+                h.amount_rule.code(),
             ])?;
             if let Audience::Users(group) = &h.audience {
                 for user in group.iter() {
