@@ -318,17 +318,19 @@ impl SetRunner {
     }
 
     /// Fail-stop after a failed commit: memory holds effects the store does not. Drop it
-    /// and rebuild from the store, retrying until the store works again. Commands that arrive
-    /// meanwhile wait in the queue, and a full queue turns new work away at once.
+    /// and rebuild from the store, retrying until the store works again. Meanwhile the engine
+    /// refuses new writes (503), and commands that were already queued are answered 503 at
+    /// every retry instead of waiting for a store that may be gone for good (a dead primary):
+    /// a caller never hangs on a set that cannot commit.
     /// Returns false when the engine began shutting down before the store came back.
     pub(crate) fn reload(&mut self) -> bool {
         self.ctx.ready.store(false, Ordering::SeqCst);
         loop {
+            while let Ok(cmd) = self.rx.try_recv() {
+                reject(cmd);
+            }
             if self.ctx.stopping.load(Ordering::SeqCst) {
                 tracing::warn!(set = self.ctx.set, "shutting down while the store is failing");
-                while let Ok(cmd) = self.rx.try_recv() {
-                    reject(cmd);
-                }
                 return false;
             }
             match load(&self.ctx, self.store.as_mut()) {
@@ -355,7 +357,8 @@ impl SetRunner {
     }
 }
 
-/// Answers a command that will not be applied: the engine is stopping.
+/// Answers a command that will not be applied: the engine is stopping, or the set is
+/// reloading from a failed store. Credits and acks are dropped: the outbox sends them again.
 fn reject(cmd: Command) {
     let e = EngineError::Unavailable;
     match cmd {
@@ -363,7 +366,9 @@ fn reject(cmd: Command) {
         Command::Send { reply, .. } => drop(reply.send(Err(e))),
         Command::Grab { reply, .. } => drop(reply.send(Err(e))),
         Command::Open { reply, .. } | Command::Claim { reply, .. } => drop(reply.send(Err(e))),
-        Command::Audit { snapshot, .. } => drop(snapshot.send(Err("engine stopping".into()))),
+        Command::Audit { snapshot, .. } => {
+            drop(snapshot.send(Err("the set is stopping or reloading".into())))
+        }
         Command::Credit { .. } | Command::Ack { .. } | Command::Shutdown => {}
     }
 }
