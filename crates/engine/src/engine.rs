@@ -29,6 +29,11 @@ pub struct EngineConfig {
     /// `Some(postgres://…)` keeps every set in that PostgreSQL database (a schema per set)
     /// instead of SQLite files.
     pub store_url: Option<String>,
+    /// `Some(postgres://…)`: queries (balances, history, packet details) read from this server,
+    /// normally a streaming standby of `store_url`'s, instead of the primary. Needs a
+    /// PostgreSQL `store_url`. Answers may trail acknowledged writes by the standby's replay
+    /// lag: see `hongbao_store::open_postgres_reader`.
+    pub replica_url: Option<String>,
     pub limits: Limits,
     /// Commands waiting per set. A full queue refuses new work at once (503) instead of
     /// letting latency grow without bound.
@@ -47,6 +52,7 @@ impl EngineConfig {
             sets: 1,
             data_dir,
             store_url: None,
+            replica_url: None,
             limits: Limits::default(),
             queue_depth: 16_384,
             batch_max: 2_048,
@@ -97,11 +103,20 @@ impl Engine {
                 for set in 0..config.sets {
                     let (store, reader) = hongbao_store::open_postgres(url, set, config.sets)
                         .map_err(|e| format!("set {set}: {e}"))?;
+                    // The primary's reader opens no connection until used: dropping it is free.
+                    let reader = match &config.replica_url {
+                        Some(replica) => hongbao_store::open_postgres_reader(replica, set, config.sets)
+                            .map_err(|e| format!("set {set} on the replica: {e}"))?,
+                        None => reader,
+                    };
                     stores.push((Box::new(store), Arc::new(reader)));
                 }
             }
             Some(url) if url != "sqlite" => {
                 return Err("--store must be `sqlite` or a postgres:// URL".to_string());
+            }
+            _ if config.replica_url.is_some() => {
+                return Err("a replica needs a postgres:// store".to_string());
             }
             _ => {
                 std::fs::create_dir_all(&config.data_dir)

@@ -71,7 +71,9 @@ impl Engine {
         limit: u32,
     ) -> Result<EntriesPage, EngineError> {
         let reader = self.reader(self.user_set(&user));
-        let rows = read(self, reader, move |r| r.entries(&user, cursor, limit + 1)).await?;
+        let (rows, archived_before_ms) =
+            read(self, reader, move |r| Ok((r.entries(&user, cursor, limit + 1)?, r.archived_before()?)))
+                .await?;
         let more = rows.len() > limit as usize;
         let entries: Vec<EntryView> = rows
             .into_iter()
@@ -85,7 +87,7 @@ impl Engine {
             })
             .collect();
         let next_cursor = if more { entries.last().map(|e| e.id) } else { None };
-        Ok(EntriesPage { entries, next_cursor })
+        Ok(EntriesPage { entries, next_cursor, archived_before_ms })
     }
 
     /// A packet with a page of its claims in opening order.
@@ -95,18 +97,48 @@ impl Engine {
         cursor: Option<u32>,
         limit: u32,
     ) -> Result<PacketDetails, EngineError> {
+        self.details(id, None, cursor, limit).await
+    }
+
+    /// As `packet`, for `viewer`, who may see it only as its sender or one of its audience
+    /// (anyone, for a packet for anyone). To every other user it is `NotFound`, exactly as a
+    /// packet that does not exist, so ids cannot be used to probe other people's packets.
+    pub async fn packet_seen_by(
+        &self,
+        id: PacketId,
+        viewer: UserId,
+        cursor: Option<u32>,
+        limit: u32,
+    ) -> Result<PacketDetails, EngineError> {
+        self.details(id, Some(viewer), cursor, limit).await
+    }
+
+    async fn details(
+        &self,
+        id: PacketId,
+        viewer: Option<UserId>,
+        cursor: Option<u32>,
+        limit: u32,
+    ) -> Result<PacketDetails, EngineError> {
         if id.set() >= self.sets() {
             return Err(EngineError::NotFound);
         }
         let reader = self.reader(id.set());
-        let (row, claims, best) = read(self, reader, move |r| {
+        let (row, claims, best, archived_before_ms) = read(self, reader, move |r| {
             let Some(row) = r.packet(id)? else { return Ok(None) };
+            if let Some(v) = &viewer {
+                if row.header.sender != *v && !row.header.audience.admits(v) {
+                    return Ok(None);
+                }
+            }
             let claims = r.claims(id, cursor, limit + 1)?;
             let best = match &row.best {
                 Some((user, _)) => r.claim_of(id, user)?,
                 None => None,
             };
-            Ok(Some((row, claims, best)))
+            // Claims are archived by their packet's creation day.
+            let archived = r.archived_before()?.filter(|&cut| row.header.created_at_ms < cut);
+            Ok(Some((row, claims, best, archived)))
         })
         .await?
         .ok_or(EngineError::NotFound)?;
@@ -124,6 +156,7 @@ impl Engine {
                 .map(|c| ClaimView { user: c.user, amount_fen: c.amount_fen, at_ms: c.at_ms })
                 .collect(),
             next_cursor,
+            archived_before_ms,
         })
     }
 
@@ -165,7 +198,10 @@ impl Engine {
         let (from, to) = year_range(year);
         let reader = self.reader(self.user_set(&user));
         let u = user.clone();
-        let page = read(self, reader, move |r| r.received(&u, from, to, cursor, limit + 1)).await?;
+        let (page, archived_before_ms) = read(self, reader, move |r| {
+            Ok((r.received(&u, from, to, cursor, limit + 1)?, r.archived_before()?))
+        })
+        .await?;
         let mut best_luck_count = 0;
         for reader in self.readers() {
             let u = user.clone();
@@ -186,6 +222,7 @@ impl Engine {
             best_luck_count,
             items,
             next_cursor,
+            archived_before_ms,
         })
     }
 }

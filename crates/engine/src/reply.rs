@@ -106,12 +106,17 @@ pub struct PacketDetails {
     pub claims: Vec<ClaimView>,
     /// Share index of the last claim on this page, when more may follow.
     pub next_cursor: Option<u32>,
+    /// Set when this packet's claims may have been moved to the archive (`hongbao archive`):
+    /// it was created before this instant, so the list may lack claims it paid.
+    pub archived_before_ms: Option<Millis>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EntriesPage {
     pub entries: Vec<EntryView>,
     pub next_cursor: Option<i64>,
+    /// Entries before this instant may be in the archive, not in this history.
+    pub archived_before_ms: Option<Millis>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,6 +149,9 @@ pub struct ReceivedHistory {
     pub best_luck_count: u64,
     pub items: Vec<ReceivedItem>,
     pub next_cursor: Option<i64>,
+    /// Shares received before this instant may be in the archive: the items, count and
+    /// total cover what is live only.
+    pub archived_before_ms: Option<Millis>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,7 +10,10 @@ mod postgres;
 mod sqlite;
 
 pub use null::{NullReader, NullStore};
-pub use postgres::{open_postgres, PgReader, PgStore};
+pub use postgres::{
+    archive_postgres, make_postgres_day_partitions, open_postgres, open_postgres_reader, ArchiveReport,
+    ArchivedDay, PgReader, PgStore, SkippedDay,
+};
 pub use sqlite::{open_sqlite, SqliteReader, SqliteStore};
 
 use hongbao_core::packet::PacketHeader;
@@ -285,6 +288,15 @@ pub trait Reader: Send + Sync + 'static {
     ) -> Result<ReceivedPage>;
     /// How many exhausted packets of this set created in the range have `user` as best luck.
     fn best_luck_count(&self, user: &UserId, from_ms: Millis, to_ms: Millis) -> Result<u64>;
+
+    /// Where the store's history stops being complete: claims and entries of the days before
+    /// this instant may have been moved out of the store to an archive (`hongbao archive`),
+    /// so history before it answers from what is left, and a packet created before it may
+    /// list fewer claims than it paid. `None` when nothing was archived (the default: stores
+    /// that never archive). A store may answer from a cache a few seconds old.
+    fn archived_before(&self) -> Result<Option<Millis>> {
+        Ok(None)
+    }
 
     /// One user's share of a packet. The default pages through the claims; a store with an
     /// index on (packet, user) answers it in one lookup.

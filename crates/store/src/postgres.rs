@@ -25,17 +25,22 @@ use crate::{Result, StoreError};
 macro_rules! pg_packet_columns {
     () => {
         "id, sender, kind, total_fen, count, audience_anyone, greeting, created_at_ms, \
-         expires_at_ms, seed, status, opened_count, opened_fen, refunded_fen, best_user, best_fen"
+         expires_at_ms, seed, status, opened_count, opened_fen, refunded_fen, best_user, best_fen, \
+         amount_rule"
     };
 }
 
+mod archive;
 mod partitions;
 mod read;
+mod replica;
 mod rows;
 mod schema;
 mod write;
 
+pub use archive::{archive_postgres, make_postgres_day_partitions, ArchiveReport, ArchivedDay, SkippedDay};
 pub use read::PgReader;
+pub use replica::open_postgres_reader;
 pub use write::PgStore;
 
 /// Query connections per set. Queries run beside the engine threads on a 2-core machine, and
@@ -76,20 +81,8 @@ const POOL_HELPER_THREADS: usize = 1;
 /// the wrong place. Safe to call from inside a tokio runtime: the connecting happens on a
 /// thread of its own.
 pub fn open_postgres(url: &str, set: u32, sets: u32) -> Result<(PgStore, PgReader)> {
-    if sets == 0 || sets > SETS_MAX || set >= sets {
-        return Err(StoreError::Incompatible(format!(
-            "set {set} of {sets} sets is out of range (1 to {SETS_MAX} sets)"
-        )));
-    }
-    // The URL may hold a password: the error says what is wrong, not what was given.
-    let mut config: Config =
-        url.parse().map_err(|e| StoreError::Io(format!("bad PostgreSQL URL: {}", error_text(&e))))?;
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(CONNECT_WAIT_MAX);
-    }
-    config.keepalives_idle(TCP_SILENCE_MAX);
-    config.tcp_user_timeout(TCP_SILENCE_MAX);
-
+    check_set(set, sets)?;
+    let config = client_config(url)?;
     // The blocking client runs a runtime of its own and panics inside another one, and the
     // binary opens its stores from async main: connect on a plain thread.
     std::thread::scope(|s| {
@@ -98,8 +91,39 @@ pub fn open_postgres(url: &str, set: u32, sets: u32) -> Result<(PgStore, PgReade
             .unwrap_or_else(|_| Err(StoreError::Io("opening the PostgreSQL store panicked".into())))
     })
     .and_then(|(store, config)| {
-        let reader = PgReader::new(open_read_pool(config, set)?);
+        let reader = PgReader::new(open_read_pool(config, set)?, set);
         Ok((store, reader))
+    })
+}
+
+fn check_set(set: u32, sets: u32) -> Result<()> {
+    if sets == 0 || sets > SETS_MAX || set >= sets {
+        return Err(StoreError::Incompatible(format!(
+            "set {set} of {sets} sets is out of range (1 to {SETS_MAX} sets)"
+        )));
+    }
+    Ok(())
+}
+
+/// The client configuration of `url`, with the store's bounds on connecting and on a silent
+/// server.
+fn client_config(url: &str) -> Result<Config> {
+    // The URL may hold a password: the error says what is wrong, not what was given.
+    let mut config: Config =
+        url.parse().map_err(|e| StoreError::Io(format!("bad PostgreSQL URL: {}", error_text(&e))))?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_WAIT_MAX);
+    }
+    config.keepalives_idle(TCP_SILENCE_MAX);
+    config.tcp_user_timeout(TCP_SILENCE_MAX);
+    Ok(config)
+}
+
+/// Runs blocking client work on a plain thread of its own: the blocking client runs a runtime
+/// of its own and panics inside another one, and the binary calls in from async main.
+fn on_plain_thread<T: Send>(what: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(f).join().unwrap_or_else(|_| Err(StoreError::Io(format!("{what} panicked"))))
     })
 }
 

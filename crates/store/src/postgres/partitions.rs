@@ -26,7 +26,7 @@ pub(super) const DAY_MS: i64 = 86_400_000;
 
 /// Days before today that get a partition: yesterday's, for packets created just before
 /// midnight whose claims come after it.
-const DAYS_BEHIND: i64 = 1;
+pub(super) const DAYS_BEHIND: i64 = 1;
 
 /// Days after today that get a partition: a week of slack, so a set that runs for days
 /// without a restart never writes a current row to the default partition.
@@ -70,7 +70,7 @@ impl Table {
     }
 
     /// The day a partition's name stands for, if it is one of ours.
-    fn day_of(self, partition: &str) -> Option<i64> {
+    pub(super) fn day_of(self, partition: &str) -> Option<i64> {
         let digits = partition.strip_prefix(self.name())?.strip_prefix("_d")?;
         if digits.len() != 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
             return None;
@@ -104,7 +104,7 @@ pub(super) fn day_of_ms(ms: Millis) -> i64 {
     ms.div_euclid(DAY_MS)
 }
 
-fn today() -> i64 {
+pub(super) fn today() -> i64 {
     let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
     day_of_ms(now_ms)
 }

@@ -5,11 +5,15 @@
 //! Called from tokio's blocking threads, where the blocking client may run its own runtime.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use hongbao_core::{Audience, Claim, Millis, PacketId, UserId};
 use postgres::{Client, IsolationLevel, Transaction};
 use r2d2::{Pool, PooledConnection};
 
+use super::archive::{date_text, ArchivedDay};
+use super::partitions::DAY_MS;
 use super::rows::{self, get, to_u64, Users};
 use super::write::read_packet_row;
 use super::Manager;
@@ -44,19 +48,63 @@ const SELECT_CLAIM_OF: &str =
 const SELECT_BEST_LUCK: &str = "SELECT count(*) FROM packets WHERE best_user = $1 AND status = 'exhausted' \
      AND created_at_ms >= $2 AND created_at_ms < $3";
 
+/// How long [`Reader::archived_before`] answers from what it read last: history queries ask
+/// it on every request, and the days archived change once a day at most. An archive run shows
+/// in answers at most this much later; until then a page just lacks the archived rows.
+const ARCHIVED_CACHE_MAX: Duration = Duration::from_secs(10);
+
+/// `archived_days` exists once the first archive of the set ran (see `archive`).
+const ARCHIVED_DAYS_EXIST: &str = "SELECT to_regclass('archived_days') IS NOT NULL";
+const SELECT_ARCHIVED_DAYS: &str = "SELECT table_name, (day - DATE '1970-01-01')::int8, file, rows \
+     FROM archived_days ORDER BY day, table_name, file";
+
+/// The archived days of a set, and when they were read.
+type ArchivedRead = (Instant, Vec<ArchivedDay>);
+
 /// The read side of one set's schema: cheap to clone, `Send + Sync`.
 #[derive(Debug, Clone)]
 pub struct PgReader {
     pool: Pool<Manager>,
+    set: u32,
+    /// The archived days last read and when, shared by clones. A std mutex: held only to copy
+    /// the value in or out, never across a query.
+    archived: Arc<Mutex<Option<ArchivedRead>>>,
 }
 
 impl PgReader {
-    pub(super) fn new(pool: Pool<Manager>) -> PgReader {
-        PgReader { pool }
+    pub(super) fn new(pool: Pool<Manager>, set: u32) -> PgReader {
+        PgReader { pool, set, archived: Arc::default() }
     }
 
     fn conn(&self) -> Result<PooledConnection<Manager>> {
         Ok(self.pool.get()?)
+    }
+
+    /// Every day of this set's `claims` and `entries` that `hongbao archive` moved to files,
+    /// oldest first, read now (not cached). Their rows are no longer in the database: history
+    /// queries answer from what is live, and [`Reader::archived_before`] tells callers where
+    /// that stops being the whole story. Claims are archived by the creation day of their
+    /// packet, entries by their own day.
+    pub fn archived_days(&self) -> Result<Vec<ArchivedDay>> {
+        let mut conn = self.conn()?;
+        let client = conn.client();
+        let exists: bool = get(&client.query_one(ARCHIVED_DAYS_EXIST, &[])?, 0)?;
+        if !exists {
+            return Ok(Vec::new());
+        }
+        let mut days = Vec::new();
+        for r in client.query(SELECT_ARCHIVED_DAYS, &[])? {
+            let day: i64 = get(&r, 1)?;
+            days.push(ArchivedDay {
+                set: self.set,
+                table: get::<String>(&r, 0)?,
+                day,
+                date: date_text(day),
+                file: get(&r, 2)?,
+                rows: to_u64(get(&r, 3)?, "archived rows")?,
+            });
+        }
+        Ok(days)
     }
 }
 
@@ -185,6 +233,21 @@ impl Reader for PgReader {
             Some(r) => Ok(Some(rows::claim(&r, 0, &mut Users::parsing())?)),
             None => Ok(None),
         }
+    }
+
+    /// The end of the newest archived day, from [`PgReader::archived_days`] read at most
+    /// [`ARCHIVED_CACHE_MAX`] ago.
+    fn archived_before(&self) -> Result<Option<Millis>> {
+        let cached = self.archived.lock().expect("archived cache lock").clone();
+        let days = match cached {
+            Some((at, days)) if at.elapsed() < ARCHIVED_CACHE_MAX => days,
+            _ => {
+                let days = self.archived_days()?;
+                *self.archived.lock().expect("archived cache lock") = Some((Instant::now(), days.clone()));
+                days
+            }
+        };
+        Ok(days.iter().map(|d| (d.day + 1) * DAY_MS).max())
     }
 
     fn best_luck_count(&self, user: &UserId, from_ms: Millis, to_ms: Millis) -> Result<u64> {
