@@ -7,8 +7,9 @@ use hongbao_engine::{
     AuditReport, ClaimReply, ClaimView, EntriesPage, PacketDetails, PacketSummary, ReceivedHistory,
     SentHistory, SentItem, WalletReply,
 };
+use serde::de::{DeserializeOwned, Deserializer, Error as _, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use utoipa::{ToResponse, ToSchema};
 
 /// RFC 3339 UTC with milliseconds, e.g. `2026-01-01T00:00:00.000Z`.
 pub fn time(ms: Millis) -> String {
@@ -21,8 +22,10 @@ pub fn time(ms: Millis) -> String {
 #[serde(deny_unknown_fields)]
 pub struct MoneyBody {
     /// Integer fen, at least 1.
+    #[schema(minimum = 1, maximum = 1_000_000_000_000_i64)]
     pub amount: i64,
     /// Idempotency key: a repeat with the same id returns the first result and moves nothing.
+    #[schema(pattern = "^[!-~]{1,128}$")]
     pub request_id: String,
 }
 
@@ -30,6 +33,7 @@ pub struct MoneyBody {
 #[serde(deny_unknown_fields)]
 pub struct AudienceBody {
     /// A group (one user is a 1:1 packet).
+    #[schema(min_items = 1)]
     pub users: Option<Vec<String>>,
     /// `true`: anyone may claim (a campaign).
     pub anyone: Option<bool>,
@@ -38,21 +42,29 @@ pub struct AudienceBody {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SendBody {
+    #[schema(pattern = "^[A-Za-z0-9_.-]{1,64}$")]
     pub sender: String,
     /// `lucky` or `equal`.
+    #[schema(pattern = "^(lucky|equal)$")]
     pub kind: String,
     /// Integer fen.
+    #[schema(minimum = 1, maximum = 1_000_000_000_000_i64)]
     pub total_amount: i64,
+    #[schema(minimum = 1)]
     pub count: i64,
+    #[serde(deserialize_with = "object")]
     pub audience: AudienceBody,
     pub greeting: Option<String>,
+    #[schema(minimum = 1)]
     pub expires_in_s: Option<i64>,
+    #[schema(pattern = "^[!-~]{1,128}$")]
     pub request_id: String,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UserBody {
+    #[schema(pattern = "^[A-Za-z0-9_.-]{1,64}$")]
     pub user: String,
 }
 
@@ -167,6 +179,9 @@ pub struct PacketDetailsOut {
     pub best_luck: Option<ClaimLine>,
     pub claims: Vec<ClaimLine>,
     pub next_cursor: Option<String>,
+    /// Set when the packet's claims may have been moved to the archive (`hongbao archive`):
+    /// it was created before this instant, so `claims` may lack some it paid.
+    pub archived_before: Option<String>,
 }
 
 impl From<PacketDetails> for PacketDetailsOut {
@@ -187,6 +202,7 @@ impl From<PacketDetails> for PacketDetailsOut {
             best_luck: d.best_luck.map(ClaimLine::from),
             claims: d.claims.into_iter().map(ClaimLine::from).collect(),
             next_cursor: d.next_cursor.map(|c| c.to_string()),
+            archived_before: d.archived_before_ms.map(time),
         }
     }
 }
@@ -206,6 +222,9 @@ pub struct EntryOut {
 pub struct EntriesOut {
     pub entries: Vec<EntryOut>,
     pub next_cursor: Option<String>,
+    /// Entries before this instant may have been moved to the archive (`hongbao archive`):
+    /// this history holds what is live only.
+    pub archived_before: Option<String>,
 }
 
 impl From<EntriesPage> for EntriesOut {
@@ -222,6 +241,7 @@ impl From<EntriesPage> for EntriesOut {
                 })
                 .collect(),
             next_cursor: p.next_cursor.map(|c| c.to_string()),
+            archived_before: p.archived_before_ms.map(time),
         }
     }
 }
@@ -240,6 +260,9 @@ pub struct ReceivedOut {
     pub best_luck_count: u64,
     pub items: Vec<ReceivedItemOut>,
     pub next_cursor: Option<String>,
+    /// Shares received before this instant may have been moved to the archive (`hongbao
+    /// archive`): `items`, `count` and `total_amount` cover what is live only.
+    pub archived_before: Option<String>,
 }
 
 impl From<ReceivedHistory> for ReceivedOut {
@@ -258,6 +281,7 @@ impl From<ReceivedHistory> for ReceivedOut {
                 })
                 .collect(),
             next_cursor: h.next_cursor.map(|c| c.to_string()),
+            archived_before: h.archived_before_ms.map(time),
         }
     }
 }
@@ -306,6 +330,26 @@ impl From<AuditReport> for AuditOut {
     }
 }
 
+/// An error: `application/problem+json` with a stable `code` (DESIGN.md §4). It describes
+/// what `error.rs` renders, for the API description only.
+#[derive(Debug, Serialize, ToResponse)]
+#[response(content_type = "application/problem+json")]
+pub struct Problem {
+    /// Always `about:blank`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The status's reason phrase.
+    pub title: String,
+    pub status: u16,
+    /// `invalid_request`, `unauthorized`, `forbidden`, `not_eligible`, `not_found`,
+    /// `insufficient_funds`, `balance_limit`, `not_grabbed`, `idempotency_conflict`,
+    /// `packet_exhausted`, `packet_expired`, `rate_limited`, `overloaded`, `headers_too_large`
+    /// or `internal`.
+    pub code: String,
+    /// What went wrong, in words.
+    pub detail: String,
+}
+
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct PageQuery {
     pub limit: Option<String>,
@@ -316,4 +360,34 @@ pub struct PageQuery {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
     pub status: &'static str,
+}
+
+/// Deserializes a nested body struct from a JSON object only. serde's derive also takes a
+/// JSON array of the fields in order (`"audience": [["bob"], null]`), which is not the
+/// contract; the top-level body gets the same check in `json.rs`. Duplicate keys are refused,
+/// as the derive refuses them.
+fn object<'de, D: Deserializer<'de>, T: DeserializeOwned>(d: D) -> Result<T, D::Error> {
+    struct ObjectVisitor;
+
+    impl<'de> Visitor<'de> for ObjectVisitor {
+        type Value = serde_json::Map<String, serde_json::Value>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = serde_json::Map::new();
+            while let Some((key, value)) = map.next_entry::<String, serde_json::Value>()? {
+                if out.contains_key(&key) {
+                    return Err(A::Error::custom(format_args!("duplicate field `{key}`")));
+                }
+                out.insert(key, value);
+            }
+            Ok(out)
+        }
+    }
+
+    let map = d.deserialize_map(ObjectVisitor)?;
+    T::deserialize(serde_json::Value::Object(map)).map_err(D::Error::custom)
 }

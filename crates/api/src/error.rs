@@ -12,9 +12,9 @@ use thiserror::Error;
 pub enum ApiError {
     #[error("{0}")]
     InvalidRequest(String),
-    #[error("a valid `Authorization: Bearer <key>` header is required")]
+    #[error("a valid `Authorization: Bearer <key or user token>` header is required")]
     Unauthorized,
-    #[error("this key may not do that")]
+    #[error("this key or token may not do that")]
     Forbidden,
     #[error("not in this packet's audience")]
     NotEligible,
@@ -36,6 +36,12 @@ pub enum ApiError {
     RateLimited,
     #[error("the service is saturated: retry shortly")]
     Overloaded,
+    #[error("the request headers are too large")]
+    HeadersTooLarge,
+    /// The body could not be read whole (over the size bound, or cut off). It is left unread,
+    /// so the connection cannot carry another request: the reply says `Connection: close`.
+    #[error("the body must be at most {0} bytes")]
+    BodyUnread(usize),
     #[error("internal error")]
     Internal(String),
 }
@@ -54,7 +60,9 @@ impl ApiError {
     /// The one mapping from error to HTTP status and `code` (DESIGN.md §4).
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
-            ApiError::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            ApiError::InvalidRequest(_) | ApiError::BodyUnread(_) => {
+                (StatusCode::BAD_REQUEST, "invalid_request")
+            }
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotEligible => (StatusCode::FORBIDDEN, "not_eligible"),
@@ -67,6 +75,7 @@ impl ApiError {
             ApiError::PacketExpired => (StatusCode::GONE, "packet_expired"),
             ApiError::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            ApiError::HeadersTooLarge => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "headers_too_large"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -103,6 +112,11 @@ impl IntoResponse for ApiError {
         let body = Problem { kind: "about:blank", title, status: status.as_u16(), code, detail };
         let mut res = (status, serde_json::to_vec(&body).unwrap_or_default()).into_response();
         res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        if matches!(self, ApiError::BodyUnread(_)) {
+            // Without it a keep-alive client sends its next request on a connection the
+            // server is about to close, and sees that request fail.
+            res.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }

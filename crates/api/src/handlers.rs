@@ -1,4 +1,8 @@
 //! Handlers: parse, call the engine, shape the reply. No decisions about money are made here.
+//!
+//! Who may do what (DESIGN.md §2 item 8): the service and admin keys act for any user; a user
+//! token acts only as its own user (`Caller::may_act_as`), and sees a packet's details only
+//! as its sender or one of its audience. Deposits, withdrawals and the audit take a key.
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
@@ -7,7 +11,7 @@ use axum::Json;
 use hongbao_core::{Amount, Audience, Kind, PacketId, RequestId, SendRequest, UserId};
 use hongbao_engine::GrabReply;
 
-use crate::auth::{AdminKey, ServiceKey};
+use crate::auth::{AdminKey, Caller, ServiceKey};
 use crate::dto::*;
 use crate::error::ApiError;
 use crate::json::StrictJson;
@@ -74,8 +78,10 @@ fn cursor<T: std::str::FromStr>(c: &Option<String>) -> ApiResult<Option<T>> {
 }
 
 #[utoipa::path(post, path = "/v1/wallets/{user}/deposit", request_body = MoneyBody,
-    params(("user" = String, Path)), security(("bearer" = [])),
-    responses((status = 200, body = Wallet), (status = 400), (status = 401), (status = 403), (status = 409)))]
+    params(("user" = String, Path, pattern = "^[A-Za-z0-9_.-]{1,64}$")), security(("bearer" = [])),
+    responses((status = 200, body = Wallet), (status = 400, response = inline(Problem)),
+        (status = 401, response = inline(Problem)), (status = 403, response = inline(Problem)),
+        (status = 409, response = inline(Problem)), (status = 503, response = inline(Problem))))]
 pub async fn deposit(
     State(s): State<AppState>,
     _key: AdminKey,
@@ -89,8 +95,10 @@ pub async fn deposit(
 }
 
 #[utoipa::path(post, path = "/v1/wallets/{user}/withdraw", request_body = MoneyBody,
-    params(("user" = String, Path)), security(("bearer" = [])),
-    responses((status = 200, body = Wallet), (status = 400), (status = 401), (status = 409)))]
+    params(("user" = String, Path, pattern = "^[A-Za-z0-9_.-]{1,64}$")), security(("bearer" = [])),
+    responses((status = 200, body = Wallet), (status = 400, response = inline(Problem)),
+        (status = 401, response = inline(Problem)), (status = 403, response = inline(Problem)),
+        (status = 409, response = inline(Problem)), (status = 503, response = inline(Problem))))]
 pub async fn withdraw(
     State(s): State<AppState>,
     _key: ServiceKey,
@@ -103,38 +111,51 @@ pub async fn withdraw(
     Ok(Json(s.engine.withdraw(user, amount, rid).await?.into()))
 }
 
-#[utoipa::path(get, path = "/v1/wallets/{user}", params(("user" = String, Path)), security(("bearer" = [])),
-    responses((status = 200, body = Wallet), (status = 400), (status = 401)))]
+#[utoipa::path(get, path = "/v1/wallets/{user}",
+    params(("user" = String, Path, pattern = "^[A-Za-z0-9_.-]{1,64}$")), security(("bearer" = [])),
+    responses((status = 200, body = Wallet), (status = 400, response = inline(Problem)),
+        (status = 401, response = inline(Problem)), (status = 403, response = inline(Problem)),
+        (status = 503, response = inline(Problem))))]
 pub async fn wallet(
     State(s): State<AppState>,
-    _key: ServiceKey,
+    caller: Caller,
     Path(user): Path<String>,
 ) -> ApiResult<Json<Wallet>> {
-    Ok(Json(s.engine.wallet(user_id(&user)?).await?.into()))
+    let user = user_id(&user)?;
+    caller.may_act_as(&user)?;
+    Ok(Json(s.engine.wallet(user).await?.into()))
 }
 
 #[utoipa::path(get, path = "/v1/wallets/{user}/entries",
-    params(("user" = String, Path), ("limit" = Option<u32>, Query), ("cursor" = Option<String>, Query)),
-    security(("bearer" = [])), responses((status = 200, body = EntriesOut), (status = 400), (status = 401)))]
+    params(("user" = String, Path, pattern = "^[A-Za-z0-9_.-]{1,64}$"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 200), ("cursor" = Option<String>, Query)),
+    security(("bearer" = [])),
+    responses((status = 200, body = EntriesOut), (status = 400, response = inline(Problem)),
+        (status = 401, response = inline(Problem)), (status = 403, response = inline(Problem)),
+        (status = 503, response = inline(Problem))))]
 pub async fn entries(
     State(s): State<AppState>,
-    _key: ServiceKey,
+    caller: Caller,
     Path(user): Path<String>,
     q: Result<Query<PageQuery>, QueryRejection>,
 ) -> ApiResult<Json<EntriesOut>> {
     let user = user_id(&user)?;
+    caller.may_act_as(&user)?;
     let p = page(q)?;
     Ok(Json(s.engine.entries(user, cursor(&p.cursor)?, p.limit).await?.into()))
 }
 
 #[utoipa::path(post, path = "/v1/packets", request_body = SendBody, security(("bearer" = [])),
-    responses((status = 201, body = PacketOut), (status = 400), (status = 401), (status = 409)))]
+    responses((status = 201, body = PacketOut), (status = 400, response = inline(Problem)),
+        (status = 401, response = inline(Problem)), (status = 403, response = inline(Problem)),
+        (status = 409, response = inline(Problem)), (status = 503, response = inline(Problem))))]
 pub async fn send(
     State(s): State<AppState>,
-    _key: ServiceKey,
+    caller: Caller,
     StrictJson(body): StrictJson<SendBody>,
 ) -> ApiResult<(StatusCode, Json<PacketOut>)> {
     let sender = user_id(&body.sender)?;
+    caller.may_act_as(&sender)?;
     let kind = Kind::parse(&body.kind)
         .ok_or_else(|| ApiError::InvalidRequest("kind must be `lucky` or `equal`".into()))?;
     let audience = match (body.audience.users, body.audience.anyone) {
@@ -167,29 +188,45 @@ pub async fn send(
 }
 
 #[utoipa::path(get, path = "/v1/packets/{id}",
-    params(("id" = String, Path), ("limit" = Option<u32>, Query), ("cursor" = Option<String>, Query)),
-    security(("bearer" = [])), responses((status = 200, body = PacketDetailsOut), (status = 400), (status = 404)))]
+    params(("id" = String, Path, pattern = "^[0-9]{1,19}$"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 200), ("cursor" = Option<String>, Query)),
+    security(("bearer" = [])),
+    responses((status = 200, body = PacketDetailsOut), (status = 400, response = inline(Problem)),
+        (status = 401, response = inline(Problem)), (status = 404, response = inline(Problem)),
+        (status = 503, response = inline(Problem))))]
 pub async fn packet(
     State(s): State<AppState>,
-    _key: ServiceKey,
+    caller: Caller,
     Path(id): Path<String>,
     q: Result<Query<PageQuery>, QueryRejection>,
 ) -> ApiResult<Json<PacketDetailsOut>> {
     let id = packet_id(&id)?;
     let p = page(q)?;
-    Ok(Json(s.engine.packet(id, cursor(&p.cursor)?, p.limit).await?.into()))
+    let after = cursor(&p.cursor)?;
+    // A user token sees a packet only as its sender or one of its audience; to anyone else it
+    // is a 404 like a packet that does not exist, so ids cannot be used to probe.
+    let details = match caller.user() {
+        None => s.engine.packet(id, after, p.limit).await?,
+        Some(me) => s.engine.packet_seen_by(id, me.clone(), after, p.limit).await?,
+    };
+    Ok(Json(details.into()))
 }
 
-#[utoipa::path(post, path = "/v1/packets/{id}/grab", request_body = UserBody, params(("id" = String, Path)),
+#[utoipa::path(post, path = "/v1/packets/{id}/grab", request_body = UserBody,
+    params(("id" = String, Path, pattern = "^[0-9]{1,19}$")),
     security(("bearer" = [])),
-    responses((status = 200, body = GrabOut), (status = 403), (status = 404), (status = 410)))]
+    responses((status = 200, body = GrabOut), (status = 400, response = inline(Problem)),
+        (status = 401, response = inline(Problem)), (status = 403, response = inline(Problem)),
+        (status = 404, response = inline(Problem)), (status = 410, response = inline(Problem)),
+        (status = 429, response = inline(Problem)), (status = 503, response = inline(Problem))))]
 pub async fn grab(
     State(s): State<AppState>,
-    _key: ServiceKey,
+    caller: Caller,
     Path(id): Path<String>,
     StrictJson(body): StrictJson<UserBody>,
 ) -> ApiResult<Json<GrabOut>> {
     let (id, user) = (packet_id(&id)?, user_id(&body.user)?);
+    caller.may_act_as(&user)?;
     s.rate_limit(&user)?;
     let out = match s.engine.grab(id, user.clone()).await? {
         GrabReply::Grabbed { hold_expires_at_ms } => GrabOut {
@@ -212,60 +249,81 @@ pub async fn grab(
     Ok(Json(out))
 }
 
-#[utoipa::path(post, path = "/v1/packets/{id}/open", request_body = UserBody, params(("id" = String, Path)),
+#[utoipa::path(post, path = "/v1/packets/{id}/open", request_body = UserBody,
+    params(("id" = String, Path, pattern = "^[0-9]{1,19}$")),
     security(("bearer" = [])),
-    responses((status = 200, body = ClaimOut), (status = 403), (status = 404), (status = 409), (status = 410)))]
+    responses((status = 200, body = ClaimOut), (status = 400, response = inline(Problem)),
+        (status = 401, response = inline(Problem)), (status = 403, response = inline(Problem)),
+        (status = 404, response = inline(Problem)), (status = 409, response = inline(Problem)),
+        (status = 410, response = inline(Problem)), (status = 429, response = inline(Problem)),
+        (status = 503, response = inline(Problem))))]
 pub async fn open(
     State(s): State<AppState>,
-    _key: ServiceKey,
+    caller: Caller,
     Path(id): Path<String>,
     StrictJson(body): StrictJson<UserBody>,
 ) -> ApiResult<Json<ClaimOut>> {
     let (id, user) = (packet_id(&id)?, user_id(&body.user)?);
+    caller.may_act_as(&user)?;
     s.rate_limit(&user)?;
     Ok(Json(s.engine.open(id, user).await?.into()))
 }
 
-#[utoipa::path(post, path = "/v1/packets/{id}/claim", request_body = UserBody, params(("id" = String, Path)),
+#[utoipa::path(post, path = "/v1/packets/{id}/claim", request_body = UserBody,
+    params(("id" = String, Path, pattern = "^[0-9]{1,19}$")),
     security(("bearer" = [])),
-    responses((status = 200, body = ClaimOut), (status = 403), (status = 404), (status = 410), (status = 429)))]
+    responses((status = 200, body = ClaimOut), (status = 400, response = inline(Problem)),
+        (status = 401, response = inline(Problem)), (status = 403, response = inline(Problem)),
+        (status = 404, response = inline(Problem)), (status = 410, response = inline(Problem)),
+        (status = 429, response = inline(Problem)), (status = 503, response = inline(Problem))))]
 pub async fn claim(
     State(s): State<AppState>,
-    _key: ServiceKey,
+    caller: Caller,
     Path(id): Path<String>,
     StrictJson(body): StrictJson<UserBody>,
 ) -> ApiResult<Json<ClaimOut>> {
     let (id, user) = (packet_id(&id)?, user_id(&body.user)?);
+    caller.may_act_as(&user)?;
     s.rate_limit(&user)?;
     Ok(Json(s.engine.claim(id, user).await?.into()))
 }
 
 #[utoipa::path(get, path = "/v1/users/{user}/received",
-    params(("user" = String, Path), ("year" = Option<i32>, Query), ("limit" = Option<u32>, Query),
-        ("cursor" = Option<String>, Query)),
-    security(("bearer" = [])), responses((status = 200, body = ReceivedOut), (status = 400)))]
+    params(("user" = String, Path, pattern = "^[A-Za-z0-9_.-]{1,64}$"),
+        ("year" = Option<i32>, Query, minimum = 1970, maximum = 9999),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 200), ("cursor" = Option<String>, Query)),
+    security(("bearer" = [])),
+    responses((status = 200, body = ReceivedOut), (status = 400, response = inline(Problem)),
+        (status = 401, response = inline(Problem)), (status = 403, response = inline(Problem)),
+        (status = 503, response = inline(Problem))))]
 pub async fn received(
     State(s): State<AppState>,
-    _key: ServiceKey,
+    caller: Caller,
     Path(user): Path<String>,
     q: Result<Query<PageQuery>, QueryRejection>,
 ) -> ApiResult<Json<ReceivedOut>> {
     let user = user_id(&user)?;
+    caller.may_act_as(&user)?;
     let p = page(q)?;
     Ok(Json(s.engine.received(user, p.year, cursor(&p.cursor)?, p.limit).await?.into()))
 }
 
 #[utoipa::path(get, path = "/v1/users/{user}/sent",
-    params(("user" = String, Path), ("year" = Option<i32>, Query), ("limit" = Option<u32>, Query),
-        ("cursor" = Option<String>, Query)),
-    security(("bearer" = [])), responses((status = 200, body = SentOut), (status = 400)))]
+    params(("user" = String, Path, pattern = "^[A-Za-z0-9_.-]{1,64}$"),
+        ("year" = Option<i32>, Query, minimum = 1970, maximum = 9999),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 200), ("cursor" = Option<String>, Query)),
+    security(("bearer" = [])),
+    responses((status = 200, body = SentOut), (status = 400, response = inline(Problem)),
+        (status = 401, response = inline(Problem)), (status = 403, response = inline(Problem)),
+        (status = 503, response = inline(Problem))))]
 pub async fn sent(
     State(s): State<AppState>,
-    _key: ServiceKey,
+    caller: Caller,
     Path(user): Path<String>,
     q: Result<Query<PageQuery>, QueryRejection>,
 ) -> ApiResult<Json<SentOut>> {
     let user = user_id(&user)?;
+    caller.may_act_as(&user)?;
     let p = page(q)?;
     let before = match &p.cursor {
         None => None,
@@ -275,7 +333,8 @@ pub async fn sent(
 }
 
 #[utoipa::path(get, path = "/v1/admin/audit", security(("bearer" = [])),
-    responses((status = 200, body = AuditOut), (status = 401), (status = 403)))]
+    responses((status = 200, body = AuditOut), (status = 401, response = inline(Problem)),
+        (status = 403, response = inline(Problem)), (status = 503, response = inline(Problem))))]
 pub async fn audit(State(s): State<AppState>, _key: AdminKey) -> ApiResult<Json<AuditOut>> {
     Ok(Json(s.engine.audit().await?.into()))
 }
@@ -285,7 +344,8 @@ pub async fn healthz() -> Json<Health> {
     Json(Health { status: "ok" })
 }
 
-#[utoipa::path(get, path = "/readyz", responses((status = 200, body = Health), (status = 503)))]
+#[utoipa::path(get, path = "/readyz",
+    responses((status = 200, body = Health), (status = 503, body = Health)))]
 pub async fn readyz(State(s): State<AppState>) -> (StatusCode, Json<Health>) {
     if s.engine.status().iter().all(|set| set.ready) {
         (StatusCode::OK, Json(Health { status: "ready" }))

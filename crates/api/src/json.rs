@@ -28,18 +28,38 @@ where
         if !json {
             return Err(ApiError::InvalidRequest("Content-Type must be application/json".into()));
         }
-        let bytes = Bytes::from_request(req, state)
-            .await
-            .map_err(|_| ApiError::InvalidRequest(format!("body must be at most {BODY_BYTES_MAX} bytes")))?;
-        // serde's derive also reads a struct from an array of its fields in order
-        // (`[100, "r1"]` would be a deposit): a body must be one JSON object.
-        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-            return Err(ApiError::InvalidRequest("body must be a JSON object".into()));
-        }
-        let mut de = serde_json::Deserializer::from_slice(&bytes);
-        let value =
-            T::deserialize(&mut de).map_err(|e| ApiError::InvalidRequest(format!("invalid body: {e}")))?;
-        de.end().map_err(|e| ApiError::InvalidRequest(format!("invalid JSON: {e}")))?;
-        Ok(StrictJson(value))
+        let bytes =
+            Bytes::from_request(req, state).await.map_err(|_| ApiError::BodyUnread(BODY_BYTES_MAX))?;
+        parse(&bytes).map(StrictJson)
     }
+}
+
+/// For the fuzz targets (`fuzz/`), not part of the API: parses `bytes` as the request body
+/// `kind` names (`money`, `send` or `user`) exactly as `StrictJson` does. `Err` is the detail
+/// of the 400 the server would send.
+#[doc(hidden)]
+pub fn fuzz_parse_body(kind: &str, bytes: &[u8]) -> Result<(), String> {
+    use crate::dto::{MoneyBody, SendBody, UserBody};
+    let parsed = match kind {
+        "money" => parse::<MoneyBody>(bytes).map(drop),
+        "send" => parse::<SendBody>(bytes).map(drop),
+        "user" => parse::<UserBody>(bytes).map(drop),
+        other => panic!("no request body kind {other:?}"),
+    };
+    // `parse` fails only with `InvalidRequest`, whose text is the detail.
+    parsed.map_err(|e| e.to_string())
+}
+
+/// Parses `bytes` as a JSON body of type `T`: exactly one JSON object, nothing after it.
+fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    // serde's derive also takes a JSON array of the fields in order (`[100, "r1"]` as a
+    // deposit), which is not the contract: every body is an object.
+    if bytes.trim_ascii_start().first() != Some(&b'{') {
+        return Err(ApiError::InvalidRequest("invalid body: the body must be a JSON object".into()));
+    }
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value =
+        T::deserialize(&mut de).map_err(|e| ApiError::InvalidRequest(format!("invalid body: {e}")))?;
+    de.end().map_err(|e| ApiError::InvalidRequest(format!("invalid JSON: {e}")))?;
+    Ok(value)
 }

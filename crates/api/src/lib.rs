@@ -14,7 +14,9 @@ mod metrics_layer;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -23,8 +25,13 @@ use hongbao_engine::Engine;
 use utoipa::OpenApi;
 use utoipa_scalar::{Scalar, Servable};
 
-pub use auth::Keys;
+pub use auth::{
+    install_token_crypto, Keys, Tokens, CREDENTIAL_BYTES_MAX, TOKEN_LEEWAY_S, TOKEN_LIFETIME_S_MAX,
+    TOKEN_SECRET_BYTES_MIN,
+};
 pub use error::ApiError;
+#[doc(hidden)]
+pub use json::fuzz_parse_body;
 pub use json::BODY_BYTES_MAX;
 
 /// Grabs, opens and claims one user may make per second, and the burst allowed above it.
@@ -32,11 +39,18 @@ pub use json::BODY_BYTES_MAX;
 pub const USER_REQUESTS_PER_S: u32 = 20;
 pub const USER_BURST: u32 = 40;
 
+/// The most bytes of request headers (names and values) a request may carry; more is refused
+/// with 431 before any handler runs. Real clients send well under 2 KiB, a user token a few
+/// hundred bytes; hyper's own bound (about 400 KiB) is far above what any caller needs.
+pub const HEADER_BYTES_MAX: usize = 16 * 1024;
+
 /// What every handler shares. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
     pub engine: Engine,
     pub keys: Arc<Keys>,
+    /// User-token verification; `None` when no token secret is configured (tokens refused).
+    pub tokens: Option<Arc<Tokens>>,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// Per-user token buckets (sharded map inside governor; no lock held across `.await`).
     limiter: Arc<DefaultKeyedRateLimiter<UserId>>,
@@ -55,9 +69,16 @@ impl AppState {
         AppState {
             engine,
             keys: Arc::new(keys),
+            tokens: None,
             metrics: metrics_layer::recorder(),
             limiter: Arc::new(limiter),
         }
+    }
+
+    /// Accepts user tokens verified by `tokens` besides the keys.
+    pub fn with_tokens(mut self, tokens: Tokens) -> AppState {
+        self.tokens = Some(Arc::new(tokens));
+        self
     }
 
     pub(crate) fn rate_limit(&self, user: &UserId) -> Result<(), ApiError> {
@@ -100,6 +121,15 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+/// Refuses a request whose headers exceed `HEADER_BYTES_MAX`.
+async fn bound_headers(req: Request, next: Next) -> Response {
+    let bytes: usize = req.headers().iter().map(|(name, value)| name.as_str().len() + value.len()).sum();
+    if bytes > HEADER_BYTES_MAX {
+        return ApiError::HeadersTooLarge.into_response();
+    }
+    next.run(req).await
+}
+
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/v1/wallets/{user}/deposit", post(handlers::deposit))
@@ -121,7 +151,8 @@ pub fn router(state: AppState) -> Router {
         .merge(Scalar::with_url("/docs", ApiDoc::openapi()))
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::not_found);
-    api.layer(axum::middleware::from_fn(metrics_layer::track))
+    api.layer(axum::middleware::from_fn(bound_headers))
+        .layer(axum::middleware::from_fn(metrics_layer::track))
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(state)
 }

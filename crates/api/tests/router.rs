@@ -350,6 +350,13 @@ async fn a_body_over_the_limit_is_a_400_not_a_413() {
         .expect("request");
     let res = h.app.clone().oneshot(req).await.expect("infallible");
     assert_eq!(res.status(), StatusCode::BAD_REQUEST, "4 MiB body with Content-Length");
+    // The body is left unread, so the connection cannot carry another request: the reply says
+    // so, and a keep-alive client does not send its next request into a closing connection.
+    assert_eq!(
+        res.headers().get(header::CONNECTION).and_then(|v| v.to_str().ok()),
+        Some("close"),
+        "a 400 for an unread body closes the connection"
+    );
     h.stop().await;
 }
 

@@ -1,7 +1,12 @@
 //! Configuration: flags, then `HONGBAO_*` environment variables, then a TOML file, then
 //! defaults. Keys come from the environment or the file; with neither, `serve` generates them
-//! once and keeps them in the data dir.
+//! once and keeps them in the data dir. The user-token secret comes from a flag, the
+//! environment or the file; without one, user tokens are off.
+//!
+//! Secrets never reach a log or an error message: `Secret` prints as `Secret(..)`, and clap is
+//! told not to show the environment's value in `--help`.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -31,6 +36,11 @@ pub struct ServeArgs {
     /// `sqlite` (default) or a postgres:// URL
     #[arg(long, env = "HONGBAO_STORE")]
     pub store: Option<String>,
+    /// postgres:// URL of a streaming standby of the store: balance, history and packet-detail
+    /// queries read there instead of the primary, and may trail acknowledged writes by the
+    /// standby's replay lag (milliseconds, normally). Needs a postgres:// store
+    #[arg(long, env = "HONGBAO_REPLICA")]
+    pub replica: Option<String>,
     /// Sets (shards, one engine thread each); fixed for the life of a data dir [default: 1]
     #[arg(long, env = "HONGBAO_SETS")]
     pub sets: Option<u32>,
@@ -49,6 +59,36 @@ pub struct ServeArgs {
     /// Log format [default: text]
     #[arg(long, env = "HONGBAO_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Log filter, as in RUST_LOG (e.g. `debug`, `hongbao_api=debug`) [default: RUST_LOG, or info]
+    #[arg(long, env = "HONGBAO_LOG")]
+    pub log: Option<String>,
+    /// Secret (at least 32 bytes) that signs user tokens (HS256 JWTs); user tokens are refused
+    /// without one. Prefer the environment or the config file: flags show in `ps`
+    #[arg(long, env = "HONGBAO_TOKEN_SECRET", hide_env_values = true)]
+    pub token_secret: Option<Secret>,
+}
+
+/// A secret: kept as given, shown to no one. `Debug` prints no part of it.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Secret {
+        Secret(s)
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
 }
 
 /// The TOML file: every option, plus the keys and the limits.
@@ -58,16 +98,41 @@ pub struct FileConfig {
     pub listen: Option<SocketAddr>,
     pub data: Option<PathBuf>,
     pub store: Option<String>,
+    pub replica: Option<String>,
     pub sets: Option<u32>,
     pub hold_s: Option<i64>,
     pub queue_depth: Option<usize>,
     pub batch_max: Option<usize>,
     pub user_rate: Option<u32>,
     pub log_format: Option<LogFormat>,
+    pub log: Option<String>,
+    pub token_secret: Option<Secret>,
     pub api_key: Option<String>,
     pub admin_key: Option<String>,
     #[serde(default)]
     pub limits: Option<Limits>,
+}
+
+impl FileConfig {
+    /// The file at `path`, or an empty one when there is none.
+    pub fn read(path: Option<&Path>) -> Result<FileConfig, String> {
+        let Some(path) = path else { return Ok(FileConfig::default()) };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+        toml::from_str::<FileConfig>(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+    }
+}
+
+pub fn check_sets(sets: u32) -> Result<u32, String> {
+    if (1..=hongbao_core::ids::SETS_MAX).contains(&sets) {
+        Ok(sets)
+    } else {
+        Err(format!("sets must be between 1 and {}", hongbao_core::ids::SETS_MAX))
+    }
+}
+
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
 /// Everything `serve` needs, merged and checked.
@@ -76,12 +141,18 @@ pub struct Settings {
     pub listen: SocketAddr,
     pub data: PathBuf,
     pub store: Option<String>,
+    /// Where queries read, when not the store itself.
+    pub replica: Option<String>,
     pub sets: u32,
     pub limits: Limits,
     pub queue_depth: usize,
     pub batch_max: usize,
     pub user_rate: u32,
     pub log_format: LogFormat,
+    /// The log filter; `None` leaves it to RUST_LOG.
+    pub log: Option<String>,
+    /// Signs user tokens; `None`: user tokens are off.
+    pub token_secret: Option<Secret>,
     pub file_api_key: Option<String>,
     pub file_admin_key: Option<String>,
 }
@@ -92,15 +163,7 @@ const BATCH_MAX_MAX: usize = 65_536;
 
 impl Settings {
     pub fn resolve(args: ServeArgs) -> Result<Settings, String> {
-        let file = match &args.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
-                toml::from_str::<FileConfig>(&text)
-                    .map_err(|e| format!("config file {}: {e}", path.display()))?
-            }
-            None => FileConfig::default(),
-        };
+        let file = FileConfig::read(args.config.as_deref())?;
         let mut limits = file.limits.unwrap_or_default();
         if let Some(hold_s) = args.hold_s.or(file.hold_s) {
             if !(1..=3600).contains(&hold_s) {
@@ -108,9 +171,11 @@ impl Settings {
             }
             limits.hold_s = hold_s;
         }
-        let sets = args.sets.or(file.sets).unwrap_or(1);
-        if !(1..=hongbao_core::ids::SETS_MAX).contains(&sets) {
-            return Err(format!("sets must be between 1 and {}", hongbao_core::ids::SETS_MAX));
+        let sets = check_sets(args.sets.or(file.sets).unwrap_or(1))?;
+        let store = args.store.or(file.store);
+        let replica = args.replica.or(file.replica);
+        if replica.is_some() && !store.as_deref().is_some_and(is_postgres_url) {
+            return Err("replica needs a postgres:// store".into());
         }
         let queue_depth = args.queue_depth.or(file.queue_depth).unwrap_or(16_384);
         if !(1..=QUEUE_DEPTH_MAX).contains(&queue_depth) {
@@ -120,16 +185,29 @@ impl Settings {
         if !(1..=BATCH_MAX_MAX).contains(&batch_max) {
             return Err(format!("batch_max must be between 1 and {BATCH_MAX_MAX}"));
         }
+        // An empty secret (say `HONGBAO_TOKEN_SECRET=`) is no secret: tokens stay off.
+        let token_secret = args.token_secret.or(file.token_secret).filter(|s| !s.0.is_empty());
+        if let Some(secret) = &token_secret {
+            if secret.expose().len() < hongbao_api::TOKEN_SECRET_BYTES_MIN {
+                return Err(format!(
+                    "token_secret must be at least {} bytes",
+                    hongbao_api::TOKEN_SECRET_BYTES_MIN
+                ));
+            }
+        }
         Ok(Settings {
             listen: args.listen.or(file.listen).unwrap_or_else(|| "127.0.0.1:8080".parse().expect("valid")),
             data: args.data.or(file.data).unwrap_or_else(|| PathBuf::from("hongbao-data")),
-            store: args.store.or(file.store),
+            store,
+            replica,
             sets,
             limits,
             queue_depth,
             batch_max,
             user_rate: args.user_rate.or(file.user_rate).unwrap_or(hongbao_api::USER_REQUESTS_PER_S),
             log_format: args.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
+            log: args.log.or(file.log),
+            token_secret,
             file_api_key: file.api_key,
             file_admin_key: file.admin_key,
         })

@@ -1,12 +1,13 @@
 //! The `hongbao` binary: parses the command line and calls into the crates. Thin on purpose.
 
+mod archive;
 mod config;
 
 use std::io::Write;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use hongbao_api::{AppState, Keys};
+use hongbao_api::{AppState, Keys, Tokens};
 use hongbao_core::SystemClock;
 use hongbao_engine::{Engine, EngineConfig};
 
@@ -23,6 +24,10 @@ struct Cli {
 enum Command {
     /// Serve the HTTP API
     Serve(ServeArgs),
+    /// Move old days of claims and wallet entries from a PostgreSQL store to CSV files
+    Archive(archive::ArchiveArgs),
+    /// Load a server (or the engine in process) and measure it: storm, festival, ceiling, resident
+    Bench(hongbao_bench::BenchArgs),
 }
 
 /// How often idle per-user rate-limit buckets are dropped.
@@ -30,31 +35,38 @@ const RATE_LIMIT_PRUNE_EVERY: std::time::Duration = std::time::Duration::from_se
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Serve(args) => match serve(args) {
-            Ok(()) => std::process::ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("hongbao: {e}");
-                std::process::ExitCode::from(2)
-            }
-        },
+    let done = match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Archive(args) => init_logs(LogFormat::Text, None).and_then(|()| archive::run(args)),
+        Command::Bench(args) => hongbao_bench::run(args).map_err(|e| format!("{e:#}")),
+    };
+    match done {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hongbao: {e}");
+            std::process::ExitCode::from(2)
+        }
     }
 }
 
-fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("HONGBAO_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+fn init_logs(format: LogFormat, log: Option<&str>) -> Result<(), String> {
+    let filter = match log {
+        Some(directives) => tracing_subscriber::EnvFilter::try_new(directives)
+            .map_err(|e| format!("invalid log filter {directives:?}: {e}"))?,
+        None => tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    };
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    Ok(())
 }
 
 fn serve(args: ServeArgs) -> Result<(), String> {
     let settings = Settings::resolve(args)?;
-    init_logs(settings.log_format);
+    init_logs(settings.log_format, settings.log.as_deref())?;
     let (api_key, admin_key, keys_file) = config::keys(&settings)?;
     if api_key == admin_key {
         return Err("the service key and the admin key must differ".into());
@@ -63,9 +75,12 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         tracing::info!(path = %path.display(), "keys are in this file (generated on first start)");
         eprintln!("hongbao: service and admin keys are in {}", path.display());
     }
+    let tokens = settings.token_secret.as_ref().map(|s| Tokens::hs256(s.expose())).transpose()?;
+    let user_tokens = tokens.is_some();
     let mut config = EngineConfig::new(settings.data.clone());
     config.sets = settings.sets;
     config.store_url = settings.store.clone();
+    config.replica_url = settings.replica.clone();
     config.limits = settings.limits.clone();
     config.queue_depth = settings.queue_depth;
     config.batch_max = settings.batch_max;
@@ -78,8 +93,11 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             .await
             .map_err(|e| format!("engine start panicked: {e}"))??;
         let keys = Keys { service: api_key.into_bytes(), admin: admin_key.into_bytes() };
-        let state =
+        let mut state =
             AppState::with_user_rate(engine.clone(), keys, settings.user_rate, settings.user_rate * 2);
+        if let Some(tokens) = tokens {
+            state = state.with_tokens(tokens);
+        }
         let pruner = state.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(RATE_LIMIT_PRUNE_EVERY);
@@ -92,7 +110,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
-        tracing::info!(%addr, sets = settings.sets, data = %settings.data.display(), "hongbao serving");
+        tracing::info!(%addr, sets = settings.sets, data = %settings.data.display(), user_tokens, "hongbao serving");
         // Tests and scripts read this line to learn the port.
         println!("hongbao listening on http://{addr}");
         let _ = std::io::stdout().flush();

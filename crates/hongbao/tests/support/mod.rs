@@ -122,6 +122,32 @@ impl TestServer {
         server
     }
 
+    /// Starts a server on a fresh data dir storing into `pg`, whatever `HONGBAO_TEST_STORE`
+    /// says: for tests of PostgreSQL-only features (archive, replicas).
+    pub async fn start_on_postgres(opts: Opts, pg: hongbao_testkit::PgCluster) -> TestServer {
+        let dir = tempfile::Builder::new()
+            .prefix("hongbao-test-")
+            .tempdir()
+            .expect("cannot create a temp data dir");
+        let data = dir.path().to_path_buf();
+        let mut server = TestServer {
+            child: None,
+            api: Api::new(String::new()),
+            opts,
+            data,
+            stderr: Arc::new(Mutex::new(VecDeque::new())),
+            pg: Some(pg),
+            _dir: Some(dir),
+        };
+        server.spawn().await;
+        server
+    }
+
+    /// The PostgreSQL cluster the server stores into, if it runs on PostgreSQL.
+    pub fn pg(&self) -> Option<&hongbao_testkit::PgCluster> {
+        self.pg.as_ref()
+    }
+
     pub fn api(&self) -> Api {
         self.api.clone()
     }
