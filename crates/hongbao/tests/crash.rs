@@ -1,8 +1,8 @@
-//! `kill -9` in the middle of a claim storm, three times, restarting on the same data dir each
+//! `kill -9` in the middle of a mixed storm, 20 times, restarting on the same data dir each
 //! time (DESIGN.md §2 items 6 and 7): every claim answered 200 is still there with the same
 //! amount, no share is paid twice, credits between sets arrive exactly once, and the books
-//! balance after every restart. Sends acknowledged before a crash survive it, and a send
-//! whose answer was lost, retried with its request_id, makes one packet.
+//! balance after every restart. Sends and withdrawals acknowledged before a crash survive it,
+//! and one whose answer was lost, retried with its request_id, happens once.
 
 mod support;
 
@@ -33,6 +33,9 @@ const DUP_PERCENT: u32 = 5;
 /// The side sender, whose packets are sent while the server is killed.
 const SIDE_SENDER: &str = "side-sender";
 const SIDE_DEPOSIT: i64 = 1_000_000;
+/// Users who withdraw small amounts beside the storm, in every set.
+const WITHDRAWERS: usize = 8;
+const WITHDRAWER_DEPOSIT: i64 = 100_000;
 /// How long a round waits for its share of answers before killing anyway.
 const ROUND_WAIT: Duration = Duration::from_secs(60);
 
@@ -43,6 +46,8 @@ struct Known {
     paid: HashMap<(usize, String), i64>,
     /// request_id → (packet id, total) of side sends answered 201.
     sends: HashMap<String, (String, i64)>,
+    /// request_id → (user, amount) of withdrawals answered 200.
+    withdrawals: HashMap<String, (String, i64)>,
     unexpected: Vec<String>,
 }
 
@@ -102,6 +107,49 @@ async fn side_sends(
     }
 }
 
+/// A withdrawal whose answer was lost: asked again with the same request id after the restart.
+type Withdrawal = (String, String, i64);
+
+/// Withdraws a few fen at a time from the withdrawers until told to stop or the server dies;
+/// returns the withdrawals answered 200 and those whose answer was lost.
+async fn side_withdrawals(
+    api: Api,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    pending: Vec<Withdrawal>,
+) -> (Vec<Withdrawal>, Vec<Withdrawal>, Vec<String>) {
+    let mut done = Vec::new();
+    let mut unexpected = Vec::new();
+    let mut todo = pending;
+    let mut n = 0;
+    loop {
+        let (request_id, user, amount) = match todo.pop() {
+            Some(t) => t,
+            None => {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    return (done, Vec::new(), unexpected);
+                }
+                n += 1;
+                (rid("wd"), format!("wd{}", n % WITHDRAWERS), 1 + (n % 9) as i64)
+            }
+        };
+        let body = json!({"amount": amount, "request_id": request_id});
+        let path = format!("/v1/wallets/{user}/withdraw");
+        match api.try_call(Method::POST, &path, Some(API_KEY), Some(&body)).await {
+            Err(_) => {
+                todo.push((request_id, user, amount));
+                return (done, todo, unexpected);
+            }
+            Ok(r) if r.status == 200 => done.push((request_id, user, amount)),
+            Ok(r) if r.status == 429 || r.status == 503 => {
+                todo.push((request_id, user, amount));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok(r) => unexpected.push(format!("withdraw {body} from {user}: {} {}", r.status, r.body)),
+        }
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+}
+
 /// Every acknowledged claim is listed with its amount; every packet keeps §2 items 2–5.
 async fn check_acknowledged(api: &Api, plans: &[Plan], ids: &[String], known: &Known) -> Vec<PacketView> {
     let mut views = Vec::new();
@@ -142,19 +190,29 @@ async fn kill_9_during_a_storm_loses_nothing_acknowledged() {
     );
     let deposits = fund_senders(&server, &plans, &mut rng).await;
     server.deposit_ok(SIDE_SENDER, SIDE_DEPOSIT).await;
+    for w in 0..WITHDRAWERS {
+        server.deposit_ok(&format!("wd{w}"), WITHDRAWER_DEPOSIT).await;
+    }
     let ids = Arc::new(send_all(&server, &plans, CLIENTS).await);
     let attempts = attempts(&mut rng, &plans, DUP_PERCENT);
     let per_round = attempts.len() / (kills() + 2);
     let work = Work::new(attempts);
     let mut known = Known::default();
     let mut side_pending: Vec<(String, i64)> = Vec::new();
-    let deposited: i64 = deposits.values().sum::<i64>() + SIDE_DEPOSIT;
+    let mut withdrawals_pending: Vec<Withdrawal> = Vec::new();
+    let deposited: i64 =
+        deposits.values().sum::<i64>() + SIDE_DEPOSIT + WITHDRAWER_DEPOSIT * WITHDRAWERS as i64;
 
     for round in 0..=kills() {
         // Act: a storm, and a kill -9 once it is well under way (except in the last round).
         work.reset_answered();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let side = tokio::spawn(side_sends(server.api(), stop.clone(), std::mem::take(&mut side_pending)));
+        let withdrawer = tokio::spawn(side_withdrawals(
+            server.api(),
+            stop.clone(),
+            std::mem::take(&mut withdrawals_pending),
+        ));
         let storm = {
             let (api, ids, work) = (server.api(), ids.clone(), work.clone());
             tokio::spawn(async move { run_claims(&api, ids, work, CLIENTS).await })
@@ -174,13 +232,23 @@ async fn kill_9_during_a_storm_loses_nothing_acknowledged() {
         let out = storm.await.expect("storm task");
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let (sent, lost, unexpected) = side.await.expect("side task");
+        let (withdrawn, withdrawals_lost, withdrawals_unexpected) =
+            withdrawer.await.expect("withdrawal task");
         println!(
-            "crash round {round}: {} paid, {} exhausted, {} without answer, {} side sends",
+            "crash round {round}: {} paid, {} exhausted, {} without answer, {} side sends, {} withdrawals \
+             ({} to retry)",
             out.paid.len(),
             out.exhausted.len(),
             out.unknown.len(),
-            sent.len()
+            sent.len(),
+            withdrawn.len(),
+            withdrawals_lost.len()
         );
+        for (request_id, user, amount) in withdrawn {
+            known.withdrawals.insert(request_id, (user, amount));
+        }
+        withdrawals_pending = withdrawals_lost;
+        known.unexpected.extend(withdrawals_unexpected);
         for (request_id, id, total) in sent {
             if let Some((prev, _)) = known.sends.insert(request_id.clone(), (id.clone(), total)) {
                 assert_eq!(prev, id, "send {request_id} retried after a crash made another packet");
@@ -205,6 +273,8 @@ async fn kill_9_during_a_storm_loses_nothing_acknowledged() {
         }
     }
     assert!(side_pending.is_empty(), "side sends still without an answer after the last round");
+    assert!(withdrawals_pending.is_empty(), "withdrawals still without an answer after the last round");
+    assert!(!known.withdrawals.is_empty(), "no withdrawal was acknowledged");
     assert_eq!(work.len(), 0);
 
     // Assert: the final state.
@@ -230,7 +300,19 @@ async fn kill_9_during_a_storm_loses_nothing_acknowledged() {
     let escrow_storm: i64 = views.iter().map(|v| v.total - v.paid()).sum();
     let side_total: i64 = known.sends.values().map(|(_, t)| t).sum();
     let escrow = escrow_storm + side_total;
-    assert_eq!(money(&audit), [deposited, 0, deposited - escrow, escrow, 0], "{audit}");
+    let withdrawn: i64 = known.withdrawals.values().map(|(_, a)| a).sum();
+    assert_eq!(money(&audit), [deposited, withdrawn, deposited - withdrawn - escrow, escrow, 0], "{audit}");
+
+    // Each withdrawal happened once: a wallet is its deposit less what it was acknowledged.
+    for w in 0..WITHDRAWERS {
+        let user = format!("wd{w}");
+        let out: i64 = known.withdrawals.values().filter(|(u, _)| *u == user).map(|(_, a)| a).sum();
+        assert_eq!(
+            server.balance(&user).await,
+            WITHDRAWER_DEPOSIT - out,
+            "wallet of {user} after the crashes"
+        );
+    }
 
     // No share paid twice: each wallet is exactly the sum of its listed claims.
     let paid = paid_by_user(&views);
