@@ -8,10 +8,11 @@
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
 
 /// Which rule draws a packet's lucky shares. Stored with the packet (`amount_rule`); a packet
 /// keeps its rule for its whole life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum AmountRule {
     /// Uniform in [1, ⌊2 × remaining average⌋], capped so every later share can still get
     /// 1 fen. Its mean is about half a fen above the remaining average, so with shares of a

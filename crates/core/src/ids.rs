@@ -3,6 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::clock::Millis;
@@ -33,7 +34,8 @@ pub enum IdError {
 
 /// A user: 1 to 64 characters of `[A-Za-z0-9_.-]`. Cheap to clone: the engine keeps one
 /// allocation per user and shares it between wallets, claims and holds.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub struct UserId(Arc<str>);
 
 impl UserId {
@@ -50,6 +52,20 @@ impl UserId {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+impl From<UserId> for String {
+    fn from(u: UserId) -> String {
+        u.0.as_ref().to_owned()
+    }
+}
+
+impl TryFrom<String> for UserId {
+    type Error = IdError;
+
+    fn try_from(s: String) -> Result<UserId, IdError> {
+        UserId::parse(&s)
     }
 }
 
@@ -89,7 +105,8 @@ impl RequestId {
 /// A packet id carries its home: 33 bits of creation second, 10 bits of set, 20 bits of
 /// sequence within that second. It is positive in an `i64`, so every store keeps it as is, and
 /// it is written as a decimal string.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(into = "u64", try_from = "u64")]
 pub struct PacketId(u64);
 
 impl PacketId {
@@ -129,6 +146,20 @@ impl PacketId {
 
     fn compose(time_s: u64, set: u32, seq: u32) -> PacketId {
         PacketId((time_s << (SEQ_BITS + SET_BITS)) | (u64::from(set) << SEQ_BITS) | u64::from(seq))
+    }
+}
+
+impl From<PacketId> for u64 {
+    fn from(id: PacketId) -> u64 {
+        id.0
+    }
+}
+
+impl TryFrom<u64> for PacketId {
+    type Error = IdError;
+
+    fn try_from(v: u64) -> Result<PacketId, IdError> {
+        PacketId::from_raw(v)
     }
 }
 

@@ -4,6 +4,7 @@
 //! Expected outcomes that turn a user away (not eligible, exhausted, expired, not grabbed) are
 //! `ClaimError` values. A broken invariant (DESIGN.md §2 items 2–5) is a bug and panics.
 
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::amount::{equal_share, AmountRule};
@@ -12,7 +13,7 @@ use crate::ids::{PacketId, UserId};
 use crate::limits::ValidSend;
 use crate::FastMap;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Kind {
     Lucky,
     Equal,
@@ -36,7 +37,7 @@ impl Kind {
 }
 
 /// Who may claim: a group (sorted, without duplicates; one user is a 1:1 packet) or anyone.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Audience {
     Users(Box<[UserId]>),
     Anyone,
@@ -58,7 +59,7 @@ impl Audience {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum PacketStatus {
     /// Open for grabs until it is fully opened or expires.
     Active,
@@ -88,7 +89,7 @@ impl PacketStatus {
 }
 
 /// A settled share.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claim {
     pub user: UserId,
     pub amount_fen: i64,
@@ -127,7 +128,7 @@ pub struct OpenOutcome {
 }
 
 /// What never changes after a send.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PacketHeader {
     pub id: PacketId,
     pub sender: UserId,

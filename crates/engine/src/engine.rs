@@ -34,6 +34,10 @@ pub struct EngineConfig {
     /// PostgreSQL `store_url`. Answers may trail acknowledged writes by the standby's replay
     /// lag: see `hongbao_store::open_postgres_reader`.
     pub replica_url: Option<String>,
+    /// SQLite only: commit each batch to an append-only journal (one fsync of a few KB) and
+    /// fold it into the SQLite file in the background (`hongbao_store::open_journaled_sqlite`),
+    /// instead of one SQLite transaction per batch on the commit path.
+    pub journal: bool,
     pub limits: Limits,
     /// Commands waiting per set. A full queue refuses new work at once (503) instead of
     /// letting latency grow without bound.
@@ -53,6 +57,7 @@ impl EngineConfig {
             data_dir,
             store_url: None,
             replica_url: None,
+            journal: true,
             limits: Limits::default(),
             queue_depth: 16_384,
             batch_max: 2_048,
@@ -61,6 +66,9 @@ impl EngineConfig {
         }
     }
 }
+
+/// A set's write side and read side.
+type SetStore = (Box<dyn Store>, Arc<dyn Reader>);
 
 /// A cheap, cloneable handle to the running sets.
 #[derive(Clone)]
@@ -97,7 +105,7 @@ impl Engine {
     /// the PostgreSQL database of `store_url` — rebuilds each set's memory from it and starts
     /// the set threads. Blocks until every set has loaded.
     pub fn start(config: EngineConfig, clock: Arc<dyn Clock>) -> Result<Engine, String> {
-        let mut stores: Vec<(Box<dyn Store>, Arc<dyn Reader>)> = Vec::new();
+        let mut stores: Vec<SetStore> = Vec::new();
         match &config.store_url {
             Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
                 for set in 0..config.sets {
@@ -123,9 +131,14 @@ impl Engine {
                     .map_err(|e| format!("cannot create data dir {}: {e}", config.data_dir.display()))?;
                 check_no_extra_sets(&config)?;
                 for set in 0..config.sets {
-                    let (store, reader) = hongbao_store::open_sqlite(&config.data_dir, set, config.sets)
-                        .map_err(|e| format!("set {set}: {e}"))?;
-                    stores.push((Box::new(store), Arc::new(reader)));
+                    let opened: Result<SetStore, _> = if config.journal {
+                        hongbao_store::open_journaled_sqlite(&config.data_dir, set, config.sets)
+                            .map(|(s, r)| (Box::new(s) as Box<dyn Store>, Arc::new(r) as Arc<dyn Reader>))
+                    } else {
+                        hongbao_store::open_sqlite(&config.data_dir, set, config.sets)
+                            .map(|(s, r)| (Box::new(s) as Box<dyn Store>, Arc::new(r) as Arc<dyn Reader>))
+                    };
+                    stores.push(opened.map_err(|e| format!("set {set}: {e}"))?);
                 }
             }
         }
@@ -135,7 +148,7 @@ impl Engine {
     /// Starts the sets on stores opened by the caller (tests, other store kinds).
     pub fn start_with(
         config: EngineConfig,
-        stores: Vec<(Box<dyn Store>, Arc<dyn Reader>)>,
+        stores: Vec<SetStore>,
         clock: Arc<dyn Clock>,
     ) -> Result<Engine, String> {
         assert_eq!(stores.len(), config.sets as usize, "one store per set");

@@ -16,6 +16,13 @@ use serde::Deserialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
+pub enum Switch {
+    On,
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
     Json,
@@ -44,6 +51,10 @@ pub struct ServeArgs {
     /// Sets (shards, one engine thread each); fixed for the life of a data dir [default: 1]
     #[arg(long, env = "HONGBAO_SETS")]
     pub sets: Option<u32>,
+    /// SQLite only: `on` commits each batch to an append-only journal and folds it into the
+    /// SQLite file in the background; `off` commits each batch straight to SQLite [default: on]
+    #[arg(long, env = "HONGBAO_JOURNAL", value_enum)]
+    pub journal: Option<Switch>,
     /// Seconds a grabbed share waits to be opened [default: 30]
     #[arg(long, env = "HONGBAO_HOLD_S")]
     pub hold_s: Option<i64>,
@@ -100,6 +111,7 @@ pub struct FileConfig {
     pub store: Option<String>,
     pub replica: Option<String>,
     pub sets: Option<u32>,
+    pub journal: Option<Switch>,
     pub hold_s: Option<i64>,
     pub queue_depth: Option<usize>,
     pub batch_max: Option<usize>,
@@ -144,6 +156,8 @@ pub struct Settings {
     /// Where queries read, when not the store itself.
     pub replica: Option<String>,
     pub sets: u32,
+    /// SQLite: journal in front of the file.
+    pub journal: bool,
     pub limits: Limits,
     pub queue_depth: usize,
     pub batch_max: usize,
@@ -201,6 +215,7 @@ impl Settings {
             store,
             replica,
             sets,
+            journal: args.journal.or(file.journal).unwrap_or(Switch::On) == Switch::On,
             limits,
             queue_depth,
             batch_max,

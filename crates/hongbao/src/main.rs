@@ -13,6 +13,9 @@ use hongbao_engine::{Engine, EngineConfig};
 
 use crate::config::{LogFormat, ServeArgs, Settings};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(name = "hongbao", version, about = "A red packet (红包) service: wallets, lucky packets, claims")]
 struct Cli {
@@ -81,6 +84,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     config.sets = settings.sets;
     config.store_url = settings.store.clone();
     config.replica_url = settings.replica.clone();
+    config.journal = settings.journal;
     config.limits = settings.limits.clone();
     config.queue_depth = settings.queue_depth;
     config.batch_max = settings.batch_max;

@@ -5,10 +5,12 @@
 //! connections of their own, never through the engine's queue. This crate never decides
 //! anything about money: it writes what the engine computed and reads back what was written.
 
+mod journal;
 mod null;
 mod postgres;
 mod sqlite;
 
+pub use journal::{open_journaled_sqlite, JournalReader, JournalStore};
 pub use null::{NullReader, NullStore};
 pub use postgres::{
     archive_postgres, make_postgres_day_partitions, open_postgres, open_postgres_reader, ArchiveReport,
@@ -18,6 +20,7 @@ pub use sqlite::{open_sqlite, SqliteReader, SqliteStore};
 
 use hongbao_core::packet::PacketHeader;
 use hongbao_core::{Claim, Millis, Packet, PacketId, PacketStatus, UserId};
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -37,7 +40,7 @@ pub enum StoreError {
 pub type Result<T> = std::result::Result<T, StoreError>;
 
 /// What moved a wallet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum EntryKind {
     Deposit,
     Withdraw,
@@ -73,7 +76,7 @@ impl EntryKind {
 }
 
 /// One line of a wallet's history. `amount_fen` is always positive; `kind` says the direction.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     pub user: UserId,
     pub kind: EntryKind,
@@ -93,7 +96,7 @@ pub struct EntryRow {
 }
 
 /// The mutable part of a packet row, written whenever a batch changed it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PacketUpdate {
     pub id: PacketId,
     pub status: PacketStatus,
@@ -105,7 +108,7 @@ pub struct PacketUpdate {
 }
 
 /// A settled share to record under its packet.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClaimRow {
     pub packet_id: PacketId,
     pub claim: Claim,
@@ -113,7 +116,7 @@ pub struct ClaimRow {
 
 /// A credit owed to a wallet in another set. `seq` counts from 1 per (source set, target
 /// set); the target applies each seq once, in order, and remembers the last one applied.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutboxItem {
     pub target_set: u32,
     pub seq: u64,
@@ -124,7 +127,7 @@ pub struct OutboxItem {
 }
 
 /// What an idempotent request returned the first time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum IdemResult {
     Deposit { balance_fen: i64 },
     Withdraw { balance_fen: i64 },
@@ -133,7 +136,7 @@ pub enum IdemResult {
 
 /// An idempotency record: key (user, request_id), the fingerprint of the request body, and
 /// the first result. Kept for the engine's retention window.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IdemRecord {
     pub user: UserId,
     pub request_id: String,
@@ -143,14 +146,14 @@ pub struct IdemRecord {
 }
 
 /// Running totals of money that entered and left through this set's wallets.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Totals {
     pub deposits_fen: i64,
     pub withdrawals_fen: i64,
 }
 
 /// Everything one engine batch changed, written in one transaction.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Batch {
     /// Final balances of the wallets the batch touched (upsert).
     pub wallets: Vec<(UserId, i64)>,

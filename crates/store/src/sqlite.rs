@@ -94,7 +94,11 @@ pub fn open_sqlite(dir: &Path, set: u32, sets: u32) -> Result<(SqliteStore, Sqli
 
     let reader = SqliteReader::new(open_read_pool(&path)?);
     let checkpointer = Checkpointer::start(&path)?;
-    Ok((SqliteStore::new(conn, set, checkpointer), reader))
+    let mut store = SqliteStore::new(conn, set, checkpointer);
+    // A journal left by a run with the journal on: what it holds is acknowledged, so it is
+    // folded in before anything reads the file, whether or not this run journals.
+    crate::journal::fold_leftovers(&crate::journal::journal_dir(dir, set), &mut store)?;
+    Ok((store, reader))
 }
 
 /// Copies the WAL back into the database file from a thread of its own, so the engine's

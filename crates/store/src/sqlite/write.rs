@@ -56,6 +56,49 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// The last journal record folded into this file; 0 when none ever was.
+    pub(crate) fn journal_seq(&mut self) -> Result<u64> {
+        self.recover()?;
+        let v: Option<i64> = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'journal_seq'", [], |r| r.get(0))
+            .optional()?;
+        match v {
+            None => Ok(0),
+            Some(v) => u64::try_from(v).map_err(|_| corrupt(format!("journal_seq {v}"))),
+        }
+    }
+
+    /// Writes journal records `journal_seq - batches.len() + 1 ..= journal_seq` in order, in
+    /// one transaction that also records `journal_seq`: folded exactly once, or not at all.
+    pub(crate) fn commit_folded(&mut self, batches: &[Batch], journal_seq: u64) -> Result<()> {
+        self.recover()?;
+        let set = self.set;
+        let done = (|| {
+            let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for b in batches {
+                write_batch(&tx, b)?;
+            }
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('journal_seq', ?1) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [to_i64(journal_seq, "journal seq")?],
+            )?;
+            Ok(tx.commit()?)
+        })();
+        done.map_err(|e| commit_failed(set, e))
+    }
+}
+
+fn commit_failed(set: u32, e: StoreError) -> StoreError {
+    let msg = match e {
+        StoreError::Io(m) | StoreError::Corrupt(m) | StoreError::Incompatible(m) => m,
+    };
+    tracing::error!(set, error = %msg, "batch commit failed");
+    StoreError::Io(format!("commit failed: {msg}"))
+}
+
 impl Store for SqliteStore {
     fn load(&mut self, idempotency_since_ms: Millis) -> Result<Loaded> {
         self.recover()?;
@@ -75,13 +118,12 @@ impl Store for SqliteStore {
         self.recover()?;
         let set = self.set;
         // Any failure drops the transaction, which rolls it back: nothing of the batch stays.
-        write_batch(&mut self.conn, batch).map_err(|e| {
-            let msg = match e {
-                StoreError::Io(m) | StoreError::Corrupt(m) | StoreError::Incompatible(m) => m,
-            };
-            tracing::error!(set, error = %msg, "batch commit failed");
-            StoreError::Io(format!("commit failed: {msg}"))
-        })
+        let done = (|| {
+            let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            write_batch(&tx, batch)?;
+            Ok(tx.commit()?)
+        })();
+        done.map_err(|e| commit_failed(set, e))
     }
 
     fn packet(&mut self, id: PacketId) -> Result<Option<Packet>> {
@@ -323,9 +365,8 @@ fn read_totals(conn: &Connection) -> Result<Totals> {
 
 /// Writes the whole batch in one transaction; the caller turns any error into `Io`.
 /// Order matters: packets exist before their updates, audience and claims refer to them.
-fn write_batch(conn: &mut Connection, b: &Batch) -> Result<()> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-
+/// Writes one batch's rows inside `tx`; the caller commits.
+fn write_batch(tx: &Transaction<'_>, b: &Batch) -> Result<()> {
     if !b.wallets.is_empty() {
         let mut st = tx.prepare_cached(
             "INSERT INTO wallets (user, balance_fen) VALUES (?1, ?2) \
@@ -485,8 +526,6 @@ fn write_batch(conn: &mut Connection, b: &Batch) -> Result<()> {
             tx.prepare_cached("UPDATE totals SET deposits_fen = ?1, withdrawals_fen = ?2 WHERE id = 0")?;
         st.execute((t.deposits_fen, t.withdrawals_fen))?;
     }
-
-    tx.commit()?;
     Ok(())
 }
 

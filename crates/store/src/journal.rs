@@ -1,0 +1,975 @@
+//! The journal: SQLite made fast for the hot path by taking it off it. A set's commit appends
+//! one compact record per batch (the batch's effects, encoded) to an append-only file and
+//! `fdatasync`s it: that is the durable commit, a few KB written sequentially instead of the
+//! few MB of random B-tree pages a SQLite transaction of the same batch writes. A fold thread
+//! per set then applies the records to the SQLite file in large transactions, in order, and
+//! records in the same transaction how far it got (`meta.journal_seq`); segments wholly folded
+//! are deleted.
+//!
+//! - **Crash.** On open, whatever the journal holds past `journal_seq` is folded before the
+//!   set loads, so a restart sees every acknowledged batch. A record torn by the crash (short,
+//!   or failing its CRC) at the end of the last segment was never acknowledged (its fsync did
+//!   not return) and is cut off; damage anywhere else is corruption and refuses to open.
+//! - **Reads.** Queries wait until the fold has applied every batch committed when they
+//!   began, so a reply that said money moved is visible to the next query (read-your-writes).
+//!   The wait is bounded by [`READ_WAIT_MAX`]; past it the query answers from what is folded.
+//! - **Backlog.** The fold applies everything queued in one SQLite transaction (up to
+//!   [`FOLD_BYTES_MAX`]), so it goes faster the further it falls behind. When the queue still
+//!   grows past [`QUEUE_BYTES_MAX`], commits wait for the fold: the set's queue fills and new
+//!   work is refused with 503, as under any other overload.
+//! - **Faults.** A failed append is cut back off the file before the commit fails, so a batch
+//!   the engine was told failed can never reappear at the next start; if even that fails, the
+//!   journal refuses every later commit and load until the process restarts. A failed fold is
+//!   retried; meanwhile commits are refused and the set reloads once the fold catches up.
+//!
+//! This module must never acknowledge a batch before its record is on disk, never fold a
+//! record twice or out of order, and never delete a segment that holds an unfolded record.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use hongbao_core::{Claim, Millis, Packet, PacketId, UserId};
+
+use crate::sqlite::{open_sqlite, SqliteReader, SqliteStore};
+use crate::{
+    Batch, EntryRow, Loaded, PacketRow, Reader, ReceivedPage, Result, SentPage, Store, StoreError, StoreSums,
+};
+
+/// Marks the start of every record: a torn or foreign file shows at once.
+const MAGIC: u32 = 0x4842_4a31; // "HBJ1"
+
+/// magic, payload length, seq, CRC-32 of seq and payload.
+const HEADER_BYTES: usize = 4 + 4 + 8 + 4;
+
+/// The largest record: a batch of `batch_max` commands encodes to a few hundred KB; anything
+/// claiming more is damage, not a batch.
+const RECORD_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// A segment is closed and a new one started past this size, so folded records can be deleted
+/// a segment at a time while the set keeps appending.
+const SEGMENT_BYTES_MAX: u64 = 64 * 1024 * 1024;
+
+/// Encoded batches waiting for the fold, per set, before commits wait for it: about two million
+/// claims, a burst of many seconds at full speed, and a bound on the memory the queue holds.
+pub const QUEUE_BYTES_MAX: usize = 128 * 1024 * 1024;
+
+/// Most encoded bytes the fold applies in one SQLite transaction: large enough that a lagging
+/// fold writes each B-tree page once for many batches, small enough that a query waiting for
+/// it is not held for long.
+pub const FOLD_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// How long a query waits for the fold to apply what was committed before it began. Idle, the
+/// fold is milliseconds behind; in a burst it falls behind on purpose, and history answers
+/// from what is folded rather than hold a query slot for long.
+pub const READ_WAIT_MAX: Duration = Duration::from_millis(500);
+
+/// The fold thread's nice value: the set threads (and the HTTP workers) win the CPU whenever
+/// they want it, so a burst of claims is absorbed at the journal's speed and the fold catches
+/// up when the burst is over.
+const FOLD_NICE: i32 = 19;
+
+/// How long the fold lets records gather before it folds them, unless a query or a load is
+/// waiting for them or [`FOLD_EAGER_BYTES`] are queued: one SQLite transaction (and fsync) per
+/// few dozen batches instead of one per batch, and a wallet or packet touched by all of them
+/// written once.
+const FOLD_DELAY: Duration = Duration::from_millis(20);
+
+/// Queued bytes that start a fold at once.
+const FOLD_EAGER_BYTES: usize = 1024 * 1024;
+
+/// How long the fold waits before it tries a failed transaction again.
+const FOLD_RETRY: Duration = Duration::from_millis(200);
+
+/// Opens set `set` of `sets` under `dir` with a journal in front of its SQLite file: folds
+/// what the journal holds from the last run, then returns the write side and the read side.
+pub fn open_journaled_sqlite(dir: &Path, set: u32, sets: u32) -> Result<(JournalStore, JournalReader)> {
+    // Opening the SQLite file folds what a journal left there, and removes it.
+    let (mut sqlite, reader) = open_sqlite(dir, set, sets)?;
+    let last_seq = sqlite.journal_seq()?;
+    let journal_dir = journal_dir(dir, set);
+    std::fs::create_dir_all(&journal_dir)
+        .map_err(|e| io(format!("cannot create {}", journal_dir.display()), e))?;
+    let shared = Arc::new(Shared {
+        state: Mutex::new(FoldState {
+            queue: VecDeque::new(),
+            queued_bytes: 0,
+            queued_seq: last_seq,
+            folded_seq: last_seq,
+            error: None,
+            waiters: 0,
+            stop: false,
+            #[cfg(test)]
+            halt: false,
+        }),
+        changed: Condvar::new(),
+        store: Mutex::new(sqlite),
+    });
+    let segment = Segment::create(&journal_dir, last_seq + 1)?;
+    let fold = {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name(format!("hongbao-fold-{set}"))
+            .spawn(move || {
+                lower_priority(set);
+                fold_loop(set, &shared)
+            })
+            .map_err(|e| io("cannot start the fold thread".into(), e))?
+    };
+    let store = JournalStore {
+        set,
+        dir: journal_dir,
+        segment,
+        closed: VecDeque::new(),
+        last_seq,
+        buf: Vec::new(),
+        poisoned: None,
+        shared: shared.clone(),
+        fold: Some(fold),
+    };
+    Ok((store, JournalReader { inner: reader, shared }))
+}
+
+/// State shared by the set thread, the fold thread and the readers.
+struct Shared {
+    /// Guarded by its mutex, held only to move items in or out and to read the positions,
+    /// never across I/O.
+    state: Mutex<FoldState>,
+    /// Signalled when work is queued, when the fold advances, and at stop.
+    changed: Condvar,
+    /// The SQLite write side. The fold holds it while it applies a transaction; the set thread
+    /// takes it for `load`, `packet` and `sums`, after waiting for the fold to drain.
+    store: Mutex<SqliteStore>,
+}
+
+struct FoldState {
+    /// Durable records not yet folded, oldest first: (seq, encoded batch). Shared slices, so
+    /// the fold takes them out of the lock without copying.
+    queue: VecDeque<(u64, Arc<[u8]>)>,
+    queued_bytes: usize,
+    /// The last seq made durable (queued for the fold, or already folded).
+    queued_seq: u64,
+    /// The last seq the SQLite file holds.
+    folded_seq: u64,
+    /// Why the last fold failed, until one succeeds.
+    error: Option<String>,
+    /// Threads waiting for the fold to catch up (queries, loads): the fold starts at once.
+    waiters: usize,
+    /// Stop once the queue is folded (a clean shutdown), or at once if the fold is failing.
+    stop: bool,
+    /// Stop at once, folding nothing more: what `kill -9` would do, for tests.
+    #[cfg(test)]
+    halt: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these is a bug that aborts the process (the engine is
+    // fail-stop), so a poisoned lock is never seen in practice; taking the data is harmless.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    /// Waits until every record made durable before now is folded, up to `wait`. Returns
+    /// whether it was; `Err` when the fold is failing.
+    fn wait_folded(&self, wait: Duration) -> Result<bool> {
+        let deadline = Instant::now() + wait;
+        let mut s = lock(&self.state);
+        let target = s.queued_seq;
+        if s.folded_seq >= target {
+            return Ok(true);
+        }
+        s.waiters += 1;
+        self.changed.notify_all();
+        let caught_up = loop {
+            if s.folded_seq >= target {
+                break Ok(true);
+            }
+            if let Some(e) = &s.error {
+                break Err(StoreError::Io(format!("the journal fold is failing: {e}")));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break Ok(false);
+            }
+            s = self.changed.wait_timeout(s, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+        };
+        s.waiters -= 1;
+        caught_up
+    }
+}
+
+/// The fold thread: applies queued records to SQLite in order, many per transaction.
+fn fold_loop(set: u32, shared: &Shared) {
+    loop {
+        // Take what is queued, up to a transaction's worth; the items stay queued until they
+        // are folded, so a failed transaction is simply tried again.
+        let (first_seq, payloads) = {
+            let mut s = lock(&shared.state);
+            while s.queue.is_empty() && !s.stop {
+                s = shared.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+            }
+            // Let a few batches gather, unless someone waits for them.
+            let gather_until = Instant::now() + FOLD_DELAY;
+            while !s.stop && s.waiters == 0 && s.queued_bytes < FOLD_EAGER_BYTES {
+                let now = Instant::now();
+                if now >= gather_until {
+                    break;
+                }
+                s = shared.changed.wait_timeout(s, gather_until - now).unwrap_or_else(|p| p.into_inner()).0;
+            }
+            #[cfg(test)]
+            if s.halt {
+                return;
+            }
+            if s.queue.is_empty() {
+                return;
+            }
+            let mut bytes = 0;
+            let mut payloads: Vec<Arc<[u8]>> = Vec::new();
+            for (_, b) in &s.queue {
+                if !payloads.is_empty() && bytes + b.len() > FOLD_BYTES_MAX {
+                    break;
+                }
+                bytes += b.len();
+                payloads.push(b.clone());
+            }
+            (s.queue[0].0, payloads)
+        };
+        // Decoding and writing happen without the lock: the set thread goes on appending.
+        let take = payloads.len();
+        let decoded = payloads.iter().map(|b| decode(b)).collect::<Result<Vec<Batch>>>().map(merge);
+        let last_seq = first_seq + take as u64 - 1;
+        let done = decoded.and_then(|batches| lock(&shared.store).commit_folded(&batches, last_seq));
+        let mut s = lock(&shared.state);
+        match done {
+            Ok(()) => {
+                for _ in 0..take {
+                    let (_, b) = s.queue.pop_front().expect("folded items are queued");
+                    s.queued_bytes -= b.len();
+                }
+                s.folded_seq = last_seq;
+                s.error = None;
+                shared.changed.notify_all();
+            }
+            Err(e) => {
+                s.error = Some(e.to_string());
+                shared.changed.notify_all();
+                if s.stop {
+                    // Shutting down with a failing fold: what is left stays in the journal,
+                    // and the next start folds it.
+                    tracing::error!(set, error = %e, "journal fold failed at shutdown; the next start folds the rest");
+                    return;
+                }
+                tracing::error!(set, error = %e, "journal fold failed; retrying");
+                drop(s);
+                std::thread::sleep(FOLD_RETRY);
+            }
+        }
+    }
+}
+
+/// Lowers the calling thread's CPU priority to [`FOLD_NICE`]. Best effort: a refusal only
+/// means the fold competes with the sets as an equal.
+fn lower_priority(set: u32) {
+    // On Linux, PRIO_PROCESS with who = 0 names the calling thread, not the whole process.
+    // SAFETY: setpriority takes plain integers and touches no memory of ours.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, FOLD_NICE) };
+    if r != 0 {
+        tracing::debug!(set, error = %std::io::Error::last_os_error(), "cannot lower the fold's priority");
+    }
+}
+
+/// Merges consecutive batches into one with the same effect: rows that are inserted (entries,
+/// claims, new packets, outbox rows, audience) keep every row in order; state that is
+/// overwritten (balances, packet counters, watermarks, totals, idempotency records) keeps the
+/// last value only, so a wallet touched by a thousand batches is written once per fold.
+fn merge(batches: Vec<Batch>) -> Vec<Batch> {
+    use std::collections::HashMap;
+    if batches.len() < 2 {
+        return batches;
+    }
+    let mut out = Batch::default();
+    let mut wallets: HashMap<UserId, usize> = HashMap::new();
+    let mut packets: HashMap<PacketId, usize> = HashMap::new();
+    let mut idem: HashMap<(UserId, String), usize> = HashMap::new();
+    for b in batches {
+        for (user, fen) in b.wallets {
+            match wallets.get(&user) {
+                Some(&i) => out.wallets[i].1 = fen,
+                None => {
+                    wallets.insert(user.clone(), out.wallets.len());
+                    out.wallets.push((user, fen));
+                }
+            }
+        }
+        for u in b.packet_updates {
+            match packets.get(&u.id) {
+                Some(&i) => out.packet_updates[i] = u,
+                None => {
+                    packets.insert(u.id, out.packet_updates.len());
+                    out.packet_updates.push(u);
+                }
+            }
+        }
+        for r in b.idempotency {
+            let key = (r.user.clone(), r.request_id.clone());
+            match idem.get(&key) {
+                Some(&i) => out.idempotency[i] = r,
+                None => {
+                    idem.insert(key, out.idempotency.len());
+                    out.idempotency.push(r);
+                }
+            }
+        }
+        out.entries.extend(b.entries);
+        out.new_packets.extend(b.new_packets);
+        out.claims.extend(b.claims);
+        // New outbox rows are written before acknowledged ones are deleted, and an ack only
+        // covers seqs issued before it: the merged order deletes exactly what the batches did.
+        out.outbox_new.extend(b.outbox_new);
+        out.outbox_acked.extend(b.outbox_acked);
+        out.watermarks.extend(b.watermarks);
+        if b.totals.is_some() {
+            out.totals = b.totals;
+        }
+    }
+    vec![out]
+}
+
+/// The write side of a journaled set. Owned by the set's engine thread.
+pub struct JournalStore {
+    set: u32,
+    dir: PathBuf,
+    segment: Segment,
+    /// Closed segments, oldest first: (path, last seq in it).
+    closed: VecDeque<(PathBuf, u64)>,
+    /// The last seq written and synced.
+    last_seq: u64,
+    /// Reused encoding buffer for records.
+    buf: Vec<u8>,
+    /// Set when a failed append could not be cut back off the file: the file may hold a batch
+    /// the engine was told failed, so nothing more may be written or loaded until a restart.
+    poisoned: Option<String>,
+    shared: Arc<Shared>,
+    fold: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for JournalStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JournalStore").field("set", &self.set).field("last_seq", &self.last_seq).finish()
+    }
+}
+
+impl JournalStore {
+    fn check_poisoned(&self) -> Result<()> {
+        match &self.poisoned {
+            Some(e) => Err(StoreError::Io(format!("the journal is unusable until restart: {e}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until the fold has applied everything, then runs `f` on the SQLite store.
+    fn drained<T>(&mut self, f: impl FnOnce(&mut SqliteStore) -> Result<T>) -> Result<T> {
+        self.check_poisoned()?;
+        // No deadline: the caller needs the whole state, and the fold only ever moves forward
+        // (or reports why it cannot).
+        while !self.shared.wait_folded(Duration::from_secs(1))? {}
+        f(&mut lock(&self.shared.store))
+    }
+
+    /// Deletes closed segments whose every record is folded.
+    fn drop_folded_segments(&mut self) {
+        let folded = lock(&self.shared.state).folded_seq;
+        while let Some((path, last)) = self.closed.front() {
+            if *last > folded {
+                break;
+            }
+            if let Err(e) = std::fs::remove_file(path) {
+                // Harmless: a later start folds nothing from it (its records are folded) and
+                // removes it then.
+                tracing::warn!(set = self.set, path = %path.display(), error = %e, "cannot remove a folded segment");
+            }
+            self.closed.pop_front();
+        }
+    }
+}
+
+impl Store for JournalStore {
+    fn load(&mut self, idempotency_since_ms: Millis) -> Result<Loaded> {
+        self.drained(|s| s.load(idempotency_since_ms))
+    }
+
+    fn commit(&mut self, batch: &Batch) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.check_poisoned()?;
+        // A fold that is failing, or too far behind: refuse or wait before anything is written.
+        {
+            let mut s = lock(&self.shared.state);
+            if let Some(e) = &s.error {
+                return Err(StoreError::Io(format!("the journal fold is failing: {e}")));
+            }
+            while s.queued_bytes > QUEUE_BYTES_MAX && s.error.is_none() {
+                s = self.shared.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+            }
+            if let Some(e) = &s.error {
+                return Err(StoreError::Io(format!("the journal fold is failing: {e}")));
+            }
+        }
+        let seq = self.last_seq + 1;
+        self.buf.clear();
+        encode_record(&mut self.buf, seq, batch)?;
+        if let Err(e) = self.segment.append(&self.buf) {
+            // Cut the record back off, so it cannot reappear at the next start.
+            if let Err(undo) = self.segment.truncate_to_synced() {
+                self.poisoned = Some(format!("{e}; and cutting it back failed: {undo}"));
+            }
+            return Err(e);
+        }
+        self.last_seq = seq;
+        {
+            let mut s = lock(&self.shared.state);
+            s.queued_bytes += self.buf.len() - HEADER_BYTES;
+            s.queue.push_back((seq, Arc::from(&self.buf[HEADER_BYTES..])));
+            s.queued_seq = seq;
+            self.shared.changed.notify_all();
+        }
+        if self.segment.bytes >= SEGMENT_BYTES_MAX {
+            let next = Segment::create(&self.dir, seq + 1)?;
+            let old = std::mem::replace(&mut self.segment, next);
+            self.closed.push_back((old.path, seq));
+        }
+        if !self.closed.is_empty() {
+            self.drop_folded_segments();
+        }
+        Ok(())
+    }
+
+    fn packet(&mut self, id: PacketId) -> Result<Option<Packet>> {
+        self.drained(|s| s.packet(id))
+    }
+
+    fn sums(&mut self) -> Result<StoreSums> {
+        self.drained(|s| s.sums())
+    }
+}
+
+impl JournalStore {
+    /// Stops the fold where it is and forgets the store without its clean shutdown: the
+    /// journal is left as `kill -9` would leave it. For tests.
+    #[cfg(test)]
+    fn kill(mut self) {
+        lock(&self.shared.state).halt = true;
+        self.shared.changed.notify_all();
+        if let Some(fold) = self.fold.take() {
+            let _ = fold.join();
+        }
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for JournalStore {
+    fn drop(&mut self) {
+        lock(&self.shared.state).stop = true;
+        self.shared.changed.notify_all();
+        // The fold finishes what is queued, then stops: a clean shutdown leaves nothing to
+        // fold at the next start.
+        if let Some(fold) = self.fold.take() {
+            let _ = fold.join();
+        }
+    }
+}
+
+/// The read side of a journaled set: the SQLite reader, behind a wait for the fold.
+#[derive(Clone)]
+pub struct JournalReader {
+    inner: SqliteReader,
+    shared: Arc<Shared>,
+}
+
+impl JournalReader {
+    /// Read-your-writes: waits (bounded) until what was committed before this query is folded.
+    fn caught_up(&self) -> Result<()> {
+        if !self.shared.wait_folded(READ_WAIT_MAX)? {
+            tracing::debug!("a query answers from the store while the journal fold is behind");
+        }
+        Ok(())
+    }
+}
+
+impl Reader for JournalReader {
+    fn balance(&self, user: &UserId) -> Result<Option<i64>> {
+        self.caught_up()?;
+        self.inner.balance(user)
+    }
+
+    fn entries(&self, user: &UserId, before_id: Option<i64>, limit: u32) -> Result<Vec<EntryRow>> {
+        self.caught_up()?;
+        self.inner.entries(user, before_id, limit)
+    }
+
+    fn packet(&self, id: PacketId) -> Result<Option<PacketRow>> {
+        self.caught_up()?;
+        self.inner.packet(id)
+    }
+
+    fn claims(&self, id: PacketId, after_index: Option<u32>, limit: u32) -> Result<Vec<Claim>> {
+        self.caught_up()?;
+        self.inner.claims(id, after_index, limit)
+    }
+
+    fn sent(
+        &self,
+        user: &UserId,
+        from_ms: Millis,
+        to_ms: Millis,
+        before: Option<PacketId>,
+        limit: u32,
+    ) -> Result<SentPage> {
+        self.caught_up()?;
+        self.inner.sent(user, from_ms, to_ms, before, limit)
+    }
+
+    fn received(
+        &self,
+        user: &UserId,
+        from_ms: Millis,
+        to_ms: Millis,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<ReceivedPage> {
+        self.caught_up()?;
+        self.inner.received(user, from_ms, to_ms, before, limit)
+    }
+
+    fn best_luck_count(&self, user: &UserId, from_ms: Millis, to_ms: Millis) -> Result<u64> {
+        self.caught_up()?;
+        self.inner.best_luck_count(user, from_ms, to_ms)
+    }
+
+    fn claim_of(&self, id: PacketId, user: &UserId) -> Result<Option<Claim>> {
+        self.caught_up()?;
+        self.inner.claim_of(id, user)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Records and segments.
+
+fn io(what: String, e: std::io::Error) -> StoreError {
+    StoreError::Io(format!("{what}: {e}"))
+}
+
+fn crc(seq: u64, payload: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&seq.to_le_bytes());
+    h.update(payload);
+    h.finalize()
+}
+
+/// Appends one record holding `batch` to `out`.
+fn encode_record(out: &mut Vec<u8>, seq: u64, batch: &Batch) -> Result<()> {
+    out.resize(HEADER_BYTES, 0);
+    let mut out_buf = std::mem::take(out);
+    out_buf = postcard::to_extend(batch, out_buf)
+        .map_err(|e| StoreError::Io(format!("cannot encode a batch for the journal: {e}")))?;
+    let len = out_buf.len() - HEADER_BYTES;
+    if len > RECORD_BYTES_MAX {
+        return Err(StoreError::Io(format!("a batch of {len} bytes is over the journal's bound")));
+    }
+    let sum = crc(seq, &out_buf[HEADER_BYTES..]);
+    out_buf[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    out_buf[4..8].copy_from_slice(&(len as u32).to_le_bytes());
+    out_buf[8..16].copy_from_slice(&seq.to_le_bytes());
+    out_buf[16..20].copy_from_slice(&sum.to_le_bytes());
+    *out = out_buf;
+    Ok(())
+}
+
+fn decode(payload: &[u8]) -> Result<Batch> {
+    postcard::from_bytes(payload)
+        .map_err(|e| StoreError::Corrupt(format!("a journal record does not decode: {e}")))
+}
+
+/// What reading a segment found.
+struct Scan {
+    /// (seq, payload) of every whole record, in order.
+    records: Vec<(u64, Vec<u8>)>,
+    /// Bytes of whole records: where a torn tail starts.
+    good_bytes: u64,
+    /// Whether bytes follow the whole records (a torn tail, or damage).
+    torn: bool,
+}
+
+fn scan(bytes: &[u8]) -> Scan {
+    let mut records = Vec::new();
+    let mut at = 0usize;
+    loop {
+        let rest = &bytes[at..];
+        if rest.is_empty() {
+            return Scan { records, good_bytes: at as u64, torn: false };
+        }
+        let whole = (|| {
+            let header = rest.get(..HEADER_BYTES)?;
+            let magic = u32::from_le_bytes(header[0..4].try_into().ok()?);
+            let len = u32::from_le_bytes(header[4..8].try_into().ok()?) as usize;
+            let seq = u64::from_le_bytes(header[8..16].try_into().ok()?);
+            let sum = u32::from_le_bytes(header[16..20].try_into().ok()?);
+            if magic != MAGIC || len > RECORD_BYTES_MAX {
+                return None;
+            }
+            let payload = rest.get(HEADER_BYTES..HEADER_BYTES + len)?;
+            (crc(seq, payload) == sum).then(|| (seq, payload.to_vec(), HEADER_BYTES + len))
+        })();
+        match whole {
+            Some((seq, payload, n)) => {
+                records.push((seq, payload));
+                at += n;
+            }
+            None => return Scan { records, good_bytes: at as u64, torn: true },
+        }
+    }
+}
+
+/// The segment being appended to.
+struct Segment {
+    path: PathBuf,
+    file: File,
+    /// Bytes written and synced.
+    bytes: u64,
+}
+
+impl Segment {
+    /// A new, empty segment whose first record will be `first_seq`; its directory entry is
+    /// synced so the file survives a crash.
+    fn create(dir: &Path, first_seq: u64) -> Result<Segment> {
+        let path = dir.join(segment_name(first_seq));
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| io(format!("cannot create {}", path.display()), e))?;
+        sync_dir(dir)?;
+        Ok(Segment { path, file, bytes: 0 })
+    }
+
+    /// Writes `record` and syncs it: when this returns `Ok`, the record survives a crash.
+    fn append(&mut self, record: &[u8]) -> Result<()> {
+        self.file.write_all(record).map_err(|e| io(format!("cannot write {}", self.path.display()), e))?;
+        self.file.sync_data().map_err(|e| io(format!("cannot sync {}", self.path.display()), e))?;
+        self.bytes += record.len() as u64;
+        Ok(())
+    }
+
+    /// Cuts the file back to what was synced before a failed append.
+    fn truncate_to_synced(&mut self) -> Result<()> {
+        use std::io::Seek;
+        self.file
+            .set_len(self.bytes)
+            .map_err(|e| io(format!("cannot truncate {}", self.path.display()), e))?;
+        self.file
+            .seek(std::io::SeekFrom::Start(self.bytes))
+            .map_err(|e| io(format!("cannot seek {}", self.path.display()), e))?;
+        self.file.sync_data().map_err(|e| io(format!("cannot sync {}", self.path.display()), e))
+    }
+}
+
+fn segment_name(first_seq: u64) -> String {
+    format!("{first_seq:020}.log")
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io(format!("cannot sync directory {}", dir.display()), e))
+}
+
+/// The journal directory of set `set` under the data dir.
+pub(crate) fn journal_dir(data_dir: &Path, set: u32) -> PathBuf {
+    data_dir.join(format!("set-{set}.journal"))
+}
+
+/// Folds whatever a journal at `dir` holds into `sqlite`, then removes it. Nothing to do
+/// when there is none.
+pub(crate) fn fold_leftovers(dir: &Path, sqlite: &mut SqliteStore) -> Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    recover(dir, sqlite)?;
+    std::fs::remove_dir(dir).map_err(|e| io(format!("cannot remove {}", dir.display()), e))?;
+    if let Some(parent) = dir.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(())
+}
+
+/// Folds into `sqlite` every record the journal holds past what it already has, cuts a torn
+/// tail off the last segment, removes every segment, and returns the last seq now folded.
+fn recover(dir: &Path, sqlite: &mut SqliteStore) -> Result<u64> {
+    let mut folded = sqlite.journal_seq()?;
+    let mut segments: Vec<(u64, PathBuf)> = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| io(format!("cannot list {}", dir.display()), e))? {
+        let path = entry.map_err(|e| io(format!("cannot list {}", dir.display()), e))?.path();
+        let first = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".log"))
+            .and_then(|n| n.parse::<u64>().ok());
+        match first {
+            Some(first) => segments.push((first, path)),
+            None => {
+                return Err(StoreError::Corrupt(format!("{} is not a journal segment", path.display())));
+            }
+        }
+    }
+    segments.sort();
+    let count = segments.len();
+    let mut expected = None::<u64>;
+    let mut pending: Vec<Batch> = Vec::new();
+    let mut pending_bytes = 0usize;
+    for (i, (first, path)) in segments.iter().enumerate() {
+        let mut bytes = Vec::new();
+        File::open(path)
+            .and_then(|mut f| f.read_to_end(&mut bytes))
+            .map_err(|e| io(format!("cannot read {}", path.display()), e))?;
+        let s = scan(&bytes);
+        if s.torn {
+            if i + 1 < count {
+                return Err(StoreError::Corrupt(format!(
+                    "{} is damaged at byte {} and later segments follow it",
+                    path.display(),
+                    s.good_bytes
+                )));
+            }
+            tracing::warn!(
+                path = %path.display(),
+                at = s.good_bytes,
+                "cutting off a torn journal record (written, never acknowledged)"
+            );
+        }
+        for (seq, payload) in s.records {
+            if let Some(want) = expected {
+                if seq != want {
+                    return Err(StoreError::Corrupt(format!(
+                        "{} holds record {seq} where {want} was due",
+                        path.display()
+                    )));
+                }
+            } else if seq != *first {
+                return Err(StoreError::Corrupt(format!("{} starts with record {seq}", path.display())));
+            }
+            expected = Some(seq + 1);
+            if seq <= folded {
+                continue;
+            }
+            if seq != folded + pending.len() as u64 + 1 {
+                return Err(StoreError::Corrupt(format!(
+                    "the journal resumes at record {seq}, but the store holds up to {folded}"
+                )));
+            }
+            pending_bytes += payload.len();
+            pending.push(decode(&payload)?);
+            if pending_bytes >= FOLD_BYTES_MAX {
+                folded += pending.len() as u64;
+                sqlite.commit_folded(&merge(std::mem::take(&mut pending)), folded)?;
+                pending_bytes = 0;
+            }
+        }
+    }
+    if !pending.is_empty() {
+        folded += pending.len() as u64;
+        sqlite.commit_folded(&merge(pending), folded)?;
+    }
+    if folded > 0 || count > 0 {
+        tracing::info!(dir = %dir.display(), segments = count, last_seq = folded, "journal recovered");
+    }
+    // Everything is in SQLite now (synced by its commit): the segments can go.
+    for (_, path) in &segments {
+        std::fs::remove_file(path).map_err(|e| io(format!("cannot remove {}", path.display()), e))?;
+    }
+    sync_dir(dir)?;
+    Ok(folded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Entry, EntryKind, Totals};
+
+    fn batch(user: &str, fen: i64) -> Batch {
+        let user = UserId::parse(user).unwrap();
+        Batch {
+            wallets: vec![(user.clone(), fen)],
+            entries: vec![Entry {
+                user,
+                kind: EntryKind::Deposit,
+                amount_fen: fen,
+                packet_id: None,
+                at_ms: 1,
+            }],
+            totals: Some(Totals { deposits_fen: fen, withdrawals_fen: 0 }),
+            ..Batch::default()
+        }
+    }
+
+    #[test]
+    fn records_round_trip_and_a_torn_tail_is_found() {
+        let mut file = Vec::new();
+        for seq in 1..=3 {
+            let mut rec = Vec::new();
+            encode_record(&mut rec, seq, &batch("alice", seq as i64 * 10)).unwrap();
+            file.extend_from_slice(&rec);
+        }
+        let whole = scan(&file);
+        assert!(!whole.torn);
+        assert_eq!(whole.records.iter().map(|r| r.0).collect::<Vec<_>>(), [1, 2, 3]);
+        let b = decode(&whole.records[2].1).unwrap();
+        assert_eq!(b.wallets[0].1, 30);
+
+        // Cut anywhere inside the last record: the first two stand, the rest is torn.
+        assert_eq!(whole.good_bytes as usize, file.len());
+        for cut in [file.len() - 1, file.len() - 7, file.len() - 30] {
+            let s = scan(&file[..cut]);
+            assert!(s.torn, "cut at {cut}");
+            assert_eq!(s.records.len(), 2, "cut at {cut}");
+        }
+
+        // A flipped bit fails the CRC.
+        let mut bad = file.clone();
+        let n = bad.len();
+        bad[n - 3] ^= 0x10;
+        let s = scan(&bad);
+        assert!(s.torn);
+        assert_eq!(s.records.len(), 2);
+    }
+
+    #[test]
+    fn a_restart_folds_what_the_journal_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut store, _reader) = open_journaled_sqlite(dir.path(), 0, 1).unwrap();
+            store.commit(&batch("alice", 100)).unwrap();
+            store.commit(&batch("bob", 50)).unwrap();
+            // No clean stop, as kill -9: the records are synced; the fold may or may not have
+            // applied them.
+            store.kill();
+        }
+        let (mut store, reader) = open_journaled_sqlite(dir.path(), 0, 1).unwrap();
+        let loaded = store.load(0).unwrap();
+        let mut wallets = loaded.wallets.clone();
+        wallets.sort();
+        assert_eq!(wallets, [(UserId::parse("alice").unwrap(), 100), (UserId::parse("bob").unwrap(), 50)]);
+        assert_eq!(reader.balance(&UserId::parse("bob").unwrap()).unwrap(), Some(50));
+        // Nothing is folded twice: the entries are one each.
+        assert_eq!(reader.entries(&UserId::parse("alice").unwrap(), None, 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_torn_record_at_the_end_is_cut_off_and_the_rest_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let jdir = dir.path().join("set-0.journal");
+        {
+            let (mut store, _reader) = open_journaled_sqlite(dir.path(), 0, 1).unwrap();
+            store.commit(&batch("alice", 100)).unwrap();
+            store.kill();
+        }
+        // A second record half written when the power went.
+        let seg = std::fs::read_dir(&jdir).unwrap().next().unwrap().unwrap().path();
+        let mut rec = Vec::new();
+        encode_record(&mut rec, 2, &batch("bob", 50)).unwrap();
+        let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
+        f.write_all(&rec[..rec.len() / 2]).unwrap();
+        drop(f);
+        let (mut store, reader) = open_journaled_sqlite(dir.path(), 0, 1).unwrap();
+        store.load(0).unwrap();
+        assert_eq!(reader.balance(&UserId::parse("alice").unwrap()).unwrap(), Some(100));
+        assert_eq!(reader.balance(&UserId::parse("bob").unwrap()).unwrap(), None);
+        // And the journal goes on from record 2.
+        store.commit(&batch("carol", 7)).unwrap();
+        assert_eq!(reader.balance(&UserId::parse("carol").unwrap()).unwrap(), Some(7));
+    }
+
+    #[test]
+    fn damage_before_the_last_segment_refuses_to_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let jdir = dir.path().join("set-0.journal");
+        drop(open_journaled_sqlite(dir.path(), 0, 1).unwrap());
+        let mut rec = Vec::new();
+        encode_record(&mut rec, 1, &batch("alice", 100)).unwrap();
+        let n = rec.len();
+        rec[n - 1] ^= 1;
+        std::fs::write(jdir.join(segment_name(1)), &rec).unwrap();
+        let mut rec2 = Vec::new();
+        encode_record(&mut rec2, 2, &batch("bob", 1)).unwrap();
+        std::fs::write(jdir.join(segment_name(2)), &rec2).unwrap();
+        match open_journaled_sqlite(dir.path(), 0, 1) {
+            Err(StoreError::Corrupt(msg)) => assert!(msg.contains("damaged"), "{msg}"),
+            other => panic!("expected Corrupt, got {:?}", other.map(|_| ())),
+        }
+    }
+
+    #[test]
+    fn a_failed_append_is_cut_back_off_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut seg = Segment::create(dir.path(), 1).unwrap();
+        let mut rec = Vec::new();
+        encode_record(&mut rec, 1, &batch("alice", 100)).unwrap();
+        seg.append(&rec).unwrap();
+        // Half of the next record reached the file before the write failed.
+        let mut next = Vec::new();
+        encode_record(&mut next, 2, &batch("bob", 5)).unwrap();
+        seg.file.write_all(&next[..next.len() / 2]).unwrap();
+        seg.truncate_to_synced().unwrap();
+        let bytes = std::fs::read(&seg.path).unwrap();
+        assert_eq!(bytes.len(), rec.len());
+        let s = scan(&bytes);
+        assert!(!s.torn);
+        assert_eq!(s.records.len(), 1);
+        // And the next append lands right after the first record.
+        seg.append(&next).unwrap();
+        assert_eq!(scan(&std::fs::read(&seg.path).unwrap()).records.len(), 2);
+    }
+
+    #[test]
+    fn merged_batches_write_what_the_batches_wrote() {
+        let dir_a = tempfile::tempdir().unwrap();
+        let dir_b = tempfile::tempdir().unwrap();
+        let batches: Vec<Batch> =
+            (1..=50).map(|i| batch(if i % 3 == 0 { "alice" } else { "bob" }, i)).collect();
+        let (mut one_by_one, reader_a) = crate::open_sqlite(dir_a.path(), 0, 1).unwrap();
+        for b in &batches {
+            one_by_one.commit(b).unwrap();
+        }
+        let (mut merged, reader_b) = crate::open_sqlite(dir_b.path(), 0, 1).unwrap();
+        let m = merge(batches);
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].wallets.len(), 2, "one row per wallet");
+        merged.commit_folded(&m, 50).unwrap();
+        for who in ["alice", "bob"] {
+            let u = UserId::parse(who).unwrap();
+            assert_eq!(reader_a.balance(&u).unwrap(), reader_b.balance(&u).unwrap());
+            assert_eq!(reader_a.entries(&u, None, 100).unwrap(), reader_b.entries(&u, None, 100).unwrap());
+        }
+        assert_eq!(one_by_one.sums().unwrap(), merged.sums().unwrap());
+        assert_eq!(merged.journal_seq().unwrap(), 50);
+    }
+
+    #[test]
+    fn reads_see_what_was_committed_before_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, reader) = open_journaled_sqlite(dir.path(), 0, 1).unwrap();
+        for i in 1..=200 {
+            store.commit(&batch(&format!("u{i}"), i)).unwrap();
+            // Each commit is visible to the very next read, though the fold runs apart.
+            assert_eq!(reader.balance(&UserId::parse(&format!("u{i}")).unwrap()).unwrap(), Some(i));
+        }
+        let sums = store.sums().unwrap();
+        assert_eq!(sums.balances_fen, (1..=200).sum::<i64>());
+    }
+}
