@@ -6,9 +6,24 @@
 
 /// The hash map the engine and the packet state use: aHash with per-process random keys,
 /// several times faster than SipHash and still resistant to crafted user ids (hash flooding).
-pub type FastMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
+pub type FastMap<K, V> = std::collections::HashMap<K, V, FastHash>;
 /// The matching set.
-pub type FastSet<K> = std::collections::HashSet<K, ahash::RandomState>;
+pub type FastSet<K> = std::collections::HashSet<K, FastHash>;
+
+/// aHash keyed once per process: a map holds no keys of its own (`ahash::RandomState` is 32
+/// bytes per map, and every resident packet has two maps), yet keys still differ from run
+/// to run, so nobody can craft user ids that collide.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FastHash;
+
+impl std::hash::BuildHasher for FastHash {
+    type Hasher = ahash::AHasher;
+
+    fn build_hasher(&self) -> ahash::AHasher {
+        static KEYS: std::sync::OnceLock<ahash::RandomState> = std::sync::OnceLock::new();
+        KEYS.get_or_init(ahash::RandomState::new).build_hasher()
+    }
+}
 
 pub mod amount;
 pub mod clock;

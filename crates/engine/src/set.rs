@@ -160,7 +160,8 @@ struct SetState {
     expiries: BTreeSet<(Millis, PacketId)>,
     closed: VecDeque<PacketId>,
     closed_claims: usize,
-    idem: FastMap<(UserId, RequestId), IdemRecord>,
+    /// What each remembered request returned; the strings live once, in the key.
+    idem: FastMap<(UserId, RequestId), Remembered>,
     idem_order: VecDeque<(Millis, UserId, RequestId)>,
     id_gen: PacketIdGen,
     rng: ChaCha8Rng,
@@ -173,6 +174,13 @@ struct SetState {
     totals: Totals,
     balances_fen: i64,
     escrow_fen: i64,
+}
+
+/// An idempotent request's fingerprint and first result, kept for the retention window.
+#[derive(Debug, Clone, Copy)]
+struct Remembered {
+    fingerprint: u64,
+    result: IdemResult,
 }
 
 /// What one batch changed, collected while commands are applied.
@@ -459,7 +467,7 @@ impl SetState {
         for r in idem {
             let rid = RequestId::parse(&r.request_id).expect("stored request id is valid");
             s.idem_order.push_back((r.at_ms, r.user.clone(), rid.clone()));
-            s.idem.insert((r.user.clone(), rid), r);
+            s.idem.insert((r.user, rid), Remembered { fingerprint: r.fingerprint, result: r.result });
         }
         for item in l.outbox_pending {
             let last = s.outbox_last_seq.entry(item.target_set).or_insert(0);
@@ -538,9 +546,9 @@ impl SetState {
             result,
             at_ms: now_ms,
         };
-        w.batch.idempotency.push(rec.clone());
+        w.batch.idempotency.push(rec);
         self.idem_order.push_back((now_ms, user.clone(), request_id.clone()));
-        self.idem.insert((user.clone(), request_id.clone()), rec);
+        self.idem.insert((user.clone(), request_id.clone()), Remembered { fingerprint: fp, result });
     }
 
     fn prune_idempotency(&mut self, before_ms: Millis) {
