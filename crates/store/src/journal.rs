@@ -14,8 +14,10 @@
 //!   began, so a reply that said money moved is visible to the next query (read-your-writes).
 //!   The wait is bounded by [`READ_WAIT_MAX`]; past it the query answers from what is folded.
 //! - **Backlog.** The fold applies everything queued in one SQLite transaction (up to
-//!   [`FOLD_BYTES_MAX`]), so it goes faster the further it falls behind. When the queue still
-//!   grows past [`QUEUE_BYTES_MAX`], commits wait for the fold: the set's queue fills and new
+//!   [`FOLD_BYTES_MAX`]), so it goes faster the further it falls behind. It reads the records
+//!   back from the segment files (the page cache, normally), so a backlog costs disk, not
+//!   memory. When the backlog still grows past [`BACKLOG_BYTES_MAX`], commits wait for the
+//!   fold: the set's queue fills and new
 //!   work is refused with 503, as under any other overload.
 //! - **Faults.** A failed append is cut back off the file before the commit fails, so a batch
 //!   the engine was told failed can never reappear at the next start; if even that fails, the
@@ -54,14 +56,15 @@ const RECORD_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// a segment at a time while the set keeps appending.
 const SEGMENT_BYTES_MAX: u64 = 64 * 1024 * 1024;
 
-/// Encoded batches waiting for the fold, per set, before commits wait for it: about two million
-/// claims, a burst of many seconds at full speed, and a bound on the memory the queue holds.
-pub const QUEUE_BYTES_MAX: usize = 128 * 1024 * 1024;
+/// Journal bytes waiting for the fold, per set, before commits wait for it: tens of millions
+/// of claims, a burst of minutes at full speed, and a bound on the disk the journal takes and
+/// on how far queries can trail claims.
+pub const BACKLOG_BYTES_MAX: usize = 1024 * 1024 * 1024;
 
 /// Most encoded bytes the fold applies in one SQLite transaction: large enough that a lagging
 /// fold writes each B-tree page once for many batches, small enough that a query waiting for
 /// it is not held for long.
-pub const FOLD_BYTES_MAX: usize = 16 * 1024 * 1024;
+pub const FOLD_BYTES_MAX: usize = 8 * 1024 * 1024;
 
 /// How long a query waits for the fold to apply what was committed before it began. Idle, the
 /// fold is milliseconds behind; in a burst it falls behind on purpose, and history answers
@@ -147,9 +150,8 @@ struct Shared {
 }
 
 struct FoldState {
-    /// Durable records not yet folded, oldest first: (seq, encoded batch). Shared slices, so
-    /// the fold takes them out of the lock without copying.
-    queue: VecDeque<(u64, Arc<[u8]>)>,
+    /// Durable records not yet folded, oldest first: where each one's payload is on disk.
+    queue: VecDeque<Queued>,
     queued_bytes: usize,
     /// The last seq made durable (queued for the fold, or already folded).
     queued_seq: u64,
@@ -164,6 +166,28 @@ struct FoldState {
     /// Stop at once, folding nothing more: what `kill -9` would do, for tests.
     #[cfg(test)]
     halt: bool,
+}
+
+/// A record waiting for the fold: its payload's place in its segment file.
+#[derive(Clone)]
+struct Queued {
+    seq: u64,
+    /// The segment, open for reading: it stays readable after a rotation, and after its
+    /// removal (the last handle keeps the file alive).
+    file: Arc<File>,
+    offset: u64,
+    len: usize,
+}
+
+impl Queued {
+    fn read(&self) -> Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let mut payload = vec![0; self.len];
+        self.file
+            .read_exact_at(&mut payload, self.offset)
+            .map_err(|e| io(format!("cannot read journal record {} back", self.seq), e))?;
+        Ok(payload)
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -207,7 +231,7 @@ fn fold_loop(set: u32, shared: &Shared) {
     loop {
         // Take what is queued, up to a transaction's worth; the items stay queued until they
         // are folded, so a failed transaction is simply tried again.
-        let (first_seq, payloads) = {
+        let (first_seq, records) = {
             let mut s = lock(&shared.state);
             while s.queue.is_empty() && !s.stop {
                 s = shared.changed.wait(s).unwrap_or_else(|p| p.into_inner());
@@ -229,27 +253,31 @@ fn fold_loop(set: u32, shared: &Shared) {
                 return;
             }
             let mut bytes = 0;
-            let mut payloads: Vec<Arc<[u8]>> = Vec::new();
-            for (_, b) in &s.queue {
-                if !payloads.is_empty() && bytes + b.len() > FOLD_BYTES_MAX {
+            let mut records: Vec<Queued> = Vec::new();
+            for q in &s.queue {
+                if !records.is_empty() && bytes + q.len > FOLD_BYTES_MAX {
                     break;
                 }
-                bytes += b.len();
-                payloads.push(b.clone());
+                bytes += q.len;
+                records.push(q.clone());
             }
-            (s.queue[0].0, payloads)
+            (s.queue[0].seq, records)
         };
-        // Decoding and writing happen without the lock: the set thread goes on appending.
-        let take = payloads.len();
-        let decoded = payloads.iter().map(|b| decode(b)).collect::<Result<Vec<Batch>>>().map(merge);
+        // Reading, decoding and writing happen without the lock: the set goes on appending.
+        let take = records.len();
+        let decoded = records
+            .iter()
+            .map(|q| q.read().and_then(|b| decode(&b)))
+            .collect::<Result<Vec<Batch>>>()
+            .map(merge);
         let last_seq = first_seq + take as u64 - 1;
         let done = decoded.and_then(|batches| lock(&shared.store).commit_folded(&batches, last_seq));
         let mut s = lock(&shared.state);
         match done {
             Ok(()) => {
                 for _ in 0..take {
-                    let (_, b) = s.queue.pop_front().expect("folded items are queued");
-                    s.queued_bytes -= b.len();
+                    let q = s.queue.pop_front().expect("folded items are queued");
+                    s.queued_bytes -= q.len;
                 }
                 s.folded_seq = last_seq;
                 s.error = None;
@@ -414,7 +442,7 @@ impl Store for JournalStore {
             if let Some(e) = &s.error {
                 return Err(StoreError::Io(format!("the journal fold is failing: {e}")));
             }
-            while s.queued_bytes > QUEUE_BYTES_MAX && s.error.is_none() {
+            while s.queued_bytes > BACKLOG_BYTES_MAX && s.error.is_none() {
                 s = self.shared.changed.wait(s).unwrap_or_else(|p| p.into_inner());
             }
             if let Some(e) = &s.error {
@@ -424,6 +452,7 @@ impl Store for JournalStore {
         let seq = self.last_seq + 1;
         self.buf.clear();
         encode_record(&mut self.buf, seq, batch)?;
+        let offset = self.segment.bytes + HEADER_BYTES as u64;
         if let Err(e) = self.segment.append(&self.buf) {
             // Cut the record back off, so it cannot reappear at the next start.
             if let Err(undo) = self.segment.truncate_to_synced() {
@@ -434,8 +463,9 @@ impl Store for JournalStore {
         self.last_seq = seq;
         {
             let mut s = lock(&self.shared.state);
-            s.queued_bytes += self.buf.len() - HEADER_BYTES;
-            s.queue.push_back((seq, Arc::from(&self.buf[HEADER_BYTES..])));
+            let len = self.buf.len() - HEADER_BYTES;
+            s.queued_bytes += len;
+            s.queue.push_back(Queued { seq, file: self.segment.reader.clone(), offset, len });
             s.queued_seq = seq;
             self.shared.changed.notify_all();
         }
@@ -640,6 +670,8 @@ fn scan(bytes: &[u8]) -> Scan {
 struct Segment {
     path: PathBuf,
     file: File,
+    /// The same file open for reading, shared with the fold.
+    reader: Arc<File>,
     /// Bytes written and synced.
     bytes: u64,
 }
@@ -655,8 +687,10 @@ impl Segment {
             .write(true)
             .open(&path)
             .map_err(|e| io(format!("cannot create {}", path.display()), e))?;
+        let reader =
+            Arc::new(File::open(&path).map_err(|e| io(format!("cannot open {}", path.display()), e))?);
         sync_dir(dir)?;
-        Ok(Segment { path, file, bytes: 0 })
+        Ok(Segment { path, file, reader, bytes: 0 })
     }
 
     /// Writes `record` and syncs it: when this returns `Ok`, the record survives a crash.
