@@ -78,6 +78,24 @@ const WAL_AUTOCHECKPOINT_PAGES: i64 = 16_384;
 /// [`StoreError::Incompatible`]: users are hashed to sets, so reading it would put wallets in
 /// the wrong place.
 pub fn open_sqlite(dir: &Path, set: u32, sets: u32) -> Result<(SqliteStore, SqliteReader)> {
+    open_sqlite_with(dir, set, sets, Leftovers::FoldAndRemove)
+}
+
+/// What opening does with a journal a run with the journal on left beside the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Leftovers {
+    /// Fold it and remove it: this run commits to SQLite directly.
+    FoldAndRemove,
+    /// Fold it and keep a segment file as the spare: this run journals.
+    FoldKeepingSpare,
+}
+
+pub(crate) fn open_sqlite_with(
+    dir: &Path,
+    set: u32,
+    sets: u32,
+    leftovers: Leftovers,
+) -> Result<(SqliteStore, SqliteReader)> {
     if sets == 0 || sets > SETS_MAX || set >= sets {
         return Err(StoreError::Incompatible(format!(
             "set {set} of {sets} sets is out of range (1 to {SETS_MAX} sets)"
@@ -97,7 +115,11 @@ pub fn open_sqlite(dir: &Path, set: u32, sets: u32) -> Result<(SqliteStore, Sqli
     let mut store = SqliteStore::new(conn, set, checkpointer);
     // A journal left by a run with the journal on: what it holds is acknowledged, so it is
     // folded in before anything reads the file, whether or not this run journals.
-    crate::journal::fold_leftovers(&crate::journal::journal_dir(dir, set), &mut store)?;
+    crate::journal::fold_leftovers(
+        &crate::journal::journal_dir(dir, set),
+        &mut store,
+        leftovers == Leftovers::FoldKeepingSpare,
+    )?;
     Ok((store, reader))
 }
 
