@@ -350,7 +350,10 @@ pub(crate) fn start_target(
                 .to_string(),
         );
     } else {
-        notes.push("durable: one SQLite file per set, synchronous=FULL, replies after commit".to_string());
+        notes.push(
+            "durable: SQLite per set behind its journal, one fdatasync'd record per batch, replies after it"
+                .to_string(),
+        );
     }
     Ok(Started {
         target: Target::Engine(engine.clone()),

@@ -37,7 +37,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let mut notes = vec![
         "resident runs in process whatever the mode: it reads this process's memory (VmRSS)".to_string(),
-        "durable: one SQLite file per set, synchronous=FULL, replies after commit".to_string(),
+        "durable: SQLite per set behind its journal, one fdatasync'd record per batch, replies after it"
+            .to_string(),
     ];
     let nonce = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
     let rt = tokio::runtime::Builder::new_multi_thread()
