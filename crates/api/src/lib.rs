@@ -53,7 +53,8 @@ pub struct AppState {
     pub tokens: Option<Arc<Tokens>>,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     /// Per-user token buckets (sharded map inside governor; no lock held across `.await`).
-    limiter: Arc<DefaultKeyedRateLimiter<UserId>>,
+    /// `None` when the limit is off (`--user-rate 0`): no bucket is kept for anyone.
+    limiter: Option<Arc<DefaultKeyedRateLimiter<UserId>>>,
 }
 
 impl AppState {
@@ -63,16 +64,12 @@ impl AppState {
 
     /// As `new`, with another per-user rate (requests per second and burst; 0 turns it off).
     pub fn with_user_rate(engine: Engine, keys: Keys, per_s: u32, burst: u32) -> AppState {
-        let per_s = NonZeroU32::new(per_s).unwrap_or(NonZeroU32::MAX);
-        let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MAX);
-        let limiter = RateLimiter::keyed(Quota::per_second(per_s).allow_burst(burst));
-        AppState {
-            engine,
-            keys: Arc::new(keys),
-            tokens: None,
-            metrics: metrics_layer::recorder(),
-            limiter: Arc::new(limiter),
-        }
+        // 0 turns the limit off; a burst of 0 with a rate is taken as a burst of the rate.
+        let limiter = NonZeroU32::new(per_s).map(|per_s| {
+            let burst = NonZeroU32::new(burst).unwrap_or(per_s);
+            Arc::new(RateLimiter::keyed(Quota::per_second(per_s).allow_burst(burst)))
+        });
+        AppState { engine, keys: Arc::new(keys), tokens: None, metrics: metrics_layer::recorder(), limiter }
     }
 
     /// Accepts user tokens verified by `tokens` besides the keys.
@@ -82,7 +79,8 @@ impl AppState {
     }
 
     pub(crate) fn rate_limit(&self, user: &UserId) -> Result<(), ApiError> {
-        if self.limiter.check_key(user).is_err() {
+        let Some(limiter) = &self.limiter else { return Ok(()) };
+        if limiter.check_key(user).is_err() {
             metrics::counter!("hongbao_rate_limited_total").increment(1);
             return Err(ApiError::RateLimited);
         }
@@ -91,8 +89,10 @@ impl AppState {
 
     /// Forgets buckets that are full again, so the map stays as small as the active crowd.
     pub fn prune_rate_limits(&self) {
-        self.limiter.retain_recent();
-        self.limiter.shrink_to_fit();
+        if let Some(limiter) = &self.limiter {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
     }
 }
 

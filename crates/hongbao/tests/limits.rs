@@ -48,6 +48,28 @@ async fn one_user_asking_too_fast_is_429_and_others_still_claim() {
     assert_eq!(money(&after)[0], money(&before)[0], "a refusal moves no money");
 }
 
+/// `--user-rate 0` turns the limit off: one user may ask as fast as they like. (It used to keep
+/// a bucket with an enormous quota for every user who ever claimed; now it keeps none.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_rate_0_turns_the_limit_off() {
+    let opts = Opts { args: vec!["--user-rate".into(), "0".into()], ..Opts::default() };
+    let server = TestServer::start(opts).await;
+    server.deposit_ok("boss", 10_000).await;
+    let id = server.send_ok("boss", "equal", 1_000, 10, json!({"anyone": true})).await;
+    for i in 0..200 {
+        let r = server
+            .api()
+            .call(
+                Method::POST,
+                &format!("/v1/packets/{id}/claim"),
+                Some(API_KEY),
+                Some(&json!({"user": "eager"})),
+            )
+            .await;
+        assert_eq!(r.status, 200, "claim {i} of one user with the limit off: {}", r.body);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_is_503_with_retry_after_and_loses_nothing() {
     // Arrange: one set with a queue of 1 and batches of 1, so concurrent work overflows it.
