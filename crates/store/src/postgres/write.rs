@@ -6,7 +6,7 @@
 //! which after a failed commit is the engine's `load`, so the set comes back by itself once the
 //! server does.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
 
 use hongbao_core::{Audience, Claim, Millis, Packet, PacketId, PacketStatus, UserId};
@@ -36,20 +36,52 @@ impl std::fmt::Debug for PgStore {
     }
 }
 
-// Every statement takes its rows as arrays, one array per column, expanded by `unnest`: one
-// statement per row type per batch, whatever the batch holds.
-
-const UPSERT_WALLETS: &str = "INSERT INTO wallets (user_id, balance_fen) \
+// Every statement takes its rows as arrays, one array per column, expanded by `unnest`.
+//
+// A batch is written by one statement, whatever it holds: a data-modifying CTE per kind of row
+// (an empty array writes nothing), so a batch costs one round trip and, when it sends no
+// packet, runs on its own as one implicit transaction. The CTEs share one snapshot and cannot
+// see each other's rows, which is why new packets (which their own claims and updates may
+// follow in the same batch) are inserted first, by statements of their own in a transaction
+// around this one. Nothing else in a batch depends on another CTE's rows: an acknowledgement
+// only ever covers outbox rows of earlier batches. An update of a packet that does not exist
+// must fail the whole batch before anything commits, so the statement checks it itself: the
+// cast of the message to an integer raises, and the error carries the message.
+const WRITE_BATCH: &str = "WITH \
+ w AS (INSERT INTO wallets (user_id, balance_fen) \
      SELECT * FROM unnest($1::text[], $2::int8[]) \
-     ON CONFLICT (user_id) DO UPDATE SET balance_fen = excluded.balance_fen";
-
-// Ids in batch order: a wallet's history pages by id, so entries written together must keep
-// the order the engine made them in. Volatile functions in the select list run after ORDER BY.
-const INSERT_ENTRIES: &str = "INSERT INTO entries (id, user_id, kind, amount_fen, packet_id, at_ms) \
+     ON CONFLICT (user_id) DO UPDATE SET balance_fen = excluded.balance_fen), \
+ e AS (INSERT INTO entries (id, user_id, kind, amount_fen, packet_id, at_ms) \
      SELECT nextval('entries_id_seq'), e.u, e.k, e.a, e.p, e.t \
-     FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[]) \
+     FROM unnest($3::text[], $4::text[], $5::int8[], $6::int8[], $7::int8[]) \
          WITH ORDINALITY AS e(u, k, a, p, t, n) \
-     ORDER BY e.n";
+     ORDER BY e.n), \
+ u AS (UPDATE packets AS p SET status = u.st, opened_count = u.oc, \
+         opened_fen = u.ofen, refunded_fen = u.rfen, best_user = u.bu, best_fen = u.bf \
+     FROM unnest($8::int8[], $9::text[], $10::int8[], $11::int8[], $12::int8[], $13::text[], $14::int8[]) \
+         AS u(id, st, oc, ofen, rfen, bu, bf) \
+     WHERE p.id = u.id \
+     RETURNING p.id), \
+ c AS (INSERT INTO claims (packet_id, idx, user_id, amount_fen, at_ms) \
+     SELECT * FROM unnest($15::int8[], $16::int8[], $17::text[], $18::int8[], $19::int8[])), \
+ o AS (INSERT INTO outbox (target_set, seq, user_id, amount_fen, packet_id, at_ms) \
+     SELECT * FROM unnest($20::int8[], $21::int8[], $22::text[], $23::int8[], $24::int8[], $25::int8[])), \
+ os AS (INSERT INTO outbox_seq (target_set, last_seq) \
+     SELECT * FROM unnest($26::int8[], $27::int8[]) \
+     ON CONFLICT (target_set) DO UPDATE SET last_seq = GREATEST(outbox_seq.last_seq, excluded.last_seq)), \
+ oa AS (DELETE FROM outbox AS o USING unnest($28::int8[], $29::int8[]) AS a(t, s) \
+     WHERE o.target_set = a.t AND o.seq <= a.s), \
+ wm AS (INSERT INTO watermarks (source_set, seq) \
+     SELECT * FROM unnest($30::int8[], $31::int8[]) \
+     ON CONFLICT (source_set) DO UPDATE SET seq = excluded.seq), \
+ i AS (INSERT INTO idempotency (user_id, request_id, fingerprint, op, result, at_ms) \
+     SELECT * FROM unnest($32::text[], $33::text[], $34::int8[], $35::text[], $36::int8[], $37::int8[]) \
+     ON CONFLICT (user_id, request_id) DO UPDATE SET fingerprint = excluded.fingerprint, \
+         op = excluded.op, result = excluded.result, at_ms = excluded.at_ms), \
+ t AS (UPDATE totals SET deposits_fen = $38, withdrawals_fen = $39 WHERE id = 0 AND $40::bool) \
+ SELECT CASE WHEN (SELECT count(*) FROM u) = cardinality($8::int8[]) THEN 0 \
+     ELSE ('update of packet ' || (SELECT min(x) FROM unnest($8::int8[]) AS x WHERE x NOT IN (SELECT id FROM u)) \
+         || ' that does not exist')::int END";
 
 const INSERT_PACKETS: &str = "INSERT INTO packets (id, sender, kind, total_fen, count, audience_anyone, \
          greeting, created_at_ms, expires_at_ms, seed, status, opened_count, opened_fen, refunded_fen, \
@@ -60,42 +92,6 @@ const INSERT_PACKETS: &str = "INSERT INTO packets (id, sender, kind, total_fen, 
 
 const INSERT_AUDIENCE: &str =
     "INSERT INTO audience (packet_id, user_id) SELECT * FROM unnest($1::int8[], $2::text[])";
-
-const UPDATE_PACKETS: &str = "UPDATE packets AS p SET status = u.st, opened_count = u.oc, \
-         opened_fen = u.ofen, refunded_fen = u.rfen, best_user = u.bu, best_fen = u.bf \
-     FROM unnest($1::int8[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::text[], $7::int8[]) \
-         AS u(id, st, oc, ofen, rfen, bu, bf) \
-     WHERE p.id = u.id \
-     RETURNING p.id";
-
-const INSERT_CLAIMS: &str = "INSERT INTO claims (packet_id, idx, user_id, amount_fen, at_ms) \
-     SELECT * FROM unnest($1::int8[], $2::int8[], $3::text[], $4::int8[], $5::int8[])";
-
-const INSERT_OUTBOX: &str = "INSERT INTO outbox (target_set, seq, user_id, amount_fen, packet_id, at_ms) \
-     SELECT * FROM unnest($1::int8[], $2::int8[], $3::text[], $4::int8[], $5::int8[], $6::int8[])";
-
-// GREATEST: the last seq issued only moves forward, whatever order the batch lists rows in.
-const UPSERT_OUTBOX_SEQ: &str = "INSERT INTO outbox_seq (target_set, last_seq) \
-     SELECT * FROM unnest($1::int8[], $2::int8[]) \
-     ON CONFLICT (target_set) DO UPDATE SET last_seq = GREATEST(outbox_seq.last_seq, excluded.last_seq)";
-
-const DELETE_ACKED: &str = "DELETE FROM outbox AS o USING unnest($1::int8[], $2::int8[]) AS a(t, s) \
-     WHERE o.target_set = a.t AND o.seq <= a.s";
-
-const UPSERT_WATERMARKS: &str = "INSERT INTO watermarks (source_set, seq) \
-     SELECT * FROM unnest($1::int8[], $2::int8[]) \
-     ON CONFLICT (source_set) DO UPDATE SET seq = excluded.seq";
-
-// An upsert, not a plain insert: the engine may forget a record at the end of its retention
-// window before `load` prunes it here, and a reused request id must then replace the old
-// record rather than fail every commit of the set.
-const UPSERT_IDEMPOTENCY: &str =
-    "INSERT INTO idempotency (user_id, request_id, fingerprint, op, result, at_ms) \
-     SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[], $5::int8[], $6::int8[]) \
-     ON CONFLICT (user_id, request_id) DO UPDATE SET fingerprint = excluded.fingerprint, \
-         op = excluded.op, result = excluded.result, at_ms = excluded.at_ms";
-
-const UPDATE_TOTALS: &str = "UPDATE totals SET deposits_fen = $1, withdrawals_fen = $2 WHERE id = 0";
 
 const PRUNE_IDEMPOTENCY: &str = "DELETE FROM idempotency WHERE at_ms < $1";
 const SELECT_WALLETS: &str = "SELECT user_id, balance_fen FROM wallets";
@@ -435,9 +431,11 @@ fn last_per_key<'a, T, K: Eq + Hash>(items: &'a [T], key: impl Fn(&'a T) -> K) -
     out
 }
 
-/// Writes the whole batch in one transaction, one statement per kind of row; the caller turns
-/// any error into `Io`. Order matters: packets exist before their updates, and outbox rows
-/// before the acknowledgements that may delete them.
+/// Writes the whole batch atomically: new packets first (in a transaction around the rest,
+/// when there are any), then everything else in one statement; the caller turns any error into
+/// `Io`. Idempotency records are upserts, not plain inserts: the engine may forget a record at
+/// the end of its retention window before `load` prunes it here, and a reused request id must
+/// then replace the old record rather than fail every commit of the set.
 fn write_batch(conn: &mut PgConn, b: &Batch) -> Result<()> {
     for u in &b.packet_updates {
         if u.status != PacketStatus::Exhausted && u.best.is_some() {
@@ -445,152 +443,154 @@ fn write_batch(conn: &mut PgConn, b: &Batch) -> Result<()> {
         }
     }
     let (client, st) = conn.split();
+    if b.new_packets.is_empty() {
+        return write_rest(client, st, b);
+    }
     let mut tx = client.transaction()?;
-
-    if !b.wallets.is_empty() {
-        let wallets = last_per_key(&b.wallets, |(user, _)| user.as_str());
-        let users: Vec<&str> = wallets.iter().map(|(u, _)| u.as_str()).collect();
-        let fens: Vec<i64> = wallets.iter().map(|(_, fen)| *fen).collect();
-        let s = st.get(&mut tx, UPSERT_WALLETS)?;
-        tx.execute(&s, &[&users, &fens])?;
-    }
-
-    if !b.entries.is_empty() {
-        let e = &b.entries;
-        let users: Vec<&str> = e.iter().map(|e| e.user.as_str()).collect();
-        let kinds: Vec<&str> = e.iter().map(|e| e.kind.as_str()).collect();
-        let amounts: Vec<i64> = e.iter().map(|e| e.amount_fen).collect();
-        let packets: Vec<Option<i64>> = e.iter().map(|e| e.packet_id.map(PacketId::as_i64)).collect();
-        let ats: Vec<i64> = e.iter().map(|e| e.at_ms).collect();
-        let s = st.get(&mut tx, INSERT_ENTRIES)?;
-        tx.execute(&s, &[&users, &kinds, &amounts, &packets, &ats])?;
-    }
-
-    if !b.new_packets.is_empty() {
-        let p = &b.new_packets;
-        let ids: Vec<i64> = p.iter().map(|h| h.id.as_i64()).collect();
-        let senders: Vec<&str> = p.iter().map(|h| h.sender.as_str()).collect();
-        let kinds: Vec<&str> = p.iter().map(|h| h.kind.as_str()).collect();
-        let totals: Vec<i64> = p.iter().map(|h| h.total_fen).collect();
-        let counts: Vec<i64> = p.iter().map(|h| i64::from(h.count)).collect();
-        let anyone: Vec<bool> = p.iter().map(|h| h.audience == Audience::Anyone).collect();
-        let greetings: Vec<&str> = p.iter().map(|h| h.greeting.as_str()).collect();
-        let created: Vec<i64> = p.iter().map(|h| h.created_at_ms).collect();
-        let expires: Vec<i64> = p.iter().map(|h| h.expires_at_ms).collect();
-        // Bit-cast: PostgreSQL integers are signed.
-        let seeds: Vec<i64> = p.iter().map(|h| h.seed as i64).collect();
-        let rules: Vec<i16> = p.iter().map(|h| h.amount_rule.code() as i16).collect();
-        let s = st.get(&mut tx, INSERT_PACKETS)?;
-        tx.execute(
-            &s,
-            &[
-                &ids, &senders, &kinds, &totals, &counts, &anyone, &greetings, &created, &expires, &seeds,
-                &rules,
-            ],
-        )?;
-
-        let mut member_packets: Vec<i64> = Vec::new();
-        let mut members: Vec<&str> = Vec::new();
-        for h in p {
-            if let Audience::Users(group) = &h.audience {
-                for user in group.iter() {
-                    member_packets.push(h.id.as_i64());
-                    members.push(user.as_str());
-                }
+    let p = &b.new_packets;
+    let ids: Vec<i64> = p.iter().map(|h| h.id.as_i64()).collect();
+    let senders: Vec<&str> = p.iter().map(|h| h.sender.as_str()).collect();
+    let kinds: Vec<&str> = p.iter().map(|h| h.kind.as_str()).collect();
+    let totals: Vec<i64> = p.iter().map(|h| h.total_fen).collect();
+    let counts: Vec<i64> = p.iter().map(|h| i64::from(h.count)).collect();
+    let anyone: Vec<bool> = p.iter().map(|h| h.audience == Audience::Anyone).collect();
+    let greetings: Vec<&str> = p.iter().map(|h| h.greeting.as_str()).collect();
+    let created: Vec<i64> = p.iter().map(|h| h.created_at_ms).collect();
+    let expires: Vec<i64> = p.iter().map(|h| h.expires_at_ms).collect();
+    // Bit-cast: PostgreSQL integers are signed.
+    let seeds: Vec<i64> = p.iter().map(|h| h.seed as i64).collect();
+    let rules: Vec<i16> = p.iter().map(|h| h.amount_rule.code() as i16).collect();
+    let s = st.get(&mut tx, INSERT_PACKETS)?;
+    tx.execute(
+        &s,
+        &[&ids, &senders, &kinds, &totals, &counts, &anyone, &greetings, &created, &expires, &seeds, &rules],
+    )?;
+    let mut member_packets: Vec<i64> = Vec::new();
+    let mut members: Vec<&str> = Vec::new();
+    for h in p {
+        if let Audience::Users(group) = &h.audience {
+            for user in group.iter() {
+                member_packets.push(h.id.as_i64());
+                members.push(user.as_str());
             }
         }
-        if !members.is_empty() {
-            let s = st.get(&mut tx, INSERT_AUDIENCE)?;
-            tx.execute(&s, &[&member_packets, &members])?;
-        }
     }
-
-    if !b.packet_updates.is_empty() {
-        let updates = last_per_key(&b.packet_updates, |u| u.id);
-        let ids: Vec<i64> = updates.iter().map(|u| u.id.as_i64()).collect();
-        let statuses: Vec<&str> = updates.iter().map(|u| u.status.as_str()).collect();
-        let opened: Vec<i64> = updates.iter().map(|u| i64::from(u.opened_count)).collect();
-        let opened_fen: Vec<i64> = updates.iter().map(|u| u.opened_fen).collect();
-        let refunded: Vec<i64> = updates.iter().map(|u| u.refunded_fen).collect();
-        let best_users: Vec<Option<&str>> =
-            updates.iter().map(|u| u.best.as_ref().map(|(user, _)| user.as_str())).collect();
-        let best_fens: Vec<Option<i64>> =
-            updates.iter().map(|u| u.best.as_ref().map(|(_, fen)| *fen)).collect();
-        let s = st.get(&mut tx, UPDATE_PACKETS)?;
-        let changed =
-            tx.query(&s, &[&ids, &statuses, &opened, &opened_fen, &refunded, &best_users, &best_fens])?;
-        if changed.len() != ids.len() {
-            let found: HashSet<i64> = changed.iter().map(|r| get(r, 0)).collect::<Result<_>>()?;
-            let missing = ids.iter().find(|id| !found.contains(id)).copied().unwrap_or_default();
-            return Err(StoreError::Io(format!("update of packet {missing} that does not exist")));
-        }
+    if !members.is_empty() {
+        let s = st.get(&mut tx, INSERT_AUDIENCE)?;
+        tx.execute(&s, &[&member_packets, &members])?;
     }
-
-    if !b.claims.is_empty() {
-        let c = &b.claims;
-        let packets: Vec<i64> = c.iter().map(|c| c.packet_id.as_i64()).collect();
-        let indexes: Vec<i64> = c.iter().map(|c| i64::from(c.claim.index)).collect();
-        let users: Vec<&str> = c.iter().map(|c| c.claim.user.as_str()).collect();
-        let amounts: Vec<i64> = c.iter().map(|c| c.claim.amount_fen).collect();
-        let ats: Vec<i64> = c.iter().map(|c| c.claim.at_ms).collect();
-        let s = st.get(&mut tx, INSERT_CLAIMS)?;
-        tx.execute(&s, &[&packets, &indexes, &users, &amounts, &ats])?;
-    }
-
-    if !b.outbox_new.is_empty() {
-        let o = &b.outbox_new;
-        let targets: Vec<i64> = o.iter().map(|o| i64::from(o.target_set)).collect();
-        let seqs: Vec<i64> = o.iter().map(|o| to_i64(o.seq, "outbox seq")).collect::<Result<_>>()?;
-        let users: Vec<&str> = o.iter().map(|o| o.user.as_str()).collect();
-        let amounts: Vec<i64> = o.iter().map(|o| o.amount_fen).collect();
-        let packets: Vec<i64> = o.iter().map(|o| o.packet_id.as_i64()).collect();
-        let ats: Vec<i64> = o.iter().map(|o| o.at_ms).collect();
-        let s = st.get(&mut tx, INSERT_OUTBOX)?;
-        tx.execute(&s, &[&targets, &seqs, &users, &amounts, &packets, &ats])?;
-
-        let mut last: BTreeMap<i64, i64> = BTreeMap::new();
-        for (target, seq) in targets.iter().zip(&seqs) {
-            let l = last.entry(*target).or_insert(*seq);
-            *l = (*l).max(*seq);
-        }
-        let (targets, seqs): (Vec<i64>, Vec<i64>) = last.into_iter().unzip();
-        let s = st.get(&mut tx, UPSERT_OUTBOX_SEQ)?;
-        tx.execute(&s, &[&targets, &seqs])?;
-    }
-
-    if !b.outbox_acked.is_empty() {
-        let targets: Vec<i64> = b.outbox_acked.iter().map(|(t, _)| i64::from(*t)).collect();
-        let upto: Vec<i64> =
-            b.outbox_acked.iter().map(|(_, seq)| to_i64(*seq, "acknowledged seq")).collect::<Result<_>>()?;
-        let s = st.get(&mut tx, DELETE_ACKED)?;
-        tx.execute(&s, &[&targets, &upto])?;
-    }
-
-    if !b.watermarks.is_empty() {
-        let marks = last_per_key(&b.watermarks, |(source, _)| *source);
-        let sources: Vec<i64> = marks.iter().map(|(s, _)| i64::from(*s)).collect();
-        let seqs: Vec<i64> = marks.iter().map(|(_, seq)| to_i64(*seq, "watermark")).collect::<Result<_>>()?;
-        let s = st.get(&mut tx, UPSERT_WATERMARKS)?;
-        tx.execute(&s, &[&sources, &seqs])?;
-    }
-
-    if !b.idempotency.is_empty() {
-        let recs = last_per_key(&b.idempotency, |r| (r.user.as_str(), r.request_id.as_str()));
-        let users: Vec<&str> = recs.iter().map(|r| r.user.as_str()).collect();
-        let request_ids: Vec<&str> = recs.iter().map(|r| r.request_id.as_str()).collect();
-        // Bit-cast: PostgreSQL integers are signed.
-        let fingerprints: Vec<i64> = recs.iter().map(|r| r.fingerprint as i64).collect();
-        let (ops, results): (Vec<&str>, Vec<i64>) = recs.iter().map(|r| rows::idem_encode(r.result)).unzip();
-        let ats: Vec<i64> = recs.iter().map(|r| r.at_ms).collect();
-        let s = st.get(&mut tx, UPSERT_IDEMPOTENCY)?;
-        tx.execute(&s, &[&users, &request_ids, &fingerprints, &ops, &results, &ats])?;
-    }
-
-    if let Some(t) = b.totals {
-        let s = st.get(&mut tx, UPDATE_TOTALS)?;
-        tx.execute(&s, &[&t.deposits_fen, &t.withdrawals_fen])?;
-    }
-
+    write_rest(&mut tx, st, b)?;
     tx.commit()?;
+    Ok(())
+}
+
+/// Everything of a batch but its new packets, in one statement ([`WRITE_BATCH`]).
+fn write_rest(c: &mut impl GenericClient, st: &mut Statements, b: &Batch) -> Result<()> {
+    let wallets = last_per_key(&b.wallets, |(user, _)| user.as_str());
+    let w_users: Vec<&str> = wallets.iter().map(|(u, _)| u.as_str()).collect();
+    let w_fens: Vec<i64> = wallets.iter().map(|(_, fen)| *fen).collect();
+
+    let e = &b.entries;
+    let e_users: Vec<&str> = e.iter().map(|e| e.user.as_str()).collect();
+    let e_kinds: Vec<&str> = e.iter().map(|e| e.kind.as_str()).collect();
+    let e_amounts: Vec<i64> = e.iter().map(|e| e.amount_fen).collect();
+    let e_packets: Vec<Option<i64>> = e.iter().map(|e| e.packet_id.map(PacketId::as_i64)).collect();
+    let e_ats: Vec<i64> = e.iter().map(|e| e.at_ms).collect();
+
+    let updates = last_per_key(&b.packet_updates, |u| u.id);
+    let u_ids: Vec<i64> = updates.iter().map(|u| u.id.as_i64()).collect();
+    let u_statuses: Vec<&str> = updates.iter().map(|u| u.status.as_str()).collect();
+    let u_opened: Vec<i64> = updates.iter().map(|u| i64::from(u.opened_count)).collect();
+    let u_opened_fen: Vec<i64> = updates.iter().map(|u| u.opened_fen).collect();
+    let u_refunded: Vec<i64> = updates.iter().map(|u| u.refunded_fen).collect();
+    let u_best_users: Vec<Option<&str>> =
+        updates.iter().map(|u| u.best.as_ref().map(|(user, _)| user.as_str())).collect();
+    let u_best_fens: Vec<Option<i64>> =
+        updates.iter().map(|u| u.best.as_ref().map(|(_, fen)| *fen)).collect();
+
+    let cl = &b.claims;
+    let c_packets: Vec<i64> = cl.iter().map(|c| c.packet_id.as_i64()).collect();
+    let c_indexes: Vec<i64> = cl.iter().map(|c| i64::from(c.claim.index)).collect();
+    let c_users: Vec<&str> = cl.iter().map(|c| c.claim.user.as_str()).collect();
+    let c_amounts: Vec<i64> = cl.iter().map(|c| c.claim.amount_fen).collect();
+    let c_ats: Vec<i64> = cl.iter().map(|c| c.claim.at_ms).collect();
+
+    let o = &b.outbox_new;
+    let o_targets: Vec<i64> = o.iter().map(|o| i64::from(o.target_set)).collect();
+    let o_seqs: Vec<i64> = o.iter().map(|o| to_i64(o.seq, "outbox seq")).collect::<Result<_>>()?;
+    let o_users: Vec<&str> = o.iter().map(|o| o.user.as_str()).collect();
+    let o_amounts: Vec<i64> = o.iter().map(|o| o.amount_fen).collect();
+    let o_packets: Vec<i64> = o.iter().map(|o| o.packet_id.as_i64()).collect();
+    let o_ats: Vec<i64> = o.iter().map(|o| o.at_ms).collect();
+    let mut last: BTreeMap<i64, i64> = BTreeMap::new();
+    for (target, seq) in o_targets.iter().zip(&o_seqs) {
+        let l = last.entry(*target).or_insert(*seq);
+        *l = (*l).max(*seq);
+    }
+    let (os_targets, os_seqs): (Vec<i64>, Vec<i64>) = last.into_iter().unzip();
+
+    let a_targets: Vec<i64> = b.outbox_acked.iter().map(|(t, _)| i64::from(*t)).collect();
+    let a_upto: Vec<i64> =
+        b.outbox_acked.iter().map(|(_, seq)| to_i64(*seq, "acknowledged seq")).collect::<Result<_>>()?;
+
+    let marks = last_per_key(&b.watermarks, |(source, _)| *source);
+    let m_sources: Vec<i64> = marks.iter().map(|(s, _)| i64::from(*s)).collect();
+    let m_seqs: Vec<i64> = marks.iter().map(|(_, seq)| to_i64(*seq, "watermark")).collect::<Result<_>>()?;
+
+    let recs = last_per_key(&b.idempotency, |r| (r.user.as_str(), r.request_id.as_str()));
+    let i_users: Vec<&str> = recs.iter().map(|r| r.user.as_str()).collect();
+    let i_request_ids: Vec<&str> = recs.iter().map(|r| r.request_id.as_str()).collect();
+    // Bit-cast: PostgreSQL integers are signed.
+    let i_fingerprints: Vec<i64> = recs.iter().map(|r| r.fingerprint as i64).collect();
+    let (i_ops, i_results): (Vec<&str>, Vec<i64>) = recs.iter().map(|r| rows::idem_encode(r.result)).unzip();
+    let i_ats: Vec<i64> = recs.iter().map(|r| r.at_ms).collect();
+
+    let totals = b.totals.unwrap_or_default();
+    let write_totals = b.totals.is_some();
+
+    let s = st.get(c, WRITE_BATCH)?;
+    let params: [&(dyn ToSql + Sync); 40] = [
+        &w_users,
+        &w_fens,
+        &e_users,
+        &e_kinds,
+        &e_amounts,
+        &e_packets,
+        &e_ats,
+        &u_ids,
+        &u_statuses,
+        &u_opened,
+        &u_opened_fen,
+        &u_refunded,
+        &u_best_users,
+        &u_best_fens,
+        &c_packets,
+        &c_indexes,
+        &c_users,
+        &c_amounts,
+        &c_ats,
+        &o_targets,
+        &o_seqs,
+        &o_users,
+        &o_amounts,
+        &o_packets,
+        &o_ats,
+        &os_targets,
+        &os_seqs,
+        &a_targets,
+        &a_upto,
+        &m_sources,
+        &m_seqs,
+        &i_users,
+        &i_request_ids,
+        &i_fingerprints,
+        &i_ops,
+        &i_results,
+        &i_ats,
+        &totals.deposits_fen,
+        &totals.withdrawals_fen,
+        &write_totals,
+    ];
+    c.query_one(&s, &params)?;
     Ok(())
 }
