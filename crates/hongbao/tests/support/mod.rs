@@ -89,6 +89,10 @@ fn postgres_wanted() -> bool {
 impl TestServer {
     /// Starts a server on a fresh data dir.
     pub async fn start(opts: Opts) -> TestServer {
+        TestServer::start_fresh(opts, postgres_wanted().then(hongbao_testkit::PgCluster::start)).await
+    }
+
+    async fn start_fresh(opts: Opts, pg: Option<hongbao_testkit::PgCluster>) -> TestServer {
         let dir = tempfile::Builder::new()
             .prefix("hongbao-test-")
             .tempdir()
@@ -100,7 +104,7 @@ impl TestServer {
             opts,
             data,
             stderr: Arc::new(Mutex::new(VecDeque::new())),
-            pg: postgres_wanted().then(hongbao_testkit::PgCluster::start),
+            pg,
             _dir: Some(dir),
         };
         server.spawn().await;
@@ -125,22 +129,7 @@ impl TestServer {
     /// Starts a server on a fresh data dir storing into `pg`, whatever `HONGBAO_TEST_STORE`
     /// says: for tests of PostgreSQL-only features (archive, replicas).
     pub async fn start_on_postgres(opts: Opts, pg: hongbao_testkit::PgCluster) -> TestServer {
-        let dir = tempfile::Builder::new()
-            .prefix("hongbao-test-")
-            .tempdir()
-            .expect("cannot create a temp data dir");
-        let data = dir.path().to_path_buf();
-        let mut server = TestServer {
-            child: None,
-            api: Api::new(String::new()),
-            opts,
-            data,
-            stderr: Arc::new(Mutex::new(VecDeque::new())),
-            pg: Some(pg),
-            _dir: Some(dir),
-        };
-        server.spawn().await;
-        server
+        TestServer::start_fresh(opts, Some(pg)).await
     }
 
     /// The PostgreSQL cluster the server stores into, if it runs on PostgreSQL.
