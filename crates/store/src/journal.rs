@@ -1,15 +1,16 @@
 //! The journal: SQLite made fast for the hot path by taking it off it. A set's commit appends
-//! one compact record per batch (the batch's effects, encoded) to an append-only file and
+//! one compact record per batch (the batch's effects, encoded) to an append-only segment and
 //! `fdatasync`s it: that is the durable commit, a few KB written sequentially instead of the
 //! few MB of random B-tree pages a SQLite transaction of the same batch writes. A fold thread
 //! per set then applies the records to the SQLite file in large transactions, in order, and
-//! records in the same transaction how far it got (`meta.journal_seq`); segments wholly folded
-//! are deleted.
+//! records in the same transaction how far it got (`meta.journal_seq`); a segment wholly
+//! folded becomes the spare for the next rotation, or is deleted.
 //!
 //! - **Crash.** On open, whatever the journal holds past `journal_seq` is folded before the
 //!   set loads, so a restart sees every acknowledged batch. A record torn by the crash (short,
 //!   or failing its CRC) at the end of the last segment was never acknowledged (its fsync did
-//!   not return) and is cut off; damage anywhere else is corruption and refuses to open.
+//!   not return) and ends the log; a gap between segments is corruption and refuses to open.
+//!   Damage inside the last segment cannot be told from a torn record.
 //! - **Reads.** Queries wait until the fold has applied every batch committed when they
 //!   began, so a reply that said money moved is visible to the next query (read-your-writes).
 //!   The wait is bounded by [`READ_WAIT_MAX`]; past it the query answers from what is folded.
@@ -17,9 +18,9 @@
 //!   [`FOLD_BYTES_MAX`]), so it goes faster the further it falls behind. It reads the records
 //!   back from the segment files (the page cache, normally), so a backlog costs disk, not
 //!   memory. When the backlog still grows past [`BACKLOG_BYTES_MAX`], commits wait for the
-//!   fold: the set's queue fills and new
-//!   work is refused with 503, as under any other overload.
-//! - **Faults.** A failed append is cut back off the file before the commit fails, so a batch
+//!   fold: the set's queue fills and new work is refused with 503, as under any other
+//!   overload.
+//! - **Faults.** A failed append is zeroed back off the file before the commit fails, so a batch
 //!   the engine was told failed can never reappear at the next start; if even that fails, the
 //!   journal refuses every later commit and load until the process restarts. A failed fold is
 //!   retried; meanwhile commits are refused and the set reloads once the fold catches up.
@@ -392,7 +393,7 @@ pub struct JournalStore {
     last_seq: u64,
     /// Reused encoding buffer for records.
     buf: Vec<u8>,
-    /// Set when a failed append could not be cut back off the file: the file may hold a batch
+    /// Set when a failed append could not be wiped back off the file: the file may hold a batch
     /// the engine was told failed, so nothing more may be written or loaded until a restart.
     poisoned: Option<String>,
     shared: Arc<Shared>,
