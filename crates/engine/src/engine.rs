@@ -92,6 +92,19 @@ struct Inner {
     pub(crate) query_permits: Arc<tokio::sync::Semaphore>,
 }
 
+/// One set's part of a `claim_many` call: the positions of its claims in the call, and the
+/// claims.
+type Routed = (Vec<usize>, Vec<(PacketId, UserId)>);
+
+/// A reply on its way from a set.
+type Answer<T> = oneshot::Receiver<Result<T, EngineError>>;
+
+/// Awaits a set's reply. A dropped reply sender means the set stopped before applying the
+/// command.
+async fn answer<T>(rx: Answer<T>) -> Result<T, EngineError> {
+    rx.await.unwrap_or(Err(EngineError::Unavailable))
+}
+
 /// How long shutdown waits for room in a set's queue.
 const SHUTDOWN_SEND_WAIT: Duration = Duration::from_secs(10);
 
@@ -255,6 +268,15 @@ impl Engine {
 
     /// Sends a command to a set and awaits its reply.
     async fn call<T>(&self, set: u32, make: impl FnOnce(set::Reply<T>) -> Command) -> Result<T, EngineError> {
+        answer(self.submit(set, make)?).await
+    }
+
+    /// Queues a command on a set without waiting for it: the receiver gets the reply.
+    fn submit<T>(
+        &self,
+        set: u32,
+        make: impl FnOnce(set::Reply<T>) -> Command,
+    ) -> Result<Answer<T>, EngineError> {
         // A stopping engine, or a set reloading after a failed commit, takes no writes.
         if self.inner.stopping.load(Ordering::Relaxed)
             || !self.inner.ready[set as usize].load(Ordering::Relaxed)
@@ -263,15 +285,13 @@ impl Engine {
         }
         let (tx, rx) = oneshot::channel();
         match self.inner.queues[set as usize].try_send(make(tx)) {
-            Ok(()) => {}
+            Ok(()) => Ok(rx),
             Err(TrySendError::Full(_)) => {
                 metrics::counter!("hongbao_overloaded_total").increment(1);
-                return Err(EngineError::Overloaded);
+                Err(EngineError::Overloaded)
             }
-            Err(TrySendError::Disconnected(_)) => return Err(EngineError::Unavailable),
+            Err(TrySendError::Disconnected(_)) => Err(EngineError::Unavailable),
         }
-        // A dropped reply sender means the set stopped before applying the command.
-        rx.await.unwrap_or(Err(EngineError::Unavailable))
     }
 
     fn packet_set(&self, packet: PacketId) -> Result<u32, EngineError> {
@@ -321,6 +341,63 @@ impl Engine {
     pub async fn claim(&self, packet: PacketId, user: UserId) -> Result<ClaimReply, EngineError> {
         let set = self.packet_set(packet)?;
         self.call(set, |reply| Command::Claim { packet, user, reply }).await
+    }
+
+    /// Claims many shares at once: each pair answered as `claim` would answer it, in the order
+    /// given. The claims go to their sets as one message per set (split at `batch_max`), so a
+    /// caller that gathers claims itself — a gateway, a game server, the bench — pays one
+    /// queue slot, one wake and one reply per set and message instead of per claim. A full
+    /// queue refuses that message's claims (`Overloaded`); the others still go.
+    pub async fn claim_many(&self, claims: Vec<(PacketId, UserId)>) -> Vec<Result<ClaimReply, EngineError>> {
+        let sets = self.inner.config.sets;
+        let chunk = self.inner.config.batch_max.max(1);
+        let mut results: Vec<Option<Result<ClaimReply, EngineError>>> = Vec::with_capacity(claims.len());
+        let mut routed: Vec<Routed> = (0..sets).map(|_| (Vec::new(), Vec::new())).collect();
+        for (i, (packet, user)) in claims.into_iter().enumerate() {
+            match self.packet_set(packet) {
+                Ok(set) => {
+                    results.push(None);
+                    let (at, mine) = &mut routed[set as usize];
+                    at.push(i);
+                    mine.push((packet, user));
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
+        }
+        // Queue every message first, then wait: the sets work on them at the same time.
+        let mut waiting = Vec::new();
+        for (set, (mut at, mut mine)) in routed.into_iter().enumerate() {
+            while !mine.is_empty() {
+                let n = mine.len().min(chunk);
+                let (rest_claims, rest_at) = (mine.split_off(n), at.split_off(n));
+                let claims = std::mem::replace(&mut mine, rest_claims);
+                let here = std::mem::replace(&mut at, rest_at);
+                match self.submit(set as u32, |reply| Command::Claims { claims, reply }) {
+                    Ok(rx) => waiting.push((here, Ok(rx))),
+                    Err(e) => waiting.push((here, Err(e))),
+                }
+            }
+        }
+        for (at, rx) in waiting {
+            let answered = match rx {
+                Ok(rx) => answer(rx).await,
+                Err(e) => Err(e),
+            };
+            match answered {
+                Ok(replies) => {
+                    assert_eq!(replies.len(), at.len(), "a set answers every claim it was given");
+                    for (i, r) in at.into_iter().zip(replies) {
+                        results[i] = Some(r);
+                    }
+                }
+                Err(e) => {
+                    for i in at {
+                        results[i] = Some(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        results.into_iter().map(|r| r.expect("every claim routed and answered")).collect()
     }
 
     /// Checks conservation across every set (DESIGN.md §2.1). Each set pauses at a batch

@@ -75,6 +75,13 @@ pub(crate) enum Command {
         user: UserId,
         reply: Reply<ClaimReply>,
     },
+    /// Many claims in one message, answered in their order with one reply: a queue slot, a
+    /// wake and a reply per batch of claims instead of per claim. Each counts toward
+    /// `batch_max` like a command of its own.
+    Claims {
+        claims: Vec<(PacketId, UserId)>,
+        reply: Reply<Vec<Result<ClaimReply, EngineError>>>,
+    },
     /// Credits from another set's outbox, in seq order.
     Credit {
         from_set: u32,
@@ -92,6 +99,16 @@ pub(crate) enum Command {
     },
     /// Finish the current batch, commit it and stop.
     Shutdown,
+}
+
+impl Command {
+    /// How much of a batch this command takes: its claims, or one.
+    fn weight(&self) -> usize {
+        match self {
+            Command::Claims { claims, .. } => claims.len().max(1),
+            _ => 1,
+        }
+    }
 }
 
 /// One set's figures at a moment when it is paused between batches.
@@ -129,6 +146,7 @@ enum Pending {
     Summary(Reply<PacketSummary>, Result<PacketSummary, EngineError>),
     Grab(Reply<GrabReply>, Result<GrabReply, EngineError>),
     Claim(Reply<ClaimReply>, Result<ClaimReply, EngineError>),
+    Claims(Reply<Vec<Result<ClaimReply, EngineError>>>, Vec<Result<ClaimReply, EngineError>>),
 }
 
 impl Pending {
@@ -139,6 +157,7 @@ impl Pending {
             Pending::Summary(tx, r) => drop(tx.send(r)),
             Pending::Grab(tx, r) => drop(tx.send(r)),
             Pending::Claim(tx, r) => drop(tx.send(r)),
+            Pending::Claims(tx, r) => drop(tx.send(Ok(r))),
         }
     }
 
@@ -148,6 +167,7 @@ impl Pending {
             Pending::Summary(tx, _) => drop(tx.send(Err(e))),
             Pending::Grab(tx, _) => drop(tx.send(Err(e))),
             Pending::Claim(tx, _) => drop(tx.send(Err(e))),
+            Pending::Claims(tx, _) => drop(tx.send(Err(e))),
         }
     }
 }
@@ -202,6 +222,32 @@ struct Work {
     base_fen: i64,
 }
 
+impl Work {
+    /// Empties every collection and keeps its allocation; zeroes the sums.
+    fn recycle(&mut self) {
+        let Work {
+            batch,
+            dirty_wallets,
+            dirty_packets,
+            replies,
+            acks,
+            totals_moved,
+            credits_in_fen,
+            credits_out_fen,
+            deposits_fen,
+            withdrawals_fen,
+            base_fen,
+        } = self;
+        batch.clear();
+        dirty_wallets.clear();
+        dirty_packets.clear();
+        replies.clear();
+        acks.clear();
+        *totals_moved = false;
+        (*credits_in_fen, *credits_out_fen, *deposits_fen, *withdrawals_fen, *base_fen) = (0, 0, 0, 0, 0);
+    }
+}
+
 /// The body of a set thread: load, then step until told to stop.
 pub(crate) fn run(
     ctx: SetContext,
@@ -236,6 +282,8 @@ pub(crate) struct SetRunner {
     store: Box<dyn Store>,
     rx: Receiver<Command>,
     last_tick_ms: Millis,
+    /// Kept between batches for its allocations; empty outside `step`.
+    work: Work,
 }
 
 impl SetRunner {
@@ -255,7 +303,7 @@ impl SetRunner {
         );
         state.relay_all(&ctx, i64::MIN);
         let last_tick_ms = ctx.clock.now_ms();
-        Ok(SetRunner { ctx, state, store, rx, last_tick_ms })
+        Ok(SetRunner { ctx, state, store, rx, last_tick_ms, work: Work::default() })
     }
 
     /// Applies one batch: waits up to `wait` for a first command (`None`: do not wait), drains
@@ -270,7 +318,10 @@ impl SetRunner {
             None => self.rx.try_recv().ok(),
         };
         let now_ms = self.ctx.clock.now_ms();
-        let mut work = self.state.work();
+        // The last batch's collections, emptied: a batch of thousands of claims grows them
+        // once, not every time.
+        let mut work = std::mem::take(&mut self.work);
+        self.state.begin(&mut work);
         let mut control = None;
         let mut applied = 0;
         let mut next = first;
@@ -284,9 +335,11 @@ impl SetRunner {
                     control = Some(Control::Shutdown);
                     break;
                 }
-                cmd => self.state.apply(&self.ctx, self.store.as_mut(), cmd, now_ms, &mut work),
+                cmd => {
+                    applied += cmd.weight();
+                    self.state.apply(&self.ctx, self.store.as_mut(), cmd, now_ms, &mut work);
+                }
             }
-            applied += 1;
             next = if applied < self.ctx.batch_max { self.rx.try_recv().ok() } else { None };
         }
         let tick = now_ms - self.last_tick_ms >= TICK.as_millis() as i64;
@@ -295,7 +348,10 @@ impl SetRunner {
             self.state.expire_due(now_ms, &mut work);
             self.state.prune_idempotency(now_ms - self.ctx.idempotency_retention_ms);
         }
-        if !self.state.finish(&self.ctx, self.store.as_mut(), work, now_ms) {
+        let committed = self.state.finish(&self.ctx, self.store.as_mut(), &mut work, now_ms);
+        work.recycle();
+        self.work = work;
+        if !committed {
             if !self.reload() {
                 return false;
             }
@@ -374,6 +430,7 @@ fn reject(cmd: Command) {
         Command::Send { reply, .. } => drop(reply.send(Err(e))),
         Command::Grab { reply, .. } => drop(reply.send(Err(e))),
         Command::Open { reply, .. } | Command::Claim { reply, .. } => drop(reply.send(Err(e))),
+        Command::Claims { reply, .. } => drop(reply.send(Err(e))),
         Command::Audit { snapshot, .. } => {
             drop(snapshot.send(Err("the set is stopping or reloading".into())))
         }
@@ -477,8 +534,9 @@ impl SetState {
         s
     }
 
-    fn work(&self) -> Work {
-        Work { base_fen: self.balances_fen + self.escrow_fen, ..Work::default() }
+    /// Readies `w` (empty, with the last batch's allocations) for a new batch.
+    fn begin(&self, w: &mut Work) {
+        w.base_fen = self.balances_fen + self.escrow_fen;
     }
 
     fn apply(&mut self, ctx: &SetContext, store: &mut dyn Store, cmd: Command, now_ms: Millis, w: &mut Work) {
@@ -506,6 +564,13 @@ impl SetState {
             Command::Claim { packet, user, reply } => {
                 let r = self.settle(ctx, store, packet, &user, now_ms, w, true);
                 w.replies.push(Pending::Claim(reply, r));
+            }
+            Command::Claims { claims, reply } => {
+                let r = claims
+                    .into_iter()
+                    .map(|(packet, user)| self.settle(ctx, store, packet, &user, now_ms, w, true))
+                    .collect();
+                w.replies.push(Pending::Claims(reply, r));
             }
             Command::Credit { from_set, items } => self.credit(from_set, items, w),
             Command::Ack { from_set, upto } => self.ack(from_set, upto, w),
@@ -869,7 +934,7 @@ impl SetState {
 
     /// Writes the batch, checks the books, and sends replies, credits and acks. Returns false
     /// when the commit failed: the caller must reload the set from its store.
-    fn finish(&mut self, ctx: &SetContext, store: &mut dyn Store, mut w: Work, now_ms: Millis) -> bool {
+    fn finish(&mut self, ctx: &SetContext, store: &mut dyn Store, w: &mut Work, now_ms: Millis) -> bool {
         for user in w.dirty_wallets.drain() {
             let balance = self.wallets[&user];
             w.batch.wallets.push((user, balance));
@@ -888,14 +953,14 @@ impl SetState {
         if w.totals_moved {
             w.batch.totals = Some(self.totals);
         }
-        self.check_books(ctx, &w);
+        self.check_books(ctx, w);
         if !w.batch.is_empty() {
             let started = Instant::now();
             let size = w.replies.len();
             if let Err(e) = store.commit(&w.batch) {
                 tracing::error!(set = ctx.set, error = %e, "commit failed; the set reloads from its store");
                 metrics::counter!("hongbao_commit_failures_total").increment(1);
-                for r in w.replies {
+                for r in w.replies.drain(..) {
                     r.fail(EngineError::Unavailable);
                 }
                 return false;
@@ -905,7 +970,7 @@ impl SetState {
                 .record(started.elapsed().as_secs_f64());
             metrics::histogram!("hongbao_batch_commands", "set" => set).record(size as f64);
         }
-        for r in w.replies {
+        for r in w.replies.drain(..) {
             r.send();
         }
         let new_targets: std::collections::BTreeSet<u32> =
@@ -913,7 +978,7 @@ impl SetState {
         for target in new_targets {
             self.relay(ctx, target, now_ms);
         }
-        for (source, upto) in w.acks {
+        for &(source, upto) in &w.acks {
             // A lost ack is harmless: the source resends and we acknowledge again.
             let _ = ctx.peers[source as usize].try_send(Command::Ack { from_set: ctx.set, upto });
         }

@@ -100,6 +100,11 @@ enum Op {
     Grab {
         rx: oneshot::Receiver<Result<GrabReply, EngineError>>,
     },
+    /// `Engine::claim_many`'s message: several claims, one reply.
+    Claims {
+        claims: Vec<(PacketId, UserId)>,
+        rx: oneshot::Receiver<Result<Vec<Result<ClaimReply, EngineError>>, EngineError>>,
+    },
 }
 
 /// What the simulation knows was acknowledged: the independent model.
@@ -276,10 +281,22 @@ impl Sim {
                 self.submit(set, Command::Open { packet, user: user.clone(), reply: tx });
                 self.ops.push(Op::Claim { packet, user, rx });
             }
-            _ => {
+            2 => {
                 let (tx, rx) = oneshot::channel();
                 self.submit(set, Command::Claim { packet, user: user.clone(), reply: tx });
                 self.ops.push(Op::Claim { packet, user, rx });
+            }
+            _ => {
+                // One message of a few claims on the packet, the first user possibly twice.
+                let mut claims = vec![(packet, user.clone())];
+                for _ in 0..self.rng.random_range(0..4) {
+                    let other = if self.rng.random_bool(0.2) { user.clone() } else { self.user() };
+                    self.model.asked.insert((packet, other.clone()));
+                    claims.push((packet, other));
+                }
+                let (tx, rx) = oneshot::channel();
+                self.submit(set, Command::Claims { claims: claims.clone(), reply: tx });
+                self.ops.push(Op::Claims { claims, rx });
             }
         }
     }
@@ -339,7 +356,7 @@ impl Sim {
                 let from = if self.rng.random_bool(0.8) { recent } else { 0 };
                 let p = packets[self.rng.random_range(from..packets.len())];
                 let u = self.user();
-                let how = self.rng.random_range(0..3);
+                let how = self.rng.random_range(0..4);
                 self.claim(p, u, how);
             }
             60..=74 => {
@@ -448,19 +465,20 @@ impl Sim {
                 },
                 Op::Claim { packet, user, mut rx } => match rx.try_recv() {
                     Err(oneshot::error::TryRecvError::Empty) => self.ops.push(Op::Claim { packet, user, rx }),
-                    Ok(Ok(c)) => {
-                        if c.packet_id != packet || c.user != user || c.amount_fen < 1 {
-                            self.fail(&format!("claim answered {c:?} for {packet} {user}"));
+                    Ok(answer) => self.check_claim(packet, &user, answer),
+                    Err(_) => {}
+                },
+                Op::Claims { claims, mut rx } => match rx.try_recv() {
+                    Err(oneshot::error::TryRecvError::Empty) => self.ops.push(Op::Claims { claims, rx }),
+                    Ok(Ok(answers)) => {
+                        if answers.len() != claims.len() {
+                            self.fail(&format!("{} claims got {} answers", claims.len(), answers.len()));
                         }
-                        let key = (packet, user.clone());
-                        if let Some(prev) = self.model.claims.insert(key, c.amount_fen) {
-                            if prev != c.amount_fen {
-                                self.fail(&format!("{user} got {prev} then {} from {packet}", c.amount_fen));
-                            }
+                        for ((packet, user), answer) in claims.into_iter().zip(answers) {
+                            self.check_claim(packet, &user, answer);
                         }
                     }
-                    Ok(Err(EngineError::Claim(_))) | Ok(Err(EngineError::Unavailable)) => {}
-                    Ok(Err(e)) => self.fail(&format!("claim {packet} {user}: {e:?}")),
+                    Ok(Err(e)) => self.check_claim(claims[0].0, &claims[0].1, Err(e)),
                     Err(_) => {}
                 },
                 Op::Grab { mut rx } => match rx.try_recv() {
@@ -470,6 +488,24 @@ impl Sim {
                     Err(_) => {}
                 },
             }
+        }
+    }
+
+    /// Checks one claim's answer against the model and records an acknowledged share.
+    fn check_claim(&mut self, packet: PacketId, user: &UserId, answer: Result<ClaimReply, EngineError>) {
+        match answer {
+            Ok(c) => {
+                if c.packet_id != packet || c.user != *user || c.amount_fen < 1 {
+                    self.fail(&format!("claim answered {c:?} for {packet} {user}"));
+                }
+                if let Some(prev) = self.model.claims.insert((packet, user.clone()), c.amount_fen) {
+                    if prev != c.amount_fen {
+                        self.fail(&format!("{user} got {prev} then {} from {packet}", c.amount_fen));
+                    }
+                }
+            }
+            Err(EngineError::Claim(_)) | Err(EngineError::Unavailable) => {}
+            Err(e) => self.fail(&format!("claim {packet} {user}: {e:?}")),
         }
     }
 

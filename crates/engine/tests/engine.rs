@@ -243,3 +243,88 @@ async fn a_data_dir_keeps_its_set_count() {
     let err = Engine::start(config, Arc::new(clock.clone())).err().expect("refused");
     assert!(err.contains("sets"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim_many_answers_every_claim_in_order_as_single_claims_would() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0_MS);
+    let mut config = EngineConfig::new(dir.path().to_path_buf());
+    config.sets = 3;
+    config.seed = Some(7);
+    // Small, so one call's claims for a set go as several messages.
+    config.batch_max = 4;
+    let engine = Engine::start(config.clone(), Arc::new(clock.clone())).expect("engine starts");
+    // Two senders in different sets, so the call is split between sets.
+    let a_sender = "sa".to_string();
+    let b_sender = (0..)
+        .map(|i| format!("sb{i}"))
+        .find(|s| hongbao_core::set_of_user(&user(s), 3) != hongbao_core::set_of_user(&user(&a_sender), 3))
+        .unwrap();
+    for (s, r) in [(&a_sender, "da"), (&b_sender, "db")] {
+        engine.deposit(user(s), fen(10_000), rid(r)).await.unwrap();
+    }
+    let a = engine
+        .send(send(&engine, &a_sender, Kind::Lucky, 500, 5, Audience::Anyone, None, "sa1"))
+        .await
+        .unwrap();
+    let b = engine
+        .send(send(&engine, &b_sender, Kind::Equal, 300, 3, Audience::Anyone, None, "sb1"))
+        .await
+        .unwrap();
+    assert_ne!(a.id.set(), b.id.set());
+    let bogus = PacketId::parse("123456789").unwrap();
+
+    // Interleaved: 8 claimers of A, 5 of B, an unknown packet, and a0 asking A twice.
+    let mut claims = Vec::new();
+    for i in 0..8 {
+        claims.push((a.id, user(&format!("a{i}"))));
+        if i < 5 {
+            claims.push((b.id, user(&format!("b{i}"))));
+        }
+    }
+    claims.push((bogus, user("lost")));
+    claims.push((a.id, user("a0")));
+    let answers = engine.claim_many(claims.clone()).await;
+    assert_eq!(answers.len(), claims.len());
+
+    let mut paid = std::collections::BTreeMap::new();
+    for ((packet, who), answer) in claims.iter().zip(&answers) {
+        let name = who.as_str();
+        match answer {
+            Ok(c) => {
+                assert_eq!((c.packet_id, &c.user), (*packet, who), "an answer for its own claim");
+                let first = paid.insert((*packet, name.to_string()), c.amount_fen);
+                if let Some(first) = first {
+                    assert_eq!(first, c.amount_fen, "a repeated claim returns the same share");
+                }
+            }
+            Err(EngineError::Claim(ClaimError::Exhausted)) => {
+                // In order: only those after the packet's last share are turned away.
+                let i: usize = name[1..].parse().unwrap();
+                assert!(*packet == a.id && i >= 5 || *packet == b.id && i >= 3, "{name} turned away early");
+            }
+            Err(EngineError::NotFound) => assert_eq!(*packet, bogus),
+            Err(e) => panic!("{name}: unexpected {e:?}"),
+        }
+    }
+    let sum = |p: PacketId| paid.iter().filter(|((q, _), _)| *q == p).map(|(_, f)| f).sum::<i64>();
+    assert_eq!((sum(a.id), sum(b.id)), (500, 300), "every share paid once");
+    assert_eq!(paid.len(), 5 + 3);
+    // A single claim agrees with what the batch paid.
+    let again = engine.claim(a.id, user("a3")).await.unwrap();
+    assert_eq!(again.amount_fen, paid[&(a.id, "a3".to_string())]);
+    let audit = settled_audit(&engine).await;
+    assert_eq!((audit.escrow_fen, audit.balances_fen), (0, 20_000), "both packets paid out, no fen lost");
+    engine.shutdown().await;
+
+    // Durable: after a restart the stored claims are the ones the batch acknowledged.
+    let engine = Engine::start(config, Arc::new(clock.clone())).expect("engine restarts");
+    for p in [a.id, b.id] {
+        let details = engine.packet(p, None, 100).await.unwrap();
+        for c in &details.claims {
+            assert_eq!(Some(&c.amount_fen), paid.get(&(p, c.user.as_str().to_string())));
+        }
+        assert_eq!(details.claims.len(), if p == a.id { 5 } else { 3 });
+    }
+    engine.shutdown().await;
+}

@@ -173,6 +173,20 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// Empties the batch and keeps its allocations, for the next one.
+    pub fn clear(&mut self) {
+        self.wallets.clear();
+        self.entries.clear();
+        self.new_packets.clear();
+        self.packet_updates.clear();
+        self.claims.clear();
+        self.outbox_new.clear();
+        self.outbox_acked.clear();
+        self.watermarks.clear();
+        self.idempotency.clear();
+        self.totals = None;
+    }
+
     pub fn is_empty(&self) -> bool {
         self.wallets.is_empty()
             && self.entries.is_empty()
