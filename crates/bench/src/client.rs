@@ -91,6 +91,21 @@ impl Client {
         }
     }
 
+    /// Claims many shares in one engine call (`Engine::claim_many`); in process only.
+    pub async fn claim_many(&mut self, claims: Vec<(PacketId, UserId)>) -> Vec<Answer> {
+        match self {
+            Client::Http(_) => {
+                claims.iter().map(|_| Answer::Error("a batch needs --in-process".into())).collect()
+            }
+            Client::Engine(engine) => engine
+                .claim_many(claims)
+                .await
+                .into_iter()
+                .map(|r| engine_answer(r, |r| Some(r.amount_fen)))
+                .collect(),
+        }
+    }
+
     pub async fn healthz(&mut self) -> Answer {
         match self {
             Client::Http(c) => c.healthz().await,

@@ -89,6 +89,11 @@ pub struct BenchArgs {
     /// With --in-process: no store at all (memory only; nothing survives, no audit)
     #[arg(long)]
     pub store_off: bool,
+    /// With --in-process: claims per engine call (`Engine::claim_many`, one message per set
+    /// and call); --concurrency is then calls in flight, each of this many claims [default: 1,
+    /// one call per claim]
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
     /// With --in-process: the data dir [default: a fresh temporary dir, removed afterwards]
     #[arg(long)]
     pub data: Option<PathBuf>,
@@ -139,6 +144,9 @@ pub fn measure(args: &BenchArgs) -> anyhow::Result<BenchResult> {
     anyhow::ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
     anyhow::ensure!(args.duration_s >= 1, "--duration-s must be at least 1");
     anyhow::ensure!(!args.store_off || args.in_process, "--store-off needs --in-process");
+    anyhow::ensure!(args.batch >= 1, "--batch must be at least 1");
+    anyhow::ensure!(args.batch == 1 || args.in_process, "--batch needs --in-process");
+    anyhow::ensure!(args.batch == 1 || args.rate.is_none(), "--batch and --rate do not go together");
     match args.scenario {
         Scenario::Resident => resident::run(args),
         _ => load::run(args),

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use hongbao_core::SystemClock;
+use hongbao_core::{PacketId, SystemClock, UserId};
 use hongbao_engine::{Engine, EngineConfig};
 use hongbao_store::{NullReader, NullStore, Reader, Store};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -142,7 +142,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
     for w in 0..args.concurrency {
         let t =
             Task { target: target.clone(), plan: plan.clone(), ready: ready_tx.clone(), go: go_rx.clone() };
-        per_thread[w % threads].push(Box::pin(claimer(t, w)));
+        if args.batch > 1 {
+            per_thread[w % threads].push(Box::pin(batch_claimer(t, w, args.batch)));
+        } else {
+            per_thread[w % threads].push(Box::pin(claimer(t, w)));
+        }
     }
     for r in 0..refillers {
         let t =
@@ -243,8 +247,16 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
         notes.push(format!("{sent} emptied packets were re-sent during the run"));
     }
 
-    // Audit.
+    // Audit. On SQLite it reads the store after the fold has applied the journal, so how long
+    // it takes says how far the fold trailed the acknowledged claims.
+    let audit_started = Instant::now();
     let (audit, audit_ok) = control.block_on(audit(&started, &mut notes));
+    if audit.is_some() {
+        notes.push(format!(
+            "the audit answered {:.1} s after the load ended (on SQLite it waits for the fold to apply every acknowledged batch)",
+            audit_started.elapsed().as_secs_f64()
+        ));
+    }
     let store = started.store.clone();
     control.block_on(started.stop());
 
@@ -466,6 +478,28 @@ enum Plan {
     Ceiling,
 }
 
+impl Plan {
+    /// Storm: counts a paid share, and times the moment the last one is paid.
+    fn storm_paid(&self, start: Instant) {
+        if let Plan::Storm { shares, paid, emptied_us, .. } = self {
+            if paid.fetch_add(1, Ordering::Relaxed) + 1 == *shares {
+                let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+                emptied_us.store(us.max(1), Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Festival: a claim on `packet` was turned away. The first claimer to see it empty asks
+    /// for a new packet in its slot.
+    fn festival_emptied(&self, slot: usize, packet: u64) {
+        if let Plan::Festival { slots, refill, .. } = self {
+            if slots[slot].compare_exchange(packet, 0, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                let _ = refill.send(slot);
+            }
+        }
+    }
+}
+
 /// The start signal: the clock, the deadline and the pace.
 #[derive(Clone)]
 struct Go {
@@ -557,18 +591,17 @@ async fn claimer(mut task: Task, w: usize) -> TaskEnd {
     while let Some(origin) = pacer.next(go.deadline).await {
         let (op, answer) = match &*plan {
             Plan::Ceiling => (Op::Health, client.healthz().await),
-            Plan::Storm { packet, shares, paid, emptied_us, prefix, .. } => {
+            Plan::Storm { packet, prefix, .. } => {
                 seq += 1;
                 user.clear();
                 let _ = write!(user, "{prefix}{w}x{seq}");
                 let answer = client.claim(*packet, &user).await;
-                if matches!(answer, Answer::Paid(_)) && paid.fetch_add(1, Ordering::Relaxed) + 1 == *shares {
-                    let us = u64::try_from(go.start.elapsed().as_micros()).unwrap_or(u64::MAX);
-                    emptied_us.store(us.max(1), Ordering::Relaxed);
+                if matches!(answer, Answer::Paid(_)) {
+                    plan.storm_paid(go.start);
                 }
                 (Op::Claim, answer)
             }
-            Plan::Festival { slots, zipf, refill, history_per_mille, senders, prefix, .. } => {
+            Plan::Festival { slots, zipf, history_per_mille, senders, prefix, .. } => {
                 if *history_per_mille > 0 && rng.random_range(0..1000) < *history_per_mille {
                     let sent = last_paid.is_empty() || rng.random_bool(0.5);
                     let answer = if sent {
@@ -590,14 +623,7 @@ async fn claimer(mut task: Task, w: usize) -> TaskEnd {
                     let answer = client.claim(packet, &user).await;
                     match &answer {
                         Answer::Paid(_) => std::mem::swap(&mut user, &mut last_paid),
-                        Answer::Away => {
-                            // The first claimer to see the packet empty asks for a new one.
-                            let emptied =
-                                slots[slot].compare_exchange(packet, 0, Ordering::AcqRel, Ordering::Relaxed);
-                            if emptied.is_ok() {
-                                let _ = refill.send(slot);
-                            }
-                        }
+                        Answer::Away => plan.festival_emptied(slot, packet),
                         _ => {}
                     }
                     (Op::Claim, answer)
@@ -611,6 +637,90 @@ async fn claimer(mut task: Task, w: usize) -> TaskEnd {
         }
         end.requests += 1;
         end.last = Some(now);
+    }
+    end
+}
+
+/// `--batch`: each call claims `batch` shares at once (`Engine::claim_many`), and every claim
+/// is recorded with its call's latency. Festival history queries keep their share of requests:
+/// `history_per_mille` for every thousand claims.
+async fn batch_claimer(mut task: Task, w: usize, batch: usize) -> TaskEnd {
+    let mut end = TaskEnd { requests: 0, last: None };
+    let Some((mut client, go)) = task.start().await else { return end };
+    let plan = task.plan.clone();
+    let recorder = go.recorder.clone();
+    let mut rng = SmallRng::seed_from_u64(rand::random::<u64>() ^ w as u64);
+    let mut user = String::with_capacity(48);
+    let mut last_paid: Option<UserId> = None;
+    let mut history_due = 0u64;
+    let mut seq: u64 = 0;
+    // Festival: the slot and packet each claim of the call was drawn from.
+    let mut drawn: Vec<(usize, u64)> = Vec::with_capacity(batch);
+    while Instant::now() < go.deadline {
+        let mut claims = Vec::with_capacity(batch);
+        drawn.clear();
+        for _ in 0..batch {
+            let packet = match &*plan {
+                Plan::Storm { packet, .. } => *packet,
+                Plan::Festival { slots, zipf, .. } => match pick(slots, zipf, &mut rng) {
+                    Some((slot, packet)) => {
+                        drawn.push((slot, packet));
+                        packet
+                    }
+                    None => continue,
+                },
+                Plan::Ceiling => unreachable!("ceiling has no claims"),
+            };
+            seq += 1;
+            user.clear();
+            let prefix = match &*plan {
+                Plan::Storm { prefix, .. } | Plan::Festival { prefix, .. } => prefix,
+                Plan::Ceiling => unreachable!("ceiling has no claims"),
+            };
+            let _ = write!(user, "{prefix}{w}x{seq}");
+            let (Ok(id), Ok(u)) = (PacketId::from_raw(packet), UserId::parse(&user)) else {
+                recorder.error_sample(&format!("bad packet {packet} or user {user}"));
+                continue;
+            };
+            claims.push((id, u));
+        }
+        if claims.is_empty() {
+            // Every slot drawn is waiting for its re-send: let the refillers run.
+            tokio::task::yield_now().await;
+            continue;
+        }
+        let users: Vec<UserId> = claims.iter().map(|(_, u)| u.clone()).collect();
+        let origin = Instant::now();
+        let answers = client.claim_many(claims).await;
+        let now = Instant::now();
+        let latency = now.saturating_duration_since(origin);
+        for (i, answer) in answers.iter().enumerate() {
+            recorder.record(Op::Claim, answer.outcome(), latency, answer.paid_fen(), now);
+            match (answer, &*plan) {
+                (Answer::Paid(_), Plan::Storm { .. }) => plan.storm_paid(go.start),
+                (Answer::Paid(_), Plan::Festival { .. }) => last_paid = Some(users[i].clone()),
+                (Answer::Away, Plan::Festival { .. }) => plan.festival_emptied(drawn[i].0, drawn[i].1),
+                (Answer::Error(e), _) => recorder.error_sample(e),
+                _ => {}
+            }
+        }
+        end.requests += answers.len() as u64;
+        end.last = Some(now);
+        if let Plan::Festival { history_per_mille, senders, .. } = &*plan {
+            history_due += answers.len() as u64 * u64::from(*history_per_mille);
+            while history_due >= 1000 {
+                history_due -= 1000;
+                let origin = Instant::now();
+                let answer = match &last_paid {
+                    Some(u) if rng.random_bool(0.5) => client.history(u.as_str(), false).await,
+                    _ => client.history(&senders[rng.random_range(0..senders.len())], true).await,
+                };
+                let now = Instant::now();
+                recorder.record(Op::History, answer.outcome(), now.saturating_duration_since(origin), 0, now);
+                end.requests += 1;
+                end.last = Some(now);
+            }
+        }
     }
     end
 }
