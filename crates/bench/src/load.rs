@@ -524,6 +524,14 @@ struct TaskEnd {
     last: Option<Instant>,
 }
 
+impl TaskEnd {
+    /// Adds what a helper task of this one counted.
+    fn absorb(&mut self, other: TaskEnd) {
+        self.requests += other.requests;
+        self.last = self.last.max(other.last);
+    }
+}
+
 impl Task {
     /// Connects, reports ready and waits for the start.
     async fn start(&mut self) -> Option<(Client, Go)> {
@@ -642,8 +650,9 @@ async fn claimer(mut task: Task, w: usize) -> TaskEnd {
 }
 
 /// `--batch`: each call claims `batch` shares at once (`Engine::claim_many`), and every claim
-/// is recorded with its call's latency. Festival history queries keep their share of requests:
-/// `history_per_mille` for every thousand claims.
+/// is recorded with its call's latency. Festival history queries keep their share of requests
+/// (`history_per_mille` for every thousand claims) but run in a task beside the claimer, one
+/// run at a time, so a query waiting for the store never holds back a thousand claims.
 async fn batch_claimer(mut task: Task, w: usize, batch: usize) -> TaskEnd {
     let mut end = TaskEnd { requests: 0, last: None };
     let Some((mut client, go)) = task.start().await else { return end };
@@ -653,6 +662,7 @@ async fn batch_claimer(mut task: Task, w: usize, batch: usize) -> TaskEnd {
     let mut user = String::with_capacity(48);
     let mut last_paid: Option<UserId> = None;
     let mut history_due = 0u64;
+    let mut history: Option<tokio::task::JoinHandle<TaskEnd>> = None;
     let mut seq: u64 = 0;
     // Festival: the slot and packet each claim of the call was drawn from.
     let mut drawn: Vec<(usize, u64)> = Vec::with_capacity(batch);
@@ -660,29 +670,23 @@ async fn batch_claimer(mut task: Task, w: usize, batch: usize) -> TaskEnd {
         let mut claims = Vec::with_capacity(batch);
         drawn.clear();
         for _ in 0..batch {
-            let packet = match &*plan {
-                Plan::Storm { packet, .. } => *packet,
-                Plan::Festival { slots, zipf, .. } => match pick(slots, zipf, &mut rng) {
-                    Some((slot, packet)) => {
-                        drawn.push((slot, packet));
-                        packet
-                    }
+            let (slot, packet, prefix) = match &*plan {
+                Plan::Storm { packet, prefix, .. } => (0, *packet, prefix),
+                Plan::Festival { slots, zipf, prefix, .. } => match pick(slots, zipf, &mut rng) {
+                    Some((slot, packet)) => (slot, packet, prefix),
                     None => continue,
                 },
                 Plan::Ceiling => unreachable!("ceiling has no claims"),
             };
             seq += 1;
             user.clear();
-            let prefix = match &*plan {
-                Plan::Storm { prefix, .. } | Plan::Festival { prefix, .. } => prefix,
-                Plan::Ceiling => unreachable!("ceiling has no claims"),
-            };
             let _ = write!(user, "{prefix}{w}x{seq}");
             let (Ok(id), Ok(u)) = (PacketId::from_raw(packet), UserId::parse(&user)) else {
                 recorder.error_sample(&format!("bad packet {packet} or user {user}"));
                 continue;
             };
             claims.push((id, u));
+            drawn.push((slot, packet));
         }
         if claims.is_empty() {
             // Every slot drawn is waiting for its re-send: let the refillers run.
@@ -706,21 +710,43 @@ async fn batch_claimer(mut task: Task, w: usize, batch: usize) -> TaskEnd {
         }
         end.requests += answers.len() as u64;
         end.last = Some(now);
-        if let Plan::Festival { history_per_mille, senders, .. } = &*plan {
-            history_due += answers.len() as u64 * u64::from(*history_per_mille);
-            while history_due >= 1000 {
-                history_due -= 1000;
+        let Plan::Festival { history_per_mille, senders, .. } = &*plan else { continue };
+        history_due += answers.len() as u64 * u64::from(*history_per_mille);
+        // Queries come due while the last run is still going: they wait for the next call.
+        if history_due < 1000 || history.as_ref().is_some_and(|h| !h.is_finished()) {
+            continue;
+        }
+        if let Some(h) = history.take() {
+            end.absorb(h.await.unwrap_or(TaskEnd { requests: 0, last: None }));
+        }
+        let asks: Vec<(String, bool)> = (0..history_due / 1000)
+            .map(|_| match &last_paid {
+                Some(u) if rng.random_bool(0.5) => (u.as_str().to_string(), false),
+                _ => (senders[rng.random_range(0..senders.len())].clone(), true),
+            })
+            .collect();
+        history_due %= 1000;
+        let Ok(mut asker) = task.target.client().await else { continue };
+        let recorder = recorder.clone();
+        let deadline = go.deadline;
+        history = Some(tokio::spawn(async move {
+            let mut end = TaskEnd { requests: 0, last: None };
+            for (who, sent) in asks {
                 let origin = Instant::now();
-                let answer = match &last_paid {
-                    Some(u) if rng.random_bool(0.5) => client.history(u.as_str(), false).await,
-                    _ => client.history(&senders[rng.random_range(0..senders.len())], true).await,
-                };
+                if origin >= deadline {
+                    break;
+                }
+                let answer = asker.history(&who, sent).await;
                 let now = Instant::now();
                 recorder.record(Op::History, answer.outcome(), now.saturating_duration_since(origin), 0, now);
                 end.requests += 1;
                 end.last = Some(now);
             }
-        }
+            end
+        }));
+    }
+    if let Some(h) = history {
+        end.absorb(h.await.unwrap_or(TaskEnd { requests: 0, last: None }));
     }
     end
 }
