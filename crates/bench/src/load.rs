@@ -270,6 +270,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
         config: RunConfig {
             duration_s: args.duration_s,
             concurrency: args.concurrency,
+            batch: args.batch,
             threads,
             sets: args.sets,
             shares: if scenario == Scenario::Ceiling { 0 } else { shares },

@@ -49,6 +49,8 @@ pub struct BenchResult {
 pub struct RunConfig {
     pub duration_s: u64,
     pub concurrency: usize,
+    /// Claims per engine call (`--batch`); 1 is a call per claim.
+    pub batch: usize,
     pub threads: usize,
     pub sets: u32,
     pub shares: u32,
@@ -233,13 +235,14 @@ impl BenchResult {
         let c = &self.config;
         let _ = writeln!(
             s,
-            "{} ({}, store {}, {} sets): {:.1} s, concurrency {}, {} threads{}",
+            "{} ({}, store {}, {} sets): {:.1} s, concurrency {}{}, {} threads{}",
             self.scenario,
             self.mode,
             self.store,
             c.sets,
             self.elapsed_s,
             c.concurrency,
+            if c.batch > 1 { format!(" calls of {} claims", c.batch) } else { String::new() },
             c.threads,
             c.rate_per_s.map(|r| format!(", open loop at {r}/s")).unwrap_or_default()
         );
@@ -362,6 +365,7 @@ mod tests {
             config: RunConfig {
                 duration_s: 2,
                 concurrency: 4,
+                batch: 1,
                 threads: 1,
                 sets: 1,
                 shares: 10,

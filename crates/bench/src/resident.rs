@@ -122,6 +122,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
         config: RunConfig {
             duration_s: 0,
             concurrency: args.concurrency,
+            batch: args.batch,
             threads,
             sets: args.sets,
             shares,
