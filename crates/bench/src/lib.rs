@@ -94,6 +94,10 @@ pub struct BenchArgs {
     /// one call per claim]
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
+    /// Resident: claims to store before the restart, on extra packets of 1,000 shares claimed
+    /// to the last share (closed, so only the store keeps them) [default: 0]
+    #[arg(long, default_value_t = 0)]
+    pub stored_claims: u64,
     /// With --in-process: the data dir [default: a fresh temporary dir, removed afterwards]
     #[arg(long)]
     pub data: Option<PathBuf>,

@@ -109,6 +109,8 @@ pub struct ResidentFigures {
     pub rss_kib_before: u64,
     pub rss_kib_after_create: u64,
     pub rss_kib_peak: u64,
+    /// Claims stored (on closed packets) after the memory was read and before the restart.
+    pub stored_claims: u64,
     /// A fresh process that starts the engine on the same data dir.
     pub restart_ready_s: Option<f64>,
     pub restart_rss_kib: Option<u64>,

@@ -80,7 +80,25 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
     })?;
     let create_s = t0.elapsed().as_secs_f64();
     let (rss_kib_after_create, rss_kib_peak) = rss_kib();
+    // After the memory was read: the closed packets' claims the engine caches are not the
+    // active packets' memory.
+    let mut stored_claims = 0;
+    if args.stored_claims > 0 {
+        let t = Instant::now();
+        let paid = rt.block_on(store_claims(&target, args, &nonce))?;
+        stored_claims = paid;
+        notes.push(format!(
+            "{paid} claims stored before the restart, on {} packets of {STORED_SHARES} shares claimed to the last share, in {:.1} s",
+            args.stored_claims.div_ceil(u64::from(STORED_SHARES)),
+            t.elapsed().as_secs_f64()
+        ));
+    }
+    let t = Instant::now();
     rt.block_on(engine.shutdown());
+    notes.push(format!(
+        "shutdown took {:.1} s (it folds what the journal holds into SQLite first)",
+        t.elapsed().as_secs_f64()
+    ));
     drop(target);
     drop(engine);
 
@@ -146,6 +164,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
             rss_kib_before,
             rss_kib_after_create,
             rss_kib_peak,
+            stored_claims,
             restart_ready_s,
             restart_rss_kib,
             restart_escrow_matches,
@@ -158,6 +177,65 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
         notes,
         machine: Machine::here(),
     })
+}
+
+/// Shares of each packet `--stored-claims` claims.
+const STORED_SHARES: u32 = 1_000;
+/// `claim_many` calls in flight while storing claims, and claims per call.
+const STORED_CALLS: usize = 16;
+
+/// Sends packets of [`STORED_SHARES`] and claims every share with `claim_many`, until
+/// `--stored-claims` claims are paid; returns how many were.
+async fn store_claims(target: &Target, args: &BenchArgs, nonce: &str) -> anyhow::Result<u64> {
+    let Target::Engine(engine) = target else { bail!("stored claims are made in process") };
+    let packets = args.stored_claims.div_ceil(u64::from(STORED_SHARES)) as usize;
+    let total_fen = i64::from(STORED_SHARES) * SHARE_AVERAGE_FEN;
+    let senders: Vec<String> = (0..RESIDENT_SENDERS.min(packets)).map(|i| format!("r{nonce}c{i}")).collect();
+    let per_sender = packets.div_ceil(senders.len()) as i64;
+    let setup = format!("{nonce}c");
+    load::fund(target, &senders, per_sender * total_fen, &setup).await?;
+    let pb = load::setup_bar(args.quiet, packets as u64, "sending packets to claim");
+    let ids =
+        load::create_packets(target, &senders, packets, STORED_SHARES, total_fen, &setup, 32, Some(&pb))
+            .await?;
+    pb.finish_and_clear();
+    let pb = load::setup_bar(args.quiet, args.stored_claims, "storing claims");
+    let mut calls = tokio::task::JoinSet::new();
+    let mut paid = 0u64;
+    for (p, id) in ids.into_iter().enumerate() {
+        let id = hongbao_core::PacketId::from_raw(id).map_err(|e| anyhow!("packet id: {e}"))?;
+        let claims = (0..STORED_SHARES)
+            .map(|k| hongbao_core::UserId::parse(&format!("r{nonce}p{p}x{k}")).map(|u| (id, u)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow!("user id: {e}"))?;
+        let engine = engine.clone();
+        calls.spawn(async move { engine.claim_many(claims).await });
+        if calls.len() >= STORED_CALLS {
+            paid += count_paid(calls.join_next().await, &pb)?;
+        }
+    }
+    while !calls.is_empty() {
+        paid += count_paid(calls.join_next().await, &pb)?;
+    }
+    pb.finish_and_clear();
+    Ok(paid)
+}
+
+type ClaimsAnswer = Vec<Result<hongbao_engine::ClaimReply, hongbao_engine::EngineError>>;
+
+/// Counts one `claim_many` call's paid claims; every claim of a fresh packet must be paid.
+fn count_paid(
+    joined: Option<Result<ClaimsAnswer, tokio::task::JoinError>>,
+    pb: &indicatif::ProgressBar,
+) -> anyhow::Result<u64> {
+    let answers = joined.ok_or_else(|| anyhow!("no call to wait for"))?.context("a claim call panicked")?;
+    for a in &answers {
+        if let Err(e) = a {
+            bail!("a stored claim was refused: {e}");
+        }
+    }
+    pb.inc(answers.len() as u64);
+    Ok(answers.len() as u64)
 }
 
 /// Runs this program again with the same arguments and [`RESTART_CHILD_ENV`] set; reads the
