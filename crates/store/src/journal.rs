@@ -348,8 +348,7 @@ fn lower_priority(set: u32) {
 /// Merges consecutive batches into one with the same effect: rows that are inserted (entries,
 /// claims, new packets, outbox rows, audience) keep every row in order; state that is
 /// overwritten (balances, packet counters, watermarks, totals, idempotency records) keeps the
-/// last value only, so a wallet touched by a thousand batches is written once per fold; and
-/// outbox rows a later batch acknowledges are not written at all.
+/// last value only, so a wallet touched by a thousand batches is written once per fold.
 fn merge(batches: Vec<Batch>) -> Vec<Batch> {
     use std::collections::HashMap;
     if batches.len() < 2 {
