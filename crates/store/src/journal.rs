@@ -399,42 +399,7 @@ fn merge(batches: Vec<Batch>) -> Vec<Batch> {
             out.totals = b.totals;
         }
     }
-    drop_acknowledged_outbox(&mut out);
-    // Watermarks only move forward: the last one per source is the one that counts.
-    let mut last: HashMap<u32, u64> = HashMap::new();
-    for (source, seq) in out.watermarks.drain(..) {
-        let w = last.entry(source).or_insert(seq);
-        *w = (*w).max(seq);
-    }
-    out.watermarks = last.into_iter().collect();
-    out.watermarks.sort_unstable();
     vec![out]
-}
-
-/// In a merged batch, an outbox row that a later batch's ack covers would be inserted and
-/// deleted in the same transaction: most cross-set credits are acknowledged within a fold's
-/// window, so they are left out, and each ack becomes one delete per target. The newest row
-/// per target stays, because the last seq issued to a target is recorded from the rows.
-fn drop_acknowledged_outbox(out: &mut Batch) {
-    use std::collections::HashMap;
-    if out.outbox_acked.is_empty() {
-        return;
-    }
-    let mut acked: HashMap<u32, u64> = HashMap::new();
-    for &(target, upto) in &out.outbox_acked {
-        let a = acked.entry(target).or_insert(upto);
-        *a = (*a).max(upto);
-    }
-    let mut newest: HashMap<u32, u64> = HashMap::new();
-    for o in &out.outbox_new {
-        let n = newest.entry(o.target_set).or_insert(o.seq);
-        *n = (*n).max(o.seq);
-    }
-    out.outbox_new.retain(|o| {
-        acked.get(&o.target_set).is_none_or(|&upto| o.seq > upto) || newest[&o.target_set] == o.seq
-    });
-    out.outbox_acked = acked.into_iter().collect();
-    out.outbox_acked.sort_unstable();
 }
 
 /// The write side of a journaled set. Owned by the set's engine thread.
@@ -958,7 +923,7 @@ fn recover(dir: &Path, sqlite: &mut SqliteStore) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Entry, EntryKind, Loaded, OutboxItem, Totals};
+    use crate::{Entry, EntryKind, Totals};
 
     fn batch(user: &str, fen: i64) -> Batch {
         let user = UserId::parse(user).unwrap();
@@ -1178,59 +1143,6 @@ mod tests {
         }
         assert_eq!(one_by_one.sums().unwrap(), merged.sums().unwrap());
         assert_eq!(merged.journal_seq().unwrap(), 50);
-    }
-
-    #[test]
-    fn merged_outbox_rows_acks_and_watermarks_leave_what_the_batches_left() {
-        let packet = PacketId::parse("123456789").unwrap();
-        let mut seqs = [0u64; 3];
-        let batches: Vec<Batch> = (1..=40u64)
-            .map(|i| {
-                let mut b = Batch::default();
-                // Credits to sets 1 and 2; set 1 acknowledges often, set 2 once, early.
-                for target in [1u32, 1, 2] {
-                    seqs[target as usize] += 1;
-                    b.outbox_new.push(OutboxItem {
-                        target_set: target,
-                        seq: seqs[target as usize],
-                        user: UserId::parse(&format!("u{i}t{target}")).unwrap(),
-                        amount_fen: i as i64,
-                        packet_id: packet,
-                        at_ms: i as i64,
-                    });
-                }
-                if i % 3 == 0 {
-                    b.outbox_acked.push((1, seqs[1] - 1));
-                }
-                if i == 7 {
-                    b.outbox_acked.push((2, 5));
-                }
-                b.watermarks.push((1 + (i % 2) as u32, i));
-                b
-            })
-            .collect();
-        let dir_a = tempfile::tempdir().unwrap();
-        let dir_b = tempfile::tempdir().unwrap();
-        let (mut one_by_one, _) = crate::open_sqlite(dir_a.path(), 0, 3).unwrap();
-        for b in &batches {
-            one_by_one.commit(b).unwrap();
-        }
-        let (mut merged, _) = crate::open_sqlite(dir_b.path(), 0, 3).unwrap();
-        let m = merge(batches);
-        // Of 120 rows: set 1's 78..=80 (acknowledged up to 77) and set 2's 6..=40.
-        assert_eq!(m[0].outbox_new.len(), 3 + 35, "acknowledged rows are not written");
-        assert_eq!(m[0].outbox_acked.len(), 2, "one delete per target");
-        assert_eq!(m[0].watermarks, [(1, 40), (2, 39)]);
-        merged.commit_folded(&m, 40).unwrap();
-        let (a, b) = (one_by_one.load(0).unwrap(), merged.load(0).unwrap());
-        let pending = |l: &Loaded| {
-            l.outbox_pending.iter().map(|o| (o.target_set, o.seq, o.amount_fen)).collect::<Vec<_>>()
-        };
-        assert_eq!(pending(&a), pending(&b));
-        assert!(!pending(&a).is_empty(), "some credits are still unacknowledged");
-        assert_eq!(a.outbox_last_seq, b.outbox_last_seq);
-        assert_eq!(b.outbox_last_seq, [(1, 80), (2, 40)]);
-        assert_eq!(a.watermarks, b.watermarks);
     }
 
     #[test]

@@ -479,18 +479,10 @@ fn write_batch(tx: &Transaction<'_>, b: &Batch) -> Result<()> {
             "INSERT INTO outbox_seq (target_set, last_seq) VALUES (?1, ?2) \
              ON CONFLICT (target_set) DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)",
         )?;
-        // The last seq per target: one upsert per target, not one per row.
-        let mut lasts: Vec<(u32, u64)> = Vec::new();
         for o in &b.outbox_new {
             let seq = to_i64(o.seq, "outbox seq")?;
             st.execute((o.target_set, seq, o.user.as_str(), o.amount_fen, o.packet_id.as_i64(), o.at_ms))?;
-            match lasts.iter_mut().find(|(t, _)| *t == o.target_set) {
-                Some((_, s)) => *s = (*s).max(o.seq),
-                None => lasts.push((o.target_set, o.seq)),
-            }
-        }
-        for (target, seq) in lasts {
-            last.execute((target, to_i64(seq, "outbox seq")?))?;
+            last.execute((o.target_set, seq))?;
         }
     }
 
