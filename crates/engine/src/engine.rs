@@ -366,16 +366,14 @@ impl Engine {
         }
         // Queue every message first, then wait: the sets work on them at the same time.
         let mut waiting = Vec::new();
-        for (set, (mut at, mut mine)) in routed.into_iter().enumerate() {
-            while !mine.is_empty() {
-                let n = mine.len().min(chunk);
-                let (rest_claims, rest_at) = (mine.split_off(n), at.split_off(n));
-                let claims = std::mem::replace(&mut mine, rest_claims);
-                let here = std::mem::replace(&mut at, rest_at);
-                match self.submit(set as u32, |reply| Command::Claims { claims, reply }) {
-                    Ok(rx) => waiting.push((here, Ok(rx))),
-                    Err(e) => waiting.push((here, Err(e))),
+        for (set, (at, mine)) in routed.into_iter().enumerate() {
+            let mut rest = at.into_iter().zip(mine);
+            loop {
+                let (here, claims): (Vec<usize>, Vec<(PacketId, UserId)>) = rest.by_ref().take(chunk).unzip();
+                if claims.is_empty() {
+                    break;
                 }
+                waiting.push((here, self.submit(set as u32, |reply| Command::Claims { claims, reply })));
             }
         }
         for (at, rx) in waiting {

@@ -21,22 +21,14 @@ async fn one_user_asking_too_fast_is_429_and_others_still_claim() {
     let mut limited = 0;
     let mut paid = 0;
     for _ in 0..30 {
-        let r = server
-            .api()
-            .call(
-                Method::POST,
-                &format!("/v1/packets/{id}/claim"),
-                Some(API_KEY),
-                Some(&json!({"user": "greedy"})),
-            )
-            .await;
-        match r.status {
+        let (status, body) = server.claim(&id, "greedy").await;
+        match status {
             200 => paid += 1,
             429 => {
-                assert_problem_reply("hammering claim", &r, 429, "rate_limited");
+                assert_problem("hammering claim", status, &body, 429, "rate_limited");
                 limited += 1;
             }
-            other => panic!("unexpected {other} {}", r.body),
+            other => panic!("unexpected {other} {body}"),
         }
     }
 
@@ -57,16 +49,8 @@ async fn user_rate_0_turns_the_limit_off() {
     server.deposit_ok("boss", 10_000).await;
     let id = server.send_ok("boss", "equal", 1_000, 10, json!({"anyone": true})).await;
     for i in 0..200 {
-        let r = server
-            .api()
-            .call(
-                Method::POST,
-                &format!("/v1/packets/{id}/claim"),
-                Some(API_KEY),
-                Some(&json!({"user": "eager"})),
-            )
-            .await;
-        assert_eq!(r.status, 200, "claim {i} of one user with the limit off: {}", r.body);
+        let (status, body) = server.claim(&id, "eager").await;
+        assert_eq!(status, 200, "claim {i} of one user with the limit off: {body}");
     }
 }
 
