@@ -55,6 +55,14 @@ impl UserId {
     }
 }
 
+/// A map keyed by users can be searched with a `&str`: equality, order and hash are the
+/// string's.
+impl std::borrow::Borrow<str> for UserId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl From<UserId> for String {
     fn from(u: UserId) -> String {
         u.0.as_ref().to_owned()

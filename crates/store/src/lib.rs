@@ -9,6 +9,7 @@ mod journal;
 mod null;
 mod postgres;
 mod sqlite;
+mod users;
 
 pub use journal::{open_journaled_sqlite, JournalReader, JournalStore};
 pub use null::{NullReader, NullStore};

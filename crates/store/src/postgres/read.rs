@@ -191,7 +191,7 @@ impl Reader for PgReader {
         if !groups.is_empty() {
             let s = st.get(&mut tx, SELECT_AUDIENCES)?;
             for r in tx.query(&s, &[&groups])? {
-                members.entry(get(&r, 0)?).or_default().push(users.column(&r, 1)?);
+                members.entry(get(&r, 0)?).or_default().push(rows::user_column(&mut users, &r, 1)?);
             }
         }
         tx.commit()?;

@@ -5,13 +5,12 @@
 //! [`StoreError::Corrupt`], never a panic and never a value passed on as if it were good. The
 //! checks are the SQLite store's, on PostgreSQL rows.
 
-use std::collections::HashMap;
-
 use hongbao_core::packet::PacketHeader;
 use hongbao_core::{AmountRule, Audience, Claim, Kind, PacketId, PacketStatus, UserId};
 use postgres::types::FromSql;
 use postgres::Row;
 
+pub(super) use crate::users::Users;
 use crate::{EntryKind, EntryRow, IdemRecord, IdemResult, OutboxItem, PacketRow, Result, StoreError};
 
 pub(super) fn corrupt(msg: impl Into<String>) -> StoreError {
@@ -23,41 +22,9 @@ pub(super) fn get<'a, T: FromSql<'a>>(row: &'a Row, i: usize) -> Result<T> {
     row.try_get(i).map_err(|e| corrupt(format!("column {i}: {}", super::error_text(&e))))
 }
 
-/// Shares one allocation per distinct user while a `load` rebuilds millions of claims, the
-/// way the engine keeps users; queries parse without sharing.
-pub(super) struct Users {
-    seen: Option<HashMap<String, UserId>>,
-}
-
-impl Users {
-    pub(super) fn interning() -> Users {
-        Users { seen: Some(HashMap::new()) }
-    }
-
-    pub(super) fn parsing() -> Users {
-        Users { seen: None }
-    }
-
-    pub(super) fn get(&mut self, s: &str) -> Result<UserId> {
-        let Some(seen) = &mut self.seen else {
-            return parse_user(s);
-        };
-        if let Some(u) = seen.get(s) {
-            return Ok(u.clone());
-        }
-        let u = parse_user(s)?;
-        seen.insert(s.to_owned(), u.clone());
-        Ok(u)
-    }
-
-    /// The user in column `i`.
-    pub(super) fn column(&mut self, row: &Row, i: usize) -> Result<UserId> {
-        self.get(get::<&str>(row, i)?)
-    }
-}
-
-fn parse_user(s: &str) -> Result<UserId> {
-    UserId::parse(s).map_err(|_| corrupt(format!("bad user id {s:?}")))
+/// The user in column `i`.
+pub(super) fn user_column(users: &mut Users, row: &Row, i: usize) -> Result<UserId> {
+    users.get(get::<&str>(row, i)?)
 }
 
 pub(super) fn packet_id(v: i64) -> Result<PacketId> {
@@ -101,7 +68,7 @@ pub(super) fn balance(v: i64, user: &UserId) -> Result<i64> {
 /// an empty group; the caller fills the group from the audience table.
 pub(super) fn packet_row(row: &Row, users: &mut Users) -> Result<PacketRow> {
     let id = packet_id(get(row, 0)?)?;
-    let sender = users.column(row, 1)?;
+    let sender = user_column(users, row, 1)?;
     let kind_s: &str = get(row, 2)?;
     let kind = Kind::parse(kind_s).ok_or_else(|| corrupt(format!("packet {id} has kind {kind_s:?}")))?;
     let total_fen = amount(get(row, 3)?, "packet total")?;
@@ -163,7 +130,7 @@ pub(super) fn set_audience(row: &mut PacketRow, group: Vec<UserId>) -> Result<()
 pub(super) fn claim(row: &Row, first: usize, users: &mut Users) -> Result<Claim> {
     Ok(Claim {
         index: to_u32(get(row, first)?, "share index")?,
-        user: users.column(row, first + 1)?,
+        user: user_column(users, row, first + 1)?,
         amount_fen: amount(get(row, first + 2)?, "share")?,
         at_ms: get(row, first + 3)?,
     })
@@ -208,7 +175,7 @@ pub(super) fn outbox_item(row: &Row, users: &mut Users) -> Result<OutboxItem> {
     Ok(OutboxItem {
         target_set: to_u32(get(row, 0)?, "outbox target set")?,
         seq: to_u64(get(row, 1)?, "outbox seq")?,
-        user: users.column(row, 2)?,
+        user: user_column(users, row, 2)?,
         amount_fen: amount(get(row, 3)?, "outbox amount")?,
         packet_id: packet_id(get(row, 4)?)?,
         at_ms: get(row, 5)?,
@@ -231,7 +198,7 @@ pub(super) fn idem_encode(r: IdemResult) -> (&'static str, i64) {
 
 /// Decodes `user_id, request_id, fingerprint, op, result, at_ms`.
 pub(super) fn idem_record(row: &Row, users: &mut Users) -> Result<IdemRecord> {
-    let user = users.column(row, 0)?;
+    let user = user_column(users, row, 0)?;
     let op: &str = get(row, 3)?;
     let v: i64 = get(row, 4)?;
     let result = match op {

@@ -249,7 +249,8 @@ fn load_in(
         let s = st.get(tx, SELECT_WALLETS)?;
         let mut it = tx.query_raw(&s, no_params())?;
         while let Some(r) = it.next()? {
-            let user = users.column(&r, 0)?;
+            // One row per user: parsed, not interned.
+            let user = crate::users::parse_user(get(&r, 0)?)?;
             let fen = rows::balance(get(&r, 1)?, &user)?;
             wallets.push((user, fen));
         }
@@ -324,7 +325,7 @@ fn load_active_packets(
         let mut cursor = 0;
         while let Some(r) = it.next()? {
             let slot = advance(&ids, &mut cursor, rows::packet_id(get(&r, 0)?)?)?;
-            groups[slot].push(users.column(&r, 1)?);
+            groups[slot].push(rows::user_column(users, &r, 1)?);
         }
     }
 
@@ -377,7 +378,7 @@ pub(super) fn read_packet_row(
     if row.header.audience != Audience::Anyone {
         let select = st.get(c, SELECT_AUDIENCE)?;
         for r in c.query(&select, &[&id.as_i64()])? {
-            group.push(users.column(&r, 0)?);
+            group.push(rows::user_column(users, &r, 0)?);
         }
     }
     rows::set_audience(&mut row, group)?;

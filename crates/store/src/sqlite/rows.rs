@@ -4,48 +4,15 @@
 //! written (unknown kind, bad id, negative balance) is [`StoreError::Corrupt`], never a panic
 //! and never a value passed on as if it were good.
 
-use std::collections::HashMap;
-
 use hongbao_core::packet::PacketHeader;
 use hongbao_core::{AmountRule, Audience, Claim, Kind, PacketId, PacketStatus, UserId};
 use rusqlite::Row;
 
+pub(super) use crate::users::Users;
 use crate::{EntryKind, EntryRow, IdemRecord, IdemResult, OutboxItem, PacketRow, Result, StoreError};
 
 pub(super) fn corrupt(msg: impl Into<String>) -> StoreError {
     StoreError::Corrupt(msg.into())
-}
-
-/// Shares one allocation per distinct user while a `load` rebuilds millions of claims, the
-/// way the engine keeps users; queries parse without sharing.
-pub(super) struct Users {
-    seen: Option<HashMap<String, UserId>>,
-}
-
-impl Users {
-    pub(super) fn interning() -> Users {
-        Users { seen: Some(HashMap::new()) }
-    }
-
-    pub(super) fn parsing() -> Users {
-        Users { seen: None }
-    }
-
-    pub(super) fn get(&mut self, s: &str) -> Result<UserId> {
-        let Some(seen) = &mut self.seen else {
-            return parse_user(s);
-        };
-        if let Some(u) = seen.get(s) {
-            return Ok(u.clone());
-        }
-        let u = parse_user(s)?;
-        seen.insert(s.to_owned(), u.clone());
-        Ok(u)
-    }
-}
-
-fn parse_user(s: &str) -> Result<UserId> {
-    UserId::parse(s).map_err(|_| corrupt(format!("bad user id {s:?}")))
 }
 
 pub(super) fn text<'r>(row: &'r Row<'_>, i: usize) -> Result<&'r str> {

@@ -168,7 +168,8 @@ fn load_in(tx: &Transaction<'_>, set: u32, since_ms: Millis, users: &mut Users) 
         let mut stmt = tx.prepare("SELECT user, balance_fen FROM wallets")?;
         let mut q = stmt.query([])?;
         while let Some(r) = q.next()? {
-            let user = users.get(rows::text(r, 0)?)?;
+            // One row per user: parsed, not interned.
+            let user = crate::users::parse_user(rows::text(r, 0)?)?;
             let fen = rows::balance(r.get(1)?, &user)?;
             wallets.push((user, fen));
         }
