@@ -18,11 +18,16 @@ fn store_err(e: StoreError) -> EngineError {
 }
 
 /// Runs a blocking read on the blocking pool, within the engine's bound on running queries.
+/// First, without a thread or a slot, it waits for the store to hold what was committed before
+/// the query arrived (bounded; see `CatchUp::wait`).
 async fn read<T: Send + 'static>(
     engine: &Engine,
     reader: Arc<dyn Reader>,
     f: impl FnOnce(&dyn Reader) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, EngineError> {
+    if let Some(catch_up) = reader.catch_up() {
+        catch_up.wait().await.map_err(store_err)?;
+    }
     let permits = engine.query_permits();
     let permit = tokio::time::timeout(QUERY_WAIT_MAX, permits.acquire_owned())
         .await

@@ -11,10 +11,12 @@
 //!   or failing its CRC) at the end of the last segment was never acknowledged (its fsync did
 //!   not return) and ends the log; a gap between segments is corruption and refuses to open.
 //!   Damage inside the last segment cannot be told from a torn record.
-//! - **Reads.** Queries wait until the fold has applied every batch committed when they
-//!   began, so a reply that said money moved is visible to the next query (read-your-writes).
-//!   The wait is bounded by [`READ_WAIT_MAX`]; past it the query answers from what is folded,
-//!   and so do the queries of the next `READ_WAIT_MAX`, without waiting.
+//! - **Reads.** A query first awaits its [`CatchUp`]: until the fold has applied every batch
+//!   committed when it arrived, so a reply that said money moved is visible to the next query
+//!   (read-your-writes). The wait is async, before the query takes a thread or a query slot, so
+//!   queries behind the fold queue no one else. It is bounded by [`READ_WAIT_MAX`]; past it the
+//!   query answers from what is folded, and so do the queries of the next `READ_WAIT_MAX`,
+//!   without waiting. The reads themselves never wait.
 //! - **Backlog.** The fold applies everything queued in one SQLite transaction (up to
 //!   [`FOLD_BYTES_MAX`]), so it goes faster the further it falls behind. It reads the records
 //!   back from the segment files (the page cache, normally), so a backlog costs disk, not
@@ -123,6 +125,7 @@ pub fn open_journaled_sqlite(dir: &Path, set: u32, sets: u32) -> Result<(Journal
             halt: false,
         }),
         changed: Condvar::new(),
+        progress: tokio::sync::watch::Sender::new(Progress { folded_seq: last_seq, failing: false }),
         store: Mutex::new(sqlite),
     });
     let segment = Segment::create(&journal_dir, last_seq + 1)?;
@@ -159,6 +162,8 @@ struct Shared {
     state: Mutex<FoldState>,
     /// Signalled when work is queued, when the fold advances, and at stop.
     changed: Condvar,
+    /// How far the fold got, for queries that wait for it without holding a thread.
+    progress: tokio::sync::watch::Sender<Progress>,
     /// The SQLite write side. The fold holds it while it applies a transaction; the set thread
     /// takes it for `load`, `packet` and `sums`, after waiting for the fold to drain.
     store: Mutex<SqliteStore>,
@@ -176,12 +181,20 @@ struct FoldState {
     error: Option<String>,
     /// Threads waiting for the fold to catch up (queries, loads): the fold starts at once.
     waiters: usize,
-    /// When a query last waited the whole `READ_WAIT_MAX` in vain: see `Shared::query_wait`.
+    /// When a query last waited the whole `READ_WAIT_MAX` in vain: see `CatchUp::wait`.
     query_wait_ran_out: Option<Instant>,
     /// Stop once the queue is folded (a clean shutdown), or at once if the fold is failing.
     stop: bool,
     /// Stop at once, folding nothing more: what `kill -9` would do, for tests.
     halt: bool,
+}
+
+/// What the fold last reported, as queries see it.
+#[derive(Debug, Clone, Copy)]
+struct Progress {
+    folded_seq: u64,
+    /// The last fold failed (it is retried).
+    failing: bool,
 }
 
 /// A record waiting for the fold: its payload's place in its segment file.
@@ -240,22 +253,6 @@ impl Shared {
         s.waiters -= 1;
         caught_up
     }
-
-    /// A query's wait for the fold: up to `READ_WAIT_MAX`, except in the `READ_WAIT_MAX` after
-    /// a query's whole wait ran out. The fold is then further behind than it folds in that
-    /// time, so waiting again would only cost the query (a history page reads three times) and
-    /// hold a query thread; those queries answer at once from what is folded, and one full
-    /// wait at most every `READ_WAIT_MAX` finds out when the fold has caught up.
-    fn query_wait(&self) -> Result<bool> {
-        let recently_behind =
-            lock(&self.state).query_wait_ran_out.is_some_and(|t| t.elapsed() < READ_WAIT_MAX);
-        if recently_behind {
-            return self.wait_folded(Duration::ZERO);
-        }
-        let caught_up = self.wait_folded(READ_WAIT_MAX)?;
-        lock(&self.state).query_wait_ran_out = (!caught_up).then(Instant::now);
-        Ok(caught_up)
-    }
 }
 
 /// The fold thread: applies queued records to SQLite in order, many per transaction.
@@ -311,6 +308,7 @@ fn fold_loop(set: u32, shared: &Shared) {
                 s.error = None;
                 shared.changed.notify_all();
                 drop(s);
+                shared.progress.send_replace(Progress { folded_seq: last_seq, failing: false });
                 // Off the commit path, at this thread's low priority: the next rotation is a
                 // rename.
                 if let Err(e) = make_spare(&shared.dir) {
@@ -320,6 +318,8 @@ fn fold_loop(set: u32, shared: &Shared) {
             Err(e) => {
                 s.error = Some(e.to_string());
                 shared.changed.notify_all();
+                let folded_seq = s.folded_seq;
+                shared.progress.send_replace(Progress { folded_seq, failing: true });
                 if s.stop {
                     // Shutting down with a failing fold: what is left stays in the journal,
                     // and the next start folds it.
@@ -556,34 +556,99 @@ pub struct JournalReader {
     shared: Arc<Shared>,
 }
 
-impl JournalReader {
-    /// Read-your-writes: waits (bounded) until what was committed before this query is folded.
-    fn caught_up(&self) -> Result<()> {
-        if !self.shared.query_wait()? {
+/// A query's place behind the fold: the last seq made durable when the query arrived. Awaiting
+/// it before reading gives read-your-writes without holding a thread (or a query slot) while
+/// the fold catches up.
+pub struct CatchUp {
+    target: u64,
+    shared: Arc<Shared>,
+}
+
+impl CatchUp {
+    /// Waits until the SQLite file holds every record made durable before this query arrived:
+    /// up to `READ_WAIT_MAX`, except in the `READ_WAIT_MAX` after a query's whole wait ran out.
+    /// The fold is then further behind than it folds in that time, so waiting again would only
+    /// cost the query (and hold the caller's request); those queries answer at once from what
+    /// is folded, and one full wait at most every `READ_WAIT_MAX` finds out when the fold has
+    /// caught up. Returns whether it caught up; `Err` while the fold is failing.
+    pub async fn wait(self) -> Result<bool> {
+        let mut progress = self.shared.progress.subscribe();
+        let now = *progress.borrow_and_update();
+        if now.folded_seq >= self.target {
+            return Ok(true);
+        }
+        if now.failing {
+            return Err(fold_failing(&self.shared));
+        }
+        let recently_behind =
+            lock(&self.shared.state).query_wait_ran_out.is_some_and(|t| t.elapsed() < READ_WAIT_MAX);
+        if recently_behind {
+            return Ok(false);
+        }
+        let waited = {
+            let _hurry = Hurry::new(&self.shared);
+            let target = self.target;
+            tokio::time::timeout(READ_WAIT_MAX, progress.wait_for(|p| p.folded_seq >= target || p.failing))
+                .await
+        };
+        let caught_up = match waited {
+            Ok(Ok(p)) if p.folded_seq >= self.target => true,
+            Ok(Ok(_)) => return Err(fold_failing(&self.shared)),
+            // The sender lives in `Shared`, which this holds: it cannot close.
+            Ok(Err(_)) | Err(_) => false,
+        };
+        lock(&self.shared.state).query_wait_ran_out = (!caught_up).then(Instant::now);
+        if !caught_up {
             tracing::debug!("a query answers from the store while the journal fold is behind");
         }
-        Ok(())
+        Ok(caught_up)
     }
 }
 
+fn fold_failing(shared: &Shared) -> StoreError {
+    let why = lock(&shared.state).error.clone().unwrap_or_else(|| "unknown".to_string());
+    StoreError::Io(format!("the journal fold is failing: {why}"))
+}
+
+/// Counts a waiting query for as long as it waits, so the fold starts without gathering.
+struct Hurry<'a> {
+    shared: &'a Shared,
+}
+
+impl<'a> Hurry<'a> {
+    fn new(shared: &'a Shared) -> Hurry<'a> {
+        lock(&shared.state).waiters += 1;
+        shared.changed.notify_all();
+        Hurry { shared }
+    }
+}
+
+impl Drop for Hurry<'_> {
+    fn drop(&mut self) {
+        lock(&self.shared.state).waiters -= 1;
+    }
+}
+
+/// Reads what the SQLite file holds. Read-your-writes is [`Reader::catch_up`]'s, awaited before.
 impl Reader for JournalReader {
+    fn catch_up(&self) -> Option<CatchUp> {
+        let target = lock(&self.shared.state).queued_seq;
+        Some(CatchUp { target, shared: self.shared.clone() })
+    }
+
     fn balance(&self, user: &UserId) -> Result<Option<i64>> {
-        self.caught_up()?;
         self.inner.balance(user)
     }
 
     fn entries(&self, user: &UserId, before_id: Option<i64>, limit: u32) -> Result<Vec<EntryRow>> {
-        self.caught_up()?;
         self.inner.entries(user, before_id, limit)
     }
 
     fn packet(&self, id: PacketId) -> Result<Option<PacketRow>> {
-        self.caught_up()?;
         self.inner.packet(id)
     }
 
     fn claims(&self, id: PacketId, after_index: Option<u32>, limit: u32) -> Result<Vec<Claim>> {
-        self.caught_up()?;
         self.inner.claims(id, after_index, limit)
     }
 
@@ -595,7 +660,6 @@ impl Reader for JournalReader {
         before: Option<PacketId>,
         limit: u32,
     ) -> Result<SentPage> {
-        self.caught_up()?;
         self.inner.sent(user, from_ms, to_ms, before, limit)
     }
 
@@ -607,17 +671,14 @@ impl Reader for JournalReader {
         before: Option<i64>,
         limit: u32,
     ) -> Result<ReceivedPage> {
-        self.caught_up()?;
         self.inner.received(user, from_ms, to_ms, before, limit)
     }
 
     fn best_luck_count(&self, user: &UserId, from_ms: Millis, to_ms: Millis) -> Result<u64> {
-        self.caught_up()?;
         self.inner.best_luck_count(user, from_ms, to_ms)
     }
 
     fn claim_of(&self, id: PacketId, user: &UserId) -> Result<Option<Claim>> {
-        self.caught_up()?;
         self.inner.claim_of(id, user)
     }
 }
@@ -1026,6 +1087,7 @@ mod tests {
         assert_eq!(reader.balance(&UserId::parse("bob").unwrap()).unwrap(), None);
         // And the journal goes on from record 2.
         store.commit(&batch("carol", 7)).unwrap();
+        assert!(caught_up(&reader));
         assert_eq!(reader.balance(&UserId::parse("carol").unwrap()).unwrap(), Some(7));
     }
 
@@ -1145,17 +1207,43 @@ mod tests {
         assert_eq!(merged.journal_seq().unwrap(), 50);
     }
 
+    /// What a query does before it reads: awaits its catch-up.
+    fn caught_up(reader: &JournalReader) -> bool {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        rt.block_on(reader.catch_up().expect("a journal reader waits for its fold").wait()).unwrap()
+    }
+
     #[test]
-    fn reads_see_what_was_committed_before_them() {
+    fn reads_after_a_catch_up_see_what_was_committed_before_it() {
         let dir = tempfile::tempdir().unwrap();
         let (mut store, reader) = open_journaled_sqlite(dir.path(), 0, 1).unwrap();
         for i in 1..=200 {
             store.commit(&batch(&format!("u{i}"), i)).unwrap();
-            // Each commit is visible to the very next read, though the fold runs apart.
+            // Each commit is visible to the very next query, though the fold runs apart.
+            assert!(caught_up(&reader));
             assert_eq!(reader.balance(&UserId::parse(&format!("u{i}")).unwrap()).unwrap(), Some(i));
         }
         let sums = store.sums().unwrap();
         assert_eq!(sums.balances_fen, (1..=200).sum::<i64>());
+    }
+
+    #[test]
+    fn a_catch_up_waits_for_what_was_committed_before_it_not_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, reader) = open_journaled_sqlite(dir.path(), 0, 1).unwrap();
+        store.commit(&batch("alice", 5)).unwrap();
+        let before = reader.catch_up().unwrap();
+        // Held by the test, the SQLite side takes nothing more: a wait for this commit could
+        // only time out.
+        let shared = store.shared.clone();
+        assert!(shared.wait_folded(Duration::from_secs(10)).unwrap());
+        let held = lock(&shared.store);
+        store.commit(&batch("bob", 7)).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let started = Instant::now();
+        assert!(rt.block_on(before.wait()).unwrap(), "alice's commit was folded");
+        assert!(started.elapsed() < READ_WAIT_MAX / 2, "bob's commit is not waited for");
+        drop(held);
     }
 
     #[test]
@@ -1168,20 +1256,19 @@ mod tests {
         let held = lock(&shared.store);
         store.commit(&batch("alice", 5)).unwrap();
         let started = Instant::now();
-        assert_eq!(reader.balance(&alice).unwrap(), None, "not folded yet: answered from the file");
+        assert!(!caught_up(&reader), "the fold is held");
         assert!(started.elapsed() >= READ_WAIT_MAX, "the first query waits the whole bound");
+        assert_eq!(reader.balance(&alice).unwrap(), None, "not folded yet: answered from the file");
         let started = Instant::now();
-        assert_eq!(reader.balance(&alice).unwrap(), None);
+        assert!(!caught_up(&reader));
         assert!(started.elapsed() < READ_WAIT_MAX / 2, "the next one does not wait again");
         drop(held);
         std::thread::sleep(READ_WAIT_MAX);
         // Past the bound a query waits again, and the fold has caught up by then.
+        assert!(caught_up(&reader));
         assert_eq!(reader.balance(&alice).unwrap(), Some(5));
         store.commit(&batch("bob", 7)).unwrap();
-        assert_eq!(
-            reader.balance(&UserId::parse("bob").unwrap()).unwrap(),
-            Some(7),
-            "read-your-writes is back"
-        );
+        assert!(caught_up(&reader), "read-your-writes is back");
+        assert_eq!(reader.balance(&UserId::parse("bob").unwrap()).unwrap(), Some(7));
     }
 }

@@ -11,7 +11,7 @@ mod postgres;
 mod sqlite;
 mod users;
 
-pub use journal::{open_journaled_sqlite, JournalReader, JournalStore};
+pub use journal::{open_journaled_sqlite, CatchUp, JournalReader, JournalStore};
 pub use null::{NullReader, NullStore};
 pub use postgres::{
     archive_postgres, make_postgres_day_partitions, open_postgres, open_postgres_reader, ArchiveReport,
@@ -281,6 +281,13 @@ pub struct SentPage {
 /// Time ranges are `[from_ms, to_ms)`. Cursors are exclusive: pages go newest first, and a
 /// cursor is the id of the last item of the previous page.
 pub trait Reader: Send + Sync + 'static {
+    /// For a store that applies commits in the background (the journal): what a query awaits
+    /// before reading to see every commit made before it. `None` (the default): reads already
+    /// see every commit.
+    fn catch_up(&self) -> Option<CatchUp> {
+        None
+    }
+
     fn balance(&self, user: &UserId) -> Result<Option<i64>>;
     fn entries(&self, user: &UserId, before_id: Option<i64>, limit: u32) -> Result<Vec<EntryRow>>;
     fn packet(&self, id: PacketId) -> Result<Option<PacketRow>>;
