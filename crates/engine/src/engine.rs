@@ -15,6 +15,7 @@ use hongbao_core::{set_of_user, Amount, Clock, Limits, PacketId, RequestId, User
 use hongbao_store::{Reader, Store};
 use tokio::sync::oneshot;
 
+use crate::closed::ClosedPackets;
 use crate::reply::*;
 use crate::set::{self, Command, SetContext};
 
@@ -83,6 +84,10 @@ struct Inner {
     ready: Vec<Arc<AtomicBool>>,
     /// Set once shutdown begins: new commands are refused, and sets reloading give up.
     stopping: Arc<AtomicBool>,
+    /// Per set, its closed packets: grabs, opens and claims of them by anyone but their
+    /// claimers are answered here, without the set.
+    closed: Vec<Arc<ClosedPackets>>,
+    clock: Arc<dyn Clock>,
     /// Set threads, joined at shutdown. Guarded by a std mutex, never held across `.await`.
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// One audit at a time: an audit pauses every set. Held across `.await` by design.
@@ -179,10 +184,12 @@ impl Engine {
         }
         let mut readers = Vec::new();
         let mut ready = Vec::new();
+        let mut closed = Vec::new();
         let mut threads = Vec::new();
         let mut started = Vec::new();
         for (set, ((store, reader), rx)) in stores.into_iter().zip(receivers).enumerate() {
             let flag = Arc::new(AtomicBool::new(false));
+            let published = Arc::new(ClosedPackets::default());
             let ctx = SetContext {
                 set: set as u32,
                 sets: config.sets,
@@ -194,6 +201,7 @@ impl Engine {
                 peers: queues.clone(),
                 ready: flag.clone(),
                 stopping: stopping.clone(),
+                closed: published.clone(),
             };
             let (tx, started_rx) = std::sync::mpsc::channel();
             let handle = std::thread::Builder::new()
@@ -211,6 +219,7 @@ impl Engine {
                 .map_err(|e| format!("cannot start set thread: {e}"))?;
             readers.push(reader);
             ready.push(flag);
+            closed.push(published);
             threads.push(handle);
             started.push(started_rx);
         }
@@ -224,6 +233,8 @@ impl Engine {
                 readers,
                 ready,
                 stopping,
+                closed,
+                clock,
                 threads: Mutex::new(threads),
                 audit_lock: tokio::sync::Mutex::new(()),
                 query_permits: Arc::new(tokio::sync::Semaphore::new(QUERIES_RUNNING_MAX)),
@@ -329,18 +340,33 @@ impl Engine {
     }
 
     pub async fn grab(&self, packet: PacketId, user: UserId) -> Result<GrabReply, EngineError> {
-        let set = self.packet_set(packet)?;
+        let set = self.share_set(packet, &user)?;
         self.call(set, |reply| Command::Grab { packet, user, reply }).await
     }
 
     pub async fn open(&self, packet: PacketId, user: UserId) -> Result<ClaimReply, EngineError> {
-        let set = self.packet_set(packet)?;
+        let set = self.share_set(packet, &user)?;
         self.call(set, |reply| Command::Open { packet, user, reply }).await
     }
 
     pub async fn claim(&self, packet: PacketId, user: UserId) -> Result<ClaimReply, EngineError> {
-        let set = self.packet_set(packet)?;
+        let set = self.share_set(packet, &user)?;
         self.call(set, |reply| Command::Claim { packet, user, reply }).await
+    }
+
+    /// The set to ask for `user`'s share of `packet`, or the answer it would give when the
+    /// packet is closed and `user` holds no share of it (see `closed`): the crowd that keeps
+    /// asking for a packet that is gone is turned away here, without a queue slot.
+    fn share_set(&self, packet: PacketId, user: &UserId) -> Result<u32, EngineError> {
+        let set = self.packet_set(packet)?;
+        let now_ms = self.inner.clock.now_ms();
+        match self.inner.closed[set as usize].refusal(packet, user, now_ms) {
+            Some(refused) => {
+                metrics::counter!("hongbao_closed_refusals_total").increment(1);
+                Err(refused.into())
+            }
+            None => Ok(set),
+        }
     }
 
     /// Claims many shares at once: each pair answered as `claim` would answer it, in the order
@@ -354,7 +380,7 @@ impl Engine {
         let mut results: Vec<Option<Result<ClaimReply, EngineError>>> = Vec::with_capacity(claims.len());
         let mut routed: Vec<Routed> = (0..sets).map(|_| (Vec::new(), Vec::new())).collect();
         for (i, (packet, user)) in claims.into_iter().enumerate() {
-            match self.packet_set(packet) {
+            match self.share_set(packet, &user) {
                 Ok(set) => {
                     results.push(None);
                     let (at, mine) = &mut routed[set as usize];

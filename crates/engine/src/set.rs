@@ -24,6 +24,7 @@ use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::sync::oneshot;
 
+use crate::closed::ClosedPackets;
 use crate::reply::*;
 
 /// Closed packets kept in memory (with their claims) so the crowd that arrives after a packet
@@ -138,6 +139,8 @@ pub(crate) struct SetContext {
     pub ready: Arc<AtomicBool>,
     /// Set by the engine when it shuts down: a set stuck reloading from a dead store gives up.
     pub stopping: Arc<AtomicBool>,
+    /// This set's closed packets, published for the request path once their closing is durable.
+    pub closed: Arc<ClosedPackets>,
 }
 
 /// A reply to send once the batch is committed.
@@ -220,6 +223,8 @@ struct Work {
     withdrawals_fen: i64,
     /// Balances plus escrow when the batch began.
     base_fen: i64,
+    /// Packets this batch closed, to publish once it commits.
+    closed: Vec<PacketId>,
 }
 
 impl Work {
@@ -237,12 +242,14 @@ impl Work {
             deposits_fen,
             withdrawals_fen,
             base_fen,
+            closed,
         } = self;
         batch.clear();
         dirty_wallets.clear();
         dirty_packets.clear();
         replies.clear();
         acks.clear();
+        closed.clear();
         *totals_moved = false;
         (*credits_in_fen, *credits_out_fen, *deposits_fen, *withdrawals_fen, *base_fen) = (0, 0, 0, 0, 0);
     }
@@ -345,7 +352,7 @@ impl SetRunner {
         let tick = now_ms - self.last_tick_ms >= TICK.as_millis() as i64;
         if tick {
             self.last_tick_ms = now_ms;
-            self.state.expire_due(now_ms, &mut work);
+            self.state.expire_due(&self.ctx, now_ms, &mut work);
             self.state.prune_idempotency(now_ms - self.ctx.idempotency_retention_ms);
         }
         let committed = self.state.finish(&self.ctx, self.store.as_mut(), &mut work, now_ms);
@@ -389,6 +396,8 @@ impl SetRunner {
     /// Returns false when the engine began shutting down before the store came back.
     pub(crate) fn reload(&mut self) -> bool {
         self.ctx.ready.store(false, Ordering::SeqCst);
+        // The closed cache starts empty again, and nothing in it would be forgotten.
+        self.ctx.closed.clear();
         loop {
             while let Ok(cmd) = self.rx.try_recv() {
                 reject(cmd);
@@ -763,13 +772,15 @@ impl SetState {
             // Every active packet is resident; one found only in the store is a bug.
             panic!("set {}: active packet {id} was not in memory", ctx.set);
         }
+        // Read back from the store, its closing is durable.
+        ctx.closed.publish(&p);
         self.packets.insert(id, p);
-        self.note_closed(id);
+        self.note_closed(ctx, id);
         Ok(())
     }
 
     /// Closes a due packet: its remainder goes back to the sender's wallet, once.
-    fn expire_packet(&mut self, id: PacketId, now_ms: Millis, w: &mut Work) {
+    fn expire_packet(&mut self, ctx: &SetContext, id: PacketId, now_ms: Millis, w: &mut Work) {
         let Some(p) = self.packets.get_mut(&id) else { return };
         let Some(refund) = p.expire(now_ms) else { return };
         let sender = p.header().sender.clone();
@@ -780,25 +791,27 @@ impl SetState {
         self.set_balance(&sender, balance, w);
         self.entry(&sender, EntryKind::Refund, refund, Some(id), now_ms, w);
         w.dirty_packets.insert(id);
-        self.note_closed(id);
+        w.closed.push(id);
+        self.note_closed(ctx, id);
     }
 
-    fn expire_due(&mut self, now_ms: Millis, w: &mut Work) {
+    fn expire_due(&mut self, ctx: &SetContext, now_ms: Millis, w: &mut Work) {
         while let Some(&(at, id)) = self.expiries.first() {
             if at > now_ms {
                 break;
             }
             self.expiries.pop_first();
-            self.expire_packet(id, now_ms, w);
+            self.expire_packet(ctx, id, now_ms, w);
         }
     }
 
-    fn note_closed(&mut self, id: PacketId) {
+    fn note_closed(&mut self, ctx: &SetContext, id: PacketId) {
         let claims = self.packets.get(&id).map_or(0, |p| p.opened_count() as usize);
         self.closed.push_back(id);
         self.closed_claims += claims;
         while self.closed_claims > CLOSED_CLAIMS_MAX || self.closed.len() > CLOSED_PACKETS_MAX {
             let Some(old) = self.closed.pop_front() else { break };
+            ctx.closed.forget(old);
             if let Some(p) = self.packets.remove(&old) {
                 self.closed_claims -= p.opened_count() as usize;
             }
@@ -816,7 +829,7 @@ impl SetState {
     ) -> Result<(), EngineError> {
         self.find_packet(ctx, store, id)?;
         if self.packets[&id].is_due(now_ms) {
-            self.expire_packet(id, now_ms, w);
+            self.expire_packet(ctx, id, now_ms, w);
         }
         Ok(())
     }
@@ -884,7 +897,8 @@ impl SetState {
         }
         if exhausted {
             self.expiries.remove(&(expires_at, id));
-            self.note_closed(id);
+            w.closed.push(id);
+            self.note_closed(ctx, id);
         }
         Ok(claim_reply(id, &c))
     }
@@ -969,6 +983,12 @@ impl SetState {
             metrics::histogram!("hongbao_commit_seconds", "set" => set.clone())
                 .record(started.elapsed().as_secs_f64());
             metrics::histogram!("hongbao_batch_commands", "set" => set).record(size as f64);
+        }
+        for id in w.closed.drain(..) {
+            // Gone already when the closed cache let it go within this batch.
+            if let Some(p) = self.packets.get(&id) {
+                ctx.closed.publish(p);
+            }
         }
         for r in w.replies.drain(..) {
             r.send();

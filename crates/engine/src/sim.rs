@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex};
 
 use crossbeam_channel::{Receiver, Sender};
 use hongbao_core::{
-    set_of_user, Amount, Audience, Claim, Kind, Limits, ManualClock, Millis, PacketId, RequestId,
-    SendRequest, UserId, ValidSend,
+    set_of_user, Amount, Audience, Claim, ClaimError, Clock, Kind, Limits, ManualClock, Millis, PacketId,
+    RequestId, SendRequest, UserId, ValidSend,
 };
 use hongbao_store::{
     open_sqlite, Batch, EntryKind, Loaded, Reader, SqliteStore, Store, StoreError, StoreSums,
@@ -27,6 +27,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::sync::oneshot;
 
+use crate::closed::ClosedPackets;
 use crate::reply::*;
 use crate::set::{Command, SetContext, SetRunner};
 
@@ -95,6 +96,8 @@ enum Op {
     Claim {
         packet: PacketId,
         user: UserId,
+        /// What the published closed packet said when it was asked, if it was published.
+        refusal: Option<ClaimError>,
         rx: oneshot::Receiver<Result<ClaimReply, EngineError>>,
     },
     Grab {
@@ -137,6 +140,8 @@ struct Sim {
     receivers: Vec<Receiver<Command>>,
     runners: Vec<Option<SetRunner>>,
     readers: Vec<Arc<dyn Reader>>,
+    /// Each running set's published closed packets (a restart publishes anew).
+    closed: Vec<Arc<ClosedPackets>>,
     faults: Vec<Arc<Mutex<Option<Fault>>>>,
     ops: Vec<Op>,
     model: Model,
@@ -171,6 +176,7 @@ impl Sim {
             receivers,
             runners: (0..sets).map(|_| None).collect(),
             readers: Vec::new(),
+            closed: (0..sets).map(|_| Arc::default()).collect(),
             faults: (0..sets).map(|_| Arc::new(Mutex::new(None))).collect(),
             ops: Vec::new(),
             model: Model::default(),
@@ -199,6 +205,10 @@ impl Sim {
             peers: self.queues.clone(),
             ready: Arc::new(AtomicBool::new(false)),
             stopping: Arc::new(AtomicBool::new(false)),
+            closed: {
+                self.closed[set as usize] = Arc::default();
+                self.closed[set as usize].clone()
+            },
         };
         let store = FaultyStore { inner: store, fault: self.faults[set as usize].clone() };
         let runner = SetRunner::open(ctx, Box::new(store), self.receivers[set as usize].clone())
@@ -276,15 +286,19 @@ impl Sim {
                 self.submit(set, Command::Grab { packet, user, reply: tx });
                 self.ops.push(Op::Grab { rx });
             }
-            1 => {
+            1 | 2 => {
+                // The engine would answer a published refusal without the set: the set must
+                // give the same answer.
+                let refusal = self.closed[set as usize].refusal(packet, &user, self.clock.now_ms());
                 let (tx, rx) = oneshot::channel();
-                self.submit(set, Command::Open { packet, user: user.clone(), reply: tx });
-                self.ops.push(Op::Claim { packet, user, rx });
-            }
-            2 => {
-                let (tx, rx) = oneshot::channel();
-                self.submit(set, Command::Claim { packet, user: user.clone(), reply: tx });
-                self.ops.push(Op::Claim { packet, user, rx });
+                let reply = tx;
+                let cmd = if how == 1 {
+                    Command::Open { packet, user: user.clone(), reply }
+                } else {
+                    Command::Claim { packet, user: user.clone(), reply }
+                };
+                self.submit(set, cmd);
+                self.ops.push(Op::Claim { packet, user, refusal, rx });
             }
             _ => {
                 // One message of a few claims on the packet, the first user possibly twice.
@@ -463,9 +477,29 @@ impl Sim {
                         self.model.in_doubt_sends.insert(send.request_id.as_str().to_string(), send);
                     }
                 },
-                Op::Claim { packet, user, mut rx } => match rx.try_recv() {
-                    Err(oneshot::error::TryRecvError::Empty) => self.ops.push(Op::Claim { packet, user, rx }),
-                    Ok(answer) => self.check_claim(packet, &user, answer),
+                Op::Claim { packet, user, refusal, mut rx } => match rx.try_recv() {
+                    Err(oneshot::error::TryRecvError::Empty) => {
+                        self.ops.push(Op::Claim { packet, user, refusal, rx })
+                    }
+                    Ok(answer) => {
+                        if let Some(refused) = refusal {
+                            let same = match &answer {
+                                Err(EngineError::Claim(e)) => {
+                                    *e == refused
+                                        // The clock may pass the expiry before the set answers.
+                                        || (refused == ClaimError::Exhausted && *e == ClaimError::Expired)
+                                }
+                                Err(EngineError::Unavailable) => true,
+                                _ => false,
+                            };
+                            if !same {
+                                self.fail(&format!(
+                                    "{packet} was published closed, refusing {user} with {refused:?}; the set answered {answer:?}"
+                                ));
+                            }
+                        }
+                        self.check_claim(packet, &user, answer)
+                    }
                     Err(_) => {}
                 },
                 Op::Claims { claims, mut rx } => match rx.try_recv() {
