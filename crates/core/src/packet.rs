@@ -4,6 +4,8 @@
 //! Expected outcomes that turn a user away (not eligible, exhausted, expired, not grabbed) are
 //! `ClaimError` values. A broken invariant (DESIGN.md §2 items 2–5) is a bug and panics.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -152,7 +154,9 @@ pub struct Packet {
     opened_count: u32,
     opened_fen: i64,
     refunded_fen: i64,
-    claims: FastMap<UserId, Claim>,
+    /// Shared, so a closed packet's claims (which never change again) can be handed out
+    /// without a copy; an open packet's are this packet's alone, so adding one never copies.
+    claims: Arc<FastMap<UserId, Claim>>,
     /// Live reservations: user → when the hold lapses. Not stored: a restart drops holds, which
     /// moves no money and only puts the shares back in the pool.
     holds: FastMap<UserId, Millis>,
@@ -190,19 +194,21 @@ impl Packet {
             opened_count: 0,
             opened_fen: 0,
             refunded_fen,
-            claims: FastMap::with_capacity_and_hasher(claims.len(), Default::default()),
+            claims: Arc::default(),
             holds: FastMap::default(),
             best: None,
         };
+        let mut by_user = FastMap::with_capacity_and_hasher(claims.len(), Default::default());
         let mut claims = claims;
         claims.sort_by_key(|c| c.index);
         for c in claims {
             p.opened_count += 1;
             p.opened_fen = p.opened_fen.checked_add(c.amount_fen).expect("opened sum overflows");
             p.note_best(&c);
-            let dup = p.claims.insert(c.user.clone(), c);
+            let dup = by_user.insert(c.user.clone(), c);
             assert!(dup.is_none(), "a user holds two shares of packet {}", p.header.id);
         }
+        p.claims = Arc::new(by_user);
         p.check_invariants();
         p
     }
@@ -250,6 +256,11 @@ impl Packet {
 
     pub fn claims(&self) -> impl Iterator<Item = &Claim> {
         self.claims.values()
+    }
+
+    /// The claims by user, shared rather than copied: a closed packet's never change again.
+    pub fn claims_by_user(&self) -> Arc<FastMap<UserId, Claim>> {
+        self.claims.clone()
     }
 
     /// The largest share once every share is opened; ties go to the earliest.
@@ -365,7 +376,7 @@ impl Packet {
         self.opened_count += 1;
         self.opened_fen += amount_fen;
         self.note_best(&claim);
-        self.claims.insert(user.clone(), claim.clone());
+        Arc::make_mut(&mut self.claims).insert(user.clone(), claim.clone());
         if self.opened_count == self.header.count {
             self.status = PacketStatus::Exhausted;
             self.holds.clear();

@@ -9,11 +9,12 @@
 
 use std::sync::{Arc, PoisonError, RwLock};
 
-use hongbao_core::{Audience, ClaimError, FastMap, FastSet, Millis, Packet, PacketId, PacketStatus, UserId};
+use hongbao_core::{Audience, Claim, ClaimError, FastMap, Millis, Packet, PacketId, PacketStatus, UserId};
 
 /// What a grab, open or claim of a closed packet needs to be answered without its set.
 struct Closed {
-    claimers: FastSet<UserId>,
+    /// The packet's own claims, shared: they never change once it is closed.
+    claims: Arc<FastMap<UserId, Claim>>,
     audience: Audience,
     expires_at_ms: Millis,
     status: PacketStatus,
@@ -21,10 +22,8 @@ struct Closed {
 
 impl Closed {
     fn of(p: &Packet) -> Closed {
-        let mut claimers = FastSet::with_capacity_and_hasher(p.opened_count() as usize, Default::default());
-        claimers.extend(p.claims().map(|c| c.user.clone()));
         Closed {
-            claimers,
+            claims: p.claims_by_user(),
             audience: p.header().audience.clone(),
             expires_at_ms: p.header().expires_at_ms,
             status: p.status(),
@@ -33,7 +32,7 @@ impl Closed {
 
     /// The set's answer to anyone but a claimer: `Packet::admit`'s checks, in its order.
     fn refusal(&self, user: &UserId, now_ms: Millis) -> Option<ClaimError> {
-        if self.claimers.contains(user) {
+        if self.claims.contains_key(user) {
             return None;
         }
         if !self.audience.admits(user) {
