@@ -163,6 +163,13 @@ pub struct Packet {
     best: Option<Claim>,
 }
 
+/// One empty claims map for every packet without claims (a million resident packets would
+/// otherwise hold a million empty allocations); the first share settled copies it.
+fn no_claims() -> Arc<FastMap<UserId, Claim>> {
+    static EMPTY: std::sync::OnceLock<Arc<FastMap<UserId, Claim>>> = std::sync::OnceLock::new();
+    EMPTY.get_or_init(Arc::default).clone()
+}
+
 impl Packet {
     pub fn new(id: PacketId, send: &ValidSend, now_ms: Millis, seed: u64) -> Packet {
         let header = PacketHeader {
@@ -194,7 +201,7 @@ impl Packet {
             opened_count: 0,
             opened_fen: 0,
             refunded_fen,
-            claims: Arc::default(),
+            claims: no_claims(),
             holds: FastMap::default(),
             best: None,
         };
@@ -208,7 +215,9 @@ impl Packet {
             let dup = by_user.insert(c.user.clone(), c);
             assert!(dup.is_none(), "a user holds two shares of packet {}", p.header.id);
         }
-        p.claims = Arc::new(by_user);
+        if !by_user.is_empty() {
+            p.claims = Arc::new(by_user);
+        }
         p.check_invariants();
         p
     }
