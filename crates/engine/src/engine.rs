@@ -340,33 +340,41 @@ impl Engine {
     }
 
     pub async fn grab(&self, packet: PacketId, user: UserId) -> Result<GrabReply, EngineError> {
-        let set = self.share_set(packet, &user)?;
+        let set = self.share_set(packet, &user).await?;
         self.call(set, |reply| Command::Grab { packet, user, reply }).await
     }
 
     pub async fn open(&self, packet: PacketId, user: UserId) -> Result<ClaimReply, EngineError> {
-        let set = self.share_set(packet, &user)?;
+        let set = self.share_set(packet, &user).await?;
         self.call(set, |reply| Command::Open { packet, user, reply }).await
     }
 
     pub async fn claim(&self, packet: PacketId, user: UserId) -> Result<ClaimReply, EngineError> {
-        let set = self.share_set(packet, &user)?;
+        let set = self.share_set(packet, &user).await?;
         self.call(set, |reply| Command::Claim { packet, user, reply }).await
     }
 
     /// The set to ask for `user`'s share of `packet`, or the answer it would give when the
     /// packet is closed and `user` holds no share of it (see `closed`): the crowd that keeps
     /// asking for a packet that is gone is turned away here, without a queue slot.
-    fn share_set(&self, packet: PacketId, user: &UserId) -> Result<u32, EngineError> {
+    /// A refusal costs the caller's task a unit of tokio's cooperative budget, as awaiting the
+    /// set's reply would: a caller looping on refused claims still yields to its other tasks.
+    async fn share_set(&self, packet: PacketId, user: &UserId) -> Result<u32, EngineError> {
         let set = self.packet_set(packet)?;
-        let now_ms = self.inner.clock.now_ms();
-        match self.inner.closed[set as usize].refusal(packet, user, now_ms) {
+        match self.refusal(set, packet, user) {
             Some(refused) => {
-                metrics::counter!("hongbao_closed_refusals_total").increment(1);
-                Err(refused.into())
+                tokio::task::consume_budget().await;
+                Err(refused)
             }
             None => Ok(set),
         }
+    }
+
+    fn refusal(&self, set: u32, packet: PacketId, user: &UserId) -> Option<EngineError> {
+        let now_ms = self.inner.clock.now_ms();
+        let refused = self.inner.closed[set as usize].refusal(packet, user, now_ms)?;
+        metrics::counter!("hongbao_closed_refusals_total").increment(1);
+        Some(refused.into())
     }
 
     /// Claims many shares at once: each pair answered as `claim` would answer it, in the order
@@ -380,7 +388,11 @@ impl Engine {
         let mut results: Vec<Option<Result<ClaimReply, EngineError>>> = Vec::with_capacity(claims.len());
         let mut routed: Vec<Routed> = (0..sets).map(|_| (Vec::new(), Vec::new())).collect();
         for (i, (packet, user)) in claims.into_iter().enumerate() {
-            match self.share_set(packet, &user) {
+            let routed_to = self.packet_set(packet).and_then(|set| match self.refusal(set, packet, &user) {
+                Some(refused) => Err(refused),
+                None => Ok(set),
+            });
+            match routed_to {
                 Ok(set) => {
                     results.push(None);
                     let (at, mine) = &mut routed[set as usize];
@@ -389,6 +401,10 @@ impl Engine {
                 }
                 Err(e) => results.push(Some(Err(e))),
             }
+        }
+        if routed.iter().all(|(at, _)| at.is_empty()) {
+            // Every claim was refused here: yield as a call to a set would.
+            tokio::task::consume_budget().await;
         }
         // Queue every message first, then wait: the sets work on them at the same time.
         let mut waiting = Vec::new();

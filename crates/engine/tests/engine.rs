@@ -328,3 +328,71 @@ async fn claim_many_answers_every_claim_in_order_as_single_claims_would() {
     }
     engine.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_packet_turns_away_everyone_but_its_claimers() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0_MS);
+    let engine = start(dir.path(), 2, &clock);
+    engine.deposit(user("boss"), fen(1_000), rid("d")).await.unwrap();
+    let group = Audience::users([user("a"), user("b"), user("c")]);
+    let p = engine.send(send(&engine, "boss", Kind::Lucky, 300, 2, group, None, "s")).await.unwrap();
+    let paid_a = engine.claim(p.id, user("a")).await.unwrap();
+    let paid_b = engine.open(p.id, user("b")).await;
+    assert_eq!(paid_b, Err(EngineError::Claim(ClaimError::NotGrabbed)));
+    let paid_b = engine.claim(p.id, user("b")).await.unwrap();
+    // Exhausted and committed: from here on the engine answers the crowd itself.
+    for _ in 0..3 {
+        assert_eq!(engine.claim(p.id, user("c")).await, Err(EngineError::Claim(ClaimError::Exhausted)));
+        assert_eq!(engine.grab(p.id, user("c")).await.err(), Some(EngineError::Claim(ClaimError::Exhausted)));
+        assert_eq!(engine.claim(p.id, user("z")).await, Err(EngineError::Claim(ClaimError::NotEligible)));
+        // The claimers still get their own share, from the set.
+        assert_eq!(engine.claim(p.id, user("a")).await.unwrap(), paid_a);
+        assert_eq!(engine.open(p.id, user("b")).await.unwrap(), paid_b);
+        assert_eq!(
+            engine.claim_many(vec![(p.id, user("c")), (p.id, user("a"))]).await,
+            [Err(EngineError::Claim(ClaimError::Exhausted)), Ok(paid_a.clone())]
+        );
+    }
+    // Past its expiry an exhausted packet answers as expired, as the set would.
+    clock.advance_ms(25 * 3600 * 1000);
+    assert_eq!(engine.claim(p.id, user("c")).await, Err(EngineError::Claim(ClaimError::Expired)));
+    assert_eq!(engine.claim(p.id, user("a")).await.unwrap(), paid_a);
+    engine.shutdown().await;
+}
+
+/// Refusals answered without the set still yield: a task looping on claims of a packet that
+/// is gone must not starve the other tasks of its runtime.
+#[test]
+fn a_caller_looping_on_refused_claims_still_yields() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0_MS);
+    let engine = start(dir.path(), 1, &clock);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        engine.deposit(user("boss"), fen(100), rid("d")).await.unwrap();
+        let p = engine
+            .send(send(&engine, "boss", Kind::Equal, 100, 1, Audience::Anyone, None, "s"))
+            .await
+            .unwrap();
+        engine.claim(p.id, user("first")).await.unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let looping = {
+            let (engine, stop) = (engine.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut refused = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && refused < 1_000_000 {
+                    let who = user(&format!("u{refused}"));
+                    assert!(engine.claim(p.id, who).await.is_err());
+                    refused += 1;
+                }
+                refused
+            })
+        };
+        // On a one-thread runtime this runs only when the loop yields.
+        tokio::spawn(async move { stop.store(true, std::sync::atomic::Ordering::Relaxed) }).await.unwrap();
+        let refused = looping.await.unwrap();
+        assert!(refused < 10_000, "the loop ran {refused} claims before the other task got a turn");
+    });
+    rt.block_on(engine.shutdown());
+}
