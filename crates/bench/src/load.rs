@@ -482,11 +482,23 @@ enum Plan {
 impl Plan {
     /// Storm: counts a paid share, and times the moment the last one is paid.
     fn storm_paid(&self, start: Instant) {
-        if let Plan::Storm { shares, paid, emptied_us, .. } = self {
+        if let Plan::Storm { shares, paid, .. } = self {
             if paid.fetch_add(1, Ordering::Relaxed) + 1 == *shares {
-                let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
-                emptied_us.store(us.max(1), Ordering::Relaxed);
+                self.storm_emptied(start);
             }
+        }
+    }
+
+    /// Storm: the packet was empty by now, seen from the last paid share or from the first
+    /// claim turned away, whichever this client saw first. A client busy with refusals answered
+    /// at once (a closed packet is turned away without its set) may see the last paid reply
+    /// late; the first refusal tells when the server had emptied the packet.
+    fn storm_emptied(&self, start: Instant) {
+        if let Plan::Storm { emptied_us, .. } = self {
+            let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX).max(1);
+            let _ = emptied_us.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |seen| {
+                (seen == 0 || us < seen).then_some(us)
+            });
         }
     }
 
@@ -605,8 +617,10 @@ async fn claimer(mut task: Task, w: usize) -> TaskEnd {
                 user.clear();
                 let _ = write!(user, "{prefix}{w}x{seq}");
                 let answer = client.claim(*packet, &user).await;
-                if matches!(answer, Answer::Paid(_)) {
-                    plan.storm_paid(go.start);
+                match answer {
+                    Answer::Paid(_) => plan.storm_paid(go.start),
+                    Answer::Away => plan.storm_emptied(go.start),
+                    _ => {}
                 }
                 (Op::Claim, answer)
             }
@@ -703,6 +717,7 @@ async fn batch_claimer(mut task: Task, w: usize, batch: usize) -> TaskEnd {
             recorder.record(Op::Claim, answer.outcome(), latency, answer.paid_fen(), now);
             match (answer, &*plan) {
                 (Answer::Paid(_), Plan::Storm { .. }) => plan.storm_paid(go.start),
+                (Answer::Away, Plan::Storm { .. }) => plan.storm_emptied(go.start),
                 (Answer::Paid(_), Plan::Festival { .. }) => last_paid = Some(users[i].clone()),
                 (Answer::Away, Plan::Festival { .. }) => plan.festival_emptied(drawn[i].0, drawn[i].1),
                 (Answer::Error(e), _) => recorder.error_sample(e),
