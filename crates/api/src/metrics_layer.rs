@@ -44,6 +44,9 @@ pub async fn render(State(s): State<AppState>) -> impl IntoResponse {
         let label = [("set", set.set.to_string())];
         metrics::gauge!("hongbao_set_queue_depth", &label).set(set.queue_depth as f64);
         metrics::gauge!("hongbao_set_ready", &label).set(if set.ready { 1.0 } else { 0.0 });
+        if let Some(n) = set.unapplied_commits {
+            metrics::gauge!("hongbao_store_unapplied_commits", &label).set(n as f64);
+        }
     }
     ([("content-type", "text/plain; version=0.0.4")], s.metrics.render())
 }

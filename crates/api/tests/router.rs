@@ -137,6 +137,8 @@ async fn open_endpoints_need_no_key() {
     assert!(r.text.contains("http_requests_total"), "metrics: {}", r.text);
     assert!(r.text.contains("http_request_duration_seconds"), "metrics: {}", r.text);
     assert!(r.text.contains("hongbao_set_queue_depth{set=\"0\"}"), "metrics: {}", r.text);
+    // On the default store (SQLite behind its journal), how far the fold trails, per set.
+    assert!(r.text.contains("hongbao_store_unapplied_commits{set=\"0\"}"), "metrics: {}", r.text);
 
     h.stop().await;
 }

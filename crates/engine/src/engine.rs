@@ -257,6 +257,7 @@ impl Engine {
                 queue_depth: self.inner.queues[set as usize].len(),
                 ready: self.inner.ready[set as usize].load(Ordering::SeqCst)
                     && !self.inner.stopping.load(Ordering::SeqCst),
+                unapplied_commits: self.inner.readers[set as usize].unapplied_commits(),
             })
             .collect()
     }

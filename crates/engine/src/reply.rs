@@ -174,4 +174,7 @@ pub struct SetStatus {
     pub queue_depth: usize,
     /// False while the set is restarting after a store failure.
     pub ready: bool,
+    /// Commits its store's reads do not see yet (the journal's unfolded records); `None` when
+    /// reads see every commit.
+    pub unapplied_commits: Option<u64>,
 }

@@ -636,6 +636,11 @@ impl Reader for JournalReader {
         Some(CatchUp { target, shared: self.shared.clone() })
     }
 
+    fn unapplied_commits(&self) -> Option<u64> {
+        let s = lock(&self.shared.state);
+        Some(s.queued_seq - s.folded_seq)
+    }
+
     fn balance(&self, user: &UserId) -> Result<Option<i64>> {
         self.inner.balance(user)
     }
@@ -1255,6 +1260,7 @@ mod tests {
         let shared = store.shared.clone();
         let held = lock(&shared.store);
         store.commit(&batch("alice", 5)).unwrap();
+        assert_eq!(reader.unapplied_commits(), Some(1));
         let started = Instant::now();
         assert!(!caught_up(&reader), "the fold is held");
         assert!(started.elapsed() >= READ_WAIT_MAX, "the first query waits the whole bound");
@@ -1266,6 +1272,7 @@ mod tests {
         std::thread::sleep(READ_WAIT_MAX);
         // Past the bound a query waits again, and the fold has caught up by then.
         assert!(caught_up(&reader));
+        assert_eq!(reader.unapplied_commits(), Some(0));
         assert_eq!(reader.balance(&alice).unwrap(), Some(5));
         store.commit(&batch("bob", 7)).unwrap();
         assert!(caught_up(&reader), "read-your-writes is back");

@@ -288,6 +288,13 @@ pub trait Reader: Send + Sync + 'static {
         None
     }
 
+    /// How many commits the reads do not see yet, for a store that applies them in the
+    /// background (the journal's records not yet folded); `None` for a store whose reads see
+    /// every commit.
+    fn unapplied_commits(&self) -> Option<u64> {
+        None
+    }
+
     fn balance(&self, user: &UserId) -> Result<Option<i64>>;
     fn entries(&self, user: &UserId, before_id: Option<i64>, limit: u32) -> Result<Vec<EntryRow>>;
     fn packet(&self, id: PacketId) -> Result<Option<PacketRow>>;
