@@ -358,24 +358,27 @@ impl Engine {
     /// The set to ask for `user`'s share of `packet`, or the answer it would give when the
     /// packet is closed and `user` holds no share of it (see `closed`): the crowd that keeps
     /// asking for a packet that is gone is turned away here, without a queue slot.
-    /// A refusal costs the caller's task a unit of tokio's cooperative budget, as awaiting the
-    /// set's reply would: a caller looping on refused claims still yields to its other tasks.
-    async fn share_set(&self, packet: PacketId, user: &UserId) -> Result<u32, EngineError> {
+    fn route(&self, packet: PacketId, user: &UserId) -> Result<u32, EngineError> {
         let set = self.packet_set(packet)?;
-        match self.refusal(set, packet, user) {
+        let now_ms = self.inner.clock.now_ms();
+        match self.inner.closed[set as usize].refusal(packet, user, now_ms) {
             Some(refused) => {
-                tokio::task::consume_budget().await;
-                Err(refused)
+                metrics::counter!("hongbao_closed_refusals_total").increment(1);
+                Err(refused.into())
             }
             None => Ok(set),
         }
     }
 
-    fn refusal(&self, set: u32, packet: PacketId, user: &UserId) -> Option<EngineError> {
-        let now_ms = self.inner.clock.now_ms();
-        let refused = self.inner.closed[set as usize].refusal(packet, user, now_ms)?;
-        metrics::counter!("hongbao_closed_refusals_total").increment(1);
-        Some(refused.into())
+    /// `route` for one call. An answer given here costs the caller's task a unit of tokio's
+    /// cooperative budget, as awaiting the set's reply would: a caller looping on refused
+    /// claims still yields to its other tasks.
+    async fn share_set(&self, packet: PacketId, user: &UserId) -> Result<u32, EngineError> {
+        let routed = self.route(packet, user);
+        if routed.is_err() {
+            tokio::task::consume_budget().await;
+        }
+        routed
     }
 
     /// Claims many shares at once: each pair answered as `claim` would answer it, in the order
@@ -389,11 +392,7 @@ impl Engine {
         let mut results: Vec<Option<Result<ClaimReply, EngineError>>> = Vec::with_capacity(claims.len());
         let mut routed: Vec<Routed> = (0..sets).map(|_| (Vec::new(), Vec::new())).collect();
         for (i, (packet, user)) in claims.into_iter().enumerate() {
-            let routed_to = self.packet_set(packet).and_then(|set| match self.refusal(set, packet, &user) {
-                Some(refused) => Err(refused),
-                None => Ok(set),
-            });
-            match routed_to {
+            match self.route(packet, &user) {
                 Ok(set) => {
                     results.push(None);
                     let (at, mine) = &mut routed[set as usize];
@@ -404,7 +403,7 @@ impl Engine {
             }
         }
         if routed.iter().all(|(at, _)| at.is_empty()) {
-            // Every claim was refused here: yield as a call to a set would.
+            // Every claim was answered here: yield as a call to a set would.
             tokio::task::consume_budget().await;
         }
         // Queue every message first, then wait: the sets work on them at the same time.

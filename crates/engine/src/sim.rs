@@ -193,6 +193,8 @@ impl Sim {
     }
 
     fn start_set(&mut self, set: u32) {
+        // A restart publishes anew, as a new process would.
+        self.closed[set as usize] = Arc::default();
         let (store, _) = open_sqlite(&self.dir, set, self.sets).expect("reopen store");
         let ctx = SetContext {
             set,
@@ -205,10 +207,7 @@ impl Sim {
             peers: self.queues.clone(),
             ready: Arc::new(AtomicBool::new(false)),
             stopping: Arc::new(AtomicBool::new(false)),
-            closed: {
-                self.closed[set as usize] = Arc::default();
-                self.closed[set as usize].clone()
-            },
+            closed: self.closed[set as usize].clone(),
         };
         let store = FaultyStore { inner: store, fault: self.faults[set as usize].clone() };
         let runner = SetRunner::open(ctx, Box::new(store), self.receivers[set as usize].clone())
@@ -290,8 +289,7 @@ impl Sim {
                 // The engine would answer a published refusal without the set: the set must
                 // give the same answer.
                 let refusal = self.closed[set as usize].refusal(packet, &user, self.clock.now_ms());
-                let (tx, rx) = oneshot::channel();
-                let reply = tx;
+                let (reply, rx) = oneshot::channel();
                 let cmd = if how == 1 {
                     Command::Open { packet, user: user.clone(), reply }
                 } else {

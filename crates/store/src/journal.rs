@@ -561,6 +561,8 @@ pub struct JournalReader {
 /// the fold catches up.
 pub struct CatchUp {
     target: u64,
+    /// A query's whole wait ran out less than `READ_WAIT_MAX` before this one arrived.
+    recently_behind: bool,
     shared: Arc<Shared>,
 }
 
@@ -580,9 +582,7 @@ impl CatchUp {
         if now.failing {
             return Err(fold_failing(&self.shared));
         }
-        let recently_behind =
-            lock(&self.shared.state).query_wait_ran_out.is_some_and(|t| t.elapsed() < READ_WAIT_MAX);
-        if recently_behind {
+        if self.recently_behind {
             return Ok(false);
         }
         let waited = {
@@ -632,8 +632,12 @@ impl Drop for Hurry<'_> {
 /// Reads what the SQLite file holds. Read-your-writes is [`Reader::catch_up`]'s, awaited before.
 impl Reader for JournalReader {
     fn catch_up(&self) -> Option<CatchUp> {
-        let target = lock(&self.shared.state).queued_seq;
-        Some(CatchUp { target, shared: self.shared.clone() })
+        let s = lock(&self.shared.state);
+        Some(CatchUp {
+            target: s.queued_seq,
+            recently_behind: s.query_wait_ran_out.is_some_and(|t| t.elapsed() < READ_WAIT_MAX),
+            shared: self.shared.clone(),
+        })
     }
 
     fn unapplied_commits(&self) -> Option<u64> {
