@@ -14,7 +14,10 @@
 //! - **Reads.** A query first awaits its [`CatchUp`]: until the fold has applied every batch
 //!   committed when it arrived, so a reply that said money moved is visible to the next query
 //!   (read-your-writes). The wait is async, before the query takes a thread or a query slot, so
-//!   queries behind the fold queue no one else. It is bounded by [`READ_WAIT_MAX`]; past it the
+//!   queries behind the fold queue no one else. A waiting query starts the fold at once after
+//!   a quiet spell, but no sooner than [`QUERY_FOLD_PACE`] times the last fold's length after
+//!   it under load, so a stream of queries cannot chop the fold into small transactions (with
+//!   nobody waiting the fold gathers for [`FOLD_DELAY`]). It is bounded by [`READ_WAIT_MAX`]; past it the
 //!   query answers from what is folded, and so do the queries of the next `READ_WAIT_MAX`,
 //!   without waiting. The reads themselves never wait.
 //! - **Backlog.** The fold applies everything queued in one SQLite transaction (up to
@@ -89,11 +92,24 @@ pub const READ_WAIT_MAX: Duration = Duration::from_millis(500);
 /// up when the burst is over.
 const FOLD_NICE: i32 = 19;
 
-/// How long the fold lets records gather before it folds them, unless a query or a load is
-/// waiting for them or [`FOLD_EAGER_BYTES`] are queued: one SQLite transaction (and fsync) per
-/// few dozen batches instead of one per batch, and a wallet or packet touched by all of them
-/// written once.
-const FOLD_DELAY: Duration = Duration::from_millis(20);
+/// How long the fold lets records gather before it folds them, unless something waits for
+/// them or [`FOLD_EAGER_BYTES`] are queued. Under load a fold's cost is mostly per transaction
+/// and per B-tree page it dirties (a random wallet or history page, written whole to the WAL
+/// and again at the checkpoint), not per row: the longer the gathering, the more rows share a
+/// page and the fewer transactions there are. Over HTTP with no queries, 20 ms of gathering
+/// left 33k claims/s, 200 ms 40k, 500 ms 47k, no fold during the load 49k (BENCHMARKS.md).
+/// Nothing waits on it: the journal is the durable commit.
+const FOLD_DELAY: Duration = Duration::from_millis(500);
+
+/// How soon after the last fold a waiting query starts the next: this many times as long as
+/// the last fold took. A fold of a few quiet batches takes a millisecond, so a query waits a
+/// few more at most (read-your-writes stays quick for a client that writes, then reads); a
+/// fold under load takes tens, so a stream of queries cannot split the fold into the small
+/// transactions that cost the most per claim: queries keep the fold below a fifth of the time.
+const QUERY_FOLD_PACE: u32 = 4;
+
+/// The longest a query waits for the pace: well inside [`READ_WAIT_MAX`].
+const QUERY_FOLD_SPACING_MAX: Duration = Duration::from_millis(100);
 
 /// Queued bytes that start a fold at once.
 const FOLD_EAGER_BYTES: usize = 1024 * 1024;
@@ -120,6 +136,7 @@ pub fn open_journaled_sqlite(dir: &Path, set: u32, sets: u32) -> Result<(Journal
             folded_seq: last_seq,
             error: None,
             waiters: 0,
+            query_waiters: 0,
             query_wait_ran_out: None,
             stop: false,
             halt: false,
@@ -179,8 +196,12 @@ struct FoldState {
     folded_seq: u64,
     /// Why the last fold failed, until one succeeds.
     error: Option<String>,
-    /// Threads waiting for the fold to catch up (queries, loads): the fold starts at once.
+    /// Threads waiting for the fold to catch up on the set's own path (a load, a packet read
+    /// back, the audit's sums): the fold starts at once.
     waiters: usize,
+    /// Queries waiting for the fold (their `CatchUp`): the fold starts once the pace since the
+    /// last fold allows ([`QUERY_FOLD_PACE`]).
+    query_waiters: usize,
     /// When a query last waited the whole `READ_WAIT_MAX` in vain: see `CatchUp::wait`.
     query_wait_ran_out: Option<Instant>,
     /// Stop once the queue is folded (a clean shutdown), or at once if the fold is failing.
@@ -257,6 +278,9 @@ impl Shared {
 
 /// The fold thread: applies queued records to SQLite in order, many per transaction.
 fn fold_loop(set: u32, shared: &Shared) {
+    // When a query may start the next fold: QUERY_FOLD_PACE times as long after the last
+    // fold ended as it took. None before the first.
+    let mut query_fold_from: Option<Instant> = None;
     loop {
         // Take what is queued, up to a transaction's worth; the items stay queued until they
         // are folded, so a failed transaction is simply tried again.
@@ -265,14 +289,18 @@ fn fold_loop(set: u32, shared: &Shared) {
             while s.queue.is_empty() && !s.stop && !s.halt {
                 s = shared.changed.wait(s).unwrap_or_else(|p| p.into_inner());
             }
-            // Let a few batches gather, unless someone waits for them.
-            let gather_until = Instant::now() + FOLD_DELAY;
+            // Let batches gather: for FOLD_DELAY if nobody waits for them, as the pace allows
+            // if a query does, not at all for the set itself.
+            let gathering = Instant::now();
+            let gather_until = gathering + FOLD_DELAY;
+            let query_until = query_fold_from.unwrap_or(gathering);
             while !s.stop && !s.halt && s.waiters == 0 && s.queued_bytes < FOLD_EAGER_BYTES {
+                let until = if s.query_waiters > 0 { query_until.min(gather_until) } else { gather_until };
                 let now = Instant::now();
-                if now >= gather_until {
+                if now >= until {
                     break;
                 }
-                s = shared.changed.wait_timeout(s, gather_until - now).unwrap_or_else(|p| p.into_inner()).0;
+                s = shared.changed.wait_timeout(s, until - now).unwrap_or_else(|p| p.into_inner()).0;
             }
             if s.halt || s.queue.is_empty() {
                 return;
@@ -289,6 +317,7 @@ fn fold_loop(set: u32, shared: &Shared) {
             (s.queue[0].seq, records)
         };
         // Reading, decoding and writing happen without the lock: the set goes on appending.
+        let started = Instant::now();
         let take = records.len();
         let decoded = records
             .iter()
@@ -297,6 +326,9 @@ fn fold_loop(set: u32, shared: &Shared) {
             .map(merge);
         let last_seq = first_seq + take as u64 - 1;
         let done = decoded.and_then(|batches| lock(&shared.store).commit_folded(&batches, last_seq));
+        let ended = Instant::now();
+        let took = ended.saturating_duration_since(started);
+        query_fold_from = Some(ended + (took * QUERY_FOLD_PACE).min(QUERY_FOLD_SPACING_MAX));
         let mut s = lock(&shared.state);
         match done {
             Ok(()) => {
@@ -610,14 +642,15 @@ fn fold_failing(shared: &Shared) -> StoreError {
     StoreError::Io(format!("the journal fold is failing: {why}"))
 }
 
-/// Counts a waiting query for as long as it waits, so the fold starts without gathering.
+/// Counts a waiting query for as long as it waits, so the fold gathers no longer than the
+/// pace allows ([`QUERY_FOLD_PACE`]).
 struct Hurry<'a> {
     shared: &'a Shared,
 }
 
 impl<'a> Hurry<'a> {
     fn new(shared: &'a Shared) -> Hurry<'a> {
-        lock(&shared.state).waiters += 1;
+        lock(&shared.state).query_waiters += 1;
         shared.changed.notify_all();
         Hurry { shared }
     }
@@ -625,7 +658,7 @@ impl<'a> Hurry<'a> {
 
 impl Drop for Hurry<'_> {
     fn drop(&mut self) {
-        lock(&self.shared.state).waiters -= 1;
+        lock(&self.shared.state).query_waiters -= 1;
     }
 }
 
@@ -1253,6 +1286,34 @@ mod tests {
         assert!(rt.block_on(before.wait()).unwrap(), "alice's commit was folded");
         assert!(started.elapsed() < READ_WAIT_MAX / 2, "bob's commit is not waited for");
         drop(held);
+    }
+
+    #[test]
+    fn a_query_folds_at_once_after_a_quiet_spell_and_at_the_pace_after_a_long_fold() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, reader) = open_journaled_sqlite(dir.path(), 0, 1).unwrap();
+        // Nothing folded yet: a query does not wait for the gathering (FOLD_DELAY).
+        store.commit(&batch("alice", 5)).unwrap();
+        let started = Instant::now();
+        assert!(caught_up(&reader));
+        assert!(started.elapsed() < FOLD_DELAY / 2, "a query after a quiet spell folds at once");
+        // A fold that takes long (the SQLite side held for it, as a CPU-starved fold would
+        // be) sets the pace: the next query waits QUERY_FOLD_SPACING_MAX after it ended.
+        let shared = store.shared.clone();
+        let held = lock(&shared.store);
+        store.commit(&batch("bob", 7)).unwrap();
+        let waiter = std::thread::spawn(move || caught_up(&reader).then_some(reader));
+        std::thread::sleep(QUERY_FOLD_SPACING_MAX);
+        drop(held);
+        let reader = waiter.join().unwrap().expect("bob's commit was folded");
+        store.commit(&batch("carol", 9)).unwrap();
+        let started = Instant::now();
+        assert!(caught_up(&reader));
+        assert!(
+            started.elapsed() >= QUERY_FOLD_SPACING_MAX * 3 / 4,
+            "a query right after a long fold waits for the pace, not a fold of its own"
+        );
+        assert_eq!(reader.balance(&UserId::parse("carol").unwrap()).unwrap(), Some(9));
     }
 
     #[test]
