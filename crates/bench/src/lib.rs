@@ -7,7 +7,8 @@
 //! benchmarks that print figures). Scenarios:
 //! - `storm`: one packet, a crowd far larger than its shares, every request counted;
 //! - `festival`: many packets drawn Zipf-hot, claimers with senders refilling emptied packets
-//!   and a trickle of history queries beside them;
+//!   and a trickle of history queries beside them (over HTTP on connections of their own, one
+//!   for every two claim connections, so a query that waits for the store holds up no claim);
 //! - `ceiling`: `GET /healthz`, the most the HTTP layer and this client can do on this machine;
 //! - `resident`: (in process) N active packets, the memory they hold and how long a restart
 //!   on their data dir takes.
@@ -107,14 +108,15 @@ pub struct BenchArgs {
     /// Draw throughput and latency over time to this SVG file
     #[arg(long)]
     pub plot: Option<PathBuf>,
-    /// Open loop: this many requests per second in all, latency measured from when each was
-    /// due (no coordinated omission) [default: as fast as answers come]
+    /// Open loop: this many requests per second in all (festival: claims, with their history
+    /// queries beside them), latency measured from when each was due (no coordinated omission)
+    /// [default: as fast as answers come]
     #[arg(long)]
     pub rate: Option<u64>,
     /// Festival: the Zipf exponent of packet popularity (0 is uniform)
     #[arg(long, default_value_t = 1.0)]
     pub zipf_s: f64,
-    /// Festival: history queries per thousand requests
+    /// Festival: history queries per thousand claims
     #[arg(long, default_value_t = 10)]
     pub history_per_mille: u32,
     /// Threads that run the load [default: 2 over HTTP, 1 in process]

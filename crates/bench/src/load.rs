@@ -40,6 +40,12 @@ const FESTIVAL_SENDER_FUND_FEN: i64 = 100_000_000_000;
 /// Tasks that re-send emptied festival packets. Sends are rare beside claims (one per
 /// `--shares` claims), so a few keep up.
 const FESTIVAL_SENDER_TASKS: usize = 4;
+/// Festival, one call per claim: connections of their own for history queries, one for every
+/// this many claim connections. A query can wait for the store (on SQLite, for the fold); on a
+/// claimer's own connection it held up the claims behind it, and the claims' latency was then
+/// the queries'. Enough of them that the queries keep up with their share: at 1 % of 30,000
+/// claims/s and 300 ms a query, 90 are waiting at once.
+const HISTORY_TASK_PER_CLAIMERS: usize = 2;
 /// Draws a claimer makes for a slot that holds a live packet before it yields.
 const PICK_TRIES: usize = 16;
 /// Connections (or tasks) used to create packets and fund senders before the load.
@@ -112,6 +118,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
                 .await?;
                 pb.finish_and_clear();
                 let (refill, refill_rx) = mpsc::unbounded_channel();
+                let (asks, asks_rx) = mpsc::unbounded_channel();
                 Ok(Plan::Festival {
                     slots: ids.into_iter().map(AtomicU64::new).collect(),
                     zipf: Zipf::new(packets as usize, args.zipf_s),
@@ -119,6 +126,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
                     refill_rx: tokio::sync::Mutex::new(refill_rx),
                     sends: AtomicU64::new(0),
                     history_per_mille: args.history_per_mille.min(1000),
+                    asks,
+                    asks_rx: tokio::sync::Mutex::new(asks_rx),
                     senders,
                     total_fen,
                     shares,
@@ -136,7 +145,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
     // thread: no work stealing, no cross-thread wake-ups per request.
     let (go_tx, go_rx) = watch::channel(None::<Go>);
     let refillers = if matches!(*plan, Plan::Festival { .. }) { FESTIVAL_SENDER_TASKS } else { 0 };
-    let tasks = args.concurrency + refillers;
+    // Batched calls run their queries in a task beside each claimer instead.
+    let askers = match &*plan {
+        Plan::Festival { history_per_mille, .. } if *history_per_mille > 0 && args.batch <= 1 => {
+            args.concurrency.div_ceil(HISTORY_TASK_PER_CLAIMERS)
+        }
+        _ => 0,
+    };
+    let tasks = args.concurrency + refillers + askers;
     let (ready_tx, mut ready_rx) = mpsc::channel::<Result<(), String>>(tasks);
     let mut per_thread: Vec<Vec<LoadFuture>> = (0..threads).map(|_| Vec::new()).collect();
     for w in 0..args.concurrency {
@@ -152,6 +168,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
         let t =
             Task { target: target.clone(), plan: plan.clone(), ready: ready_tx.clone(), go: go_rx.clone() };
         per_thread[r % threads].push(Box::pin(refiller(t, r)));
+    }
+    for a in 0..askers {
+        let t =
+            Task { target: target.clone(), plan: plan.clone(), ready: ready_tx.clone(), go: go_rx.clone() };
+        per_thread[a % threads].push(Box::pin(asker(t)));
     }
     drop(ready_tx);
     let mut load_threads = Vec::with_capacity(threads);
@@ -242,9 +263,16 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
         }
         _ => None,
     };
-    if let Plan::Festival { sends, .. } = &*plan {
+    if let Plan::Festival { sends, asks_rx, .. } = &*plan {
         let sent = sends.load(Ordering::Relaxed);
         notes.push(format!("{sent} emptied packets were re-sent during the run"));
+        if askers > 0 {
+            let unasked = control.block_on(asks_rx.lock()).len();
+            notes.push(format!(
+                "history queries ran on {askers} connections of their own beside the {} claim connections; {unasked} owed at the deadline were not asked",
+                args.concurrency
+            ));
+        }
     }
 
     // Audit. On SQLite it reads the store after the fold has applied the journal, so how long
@@ -448,7 +476,9 @@ async fn audit(started: &Started, notes: &mut Vec<String>) -> (Option<serde_json
     }
 }
 
-/// What each scenario's tasks share.
+/// What each scenario's tasks share. One per run, behind an `Arc`: the variants' sizes do not
+/// matter.
+#[allow(clippy::large_enum_variant)]
 enum Plan {
     Storm {
         packet: u64,
@@ -470,6 +500,12 @@ enum Plan {
         refill_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<usize>>,
         sends: AtomicU64,
         history_per_mille: u32,
+        /// History queries owed by the claimers, with when they were owed (`Some(user)`: a
+        /// recent claimer's received page; `None`: a sender's sent page), taken by the
+        /// history tasks.
+        asks: mpsc::UnboundedSender<(Instant, Option<String>)>,
+        /// Shared by the history tasks; held across `.await` by design (one waits at a time).
+        asks_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<(Instant, Option<String>)>>,
         senders: Vec<String>,
         total_fen: i64,
         shares: u32,
@@ -609,6 +645,8 @@ async fn claimer(mut task: Task, w: usize) -> TaskEnd {
     let mut user = String::with_capacity(48);
     let mut last_paid = String::with_capacity(48);
     let mut seq: u64 = 0;
+    // Thousandths of a history query owed by this task's claims.
+    let mut history_owed: u32 = 0;
     while let Some(origin) = pacer.next(go.deadline).await {
         let (op, answer) = match &*plan {
             Plan::Ceiling => (Op::Health, client.healthz().await),
@@ -624,33 +662,30 @@ async fn claimer(mut task: Task, w: usize) -> TaskEnd {
                 }
                 (Op::Claim, answer)
             }
-            Plan::Festival { slots, zipf, history_per_mille, senders, prefix, .. } => {
-                if *history_per_mille > 0 && rng.random_range(0..1000) < *history_per_mille {
-                    let sent = last_paid.is_empty() || rng.random_bool(0.5);
-                    let answer = if sent {
-                        let who = &senders[rng.random_range(0..senders.len())];
-                        client.history(who, true).await
-                    } else {
-                        client.history(&last_paid, false).await
-                    };
-                    (Op::History, answer)
-                } else {
-                    let Some((slot, packet)) = pick(slots, zipf, &mut rng) else {
-                        // Every slot drawn is waiting for its re-send: let the refillers run.
-                        tokio::task::yield_now().await;
-                        continue;
-                    };
-                    seq += 1;
-                    user.clear();
-                    let _ = write!(user, "{prefix}{w}x{seq}");
-                    let answer = client.claim(packet, &user).await;
-                    match &answer {
-                        Answer::Paid(_) => std::mem::swap(&mut user, &mut last_paid),
-                        Answer::Away => plan.festival_emptied(slot, packet),
-                        _ => {}
-                    }
-                    (Op::Claim, answer)
+            Plan::Festival { slots, zipf, history_per_mille, asks, prefix, .. } => {
+                let Some((slot, packet)) = pick(slots, zipf, &mut rng) else {
+                    // Every slot drawn is waiting for its re-send: let the refillers run.
+                    tokio::task::yield_now().await;
+                    continue;
+                };
+                seq += 1;
+                user.clear();
+                let _ = write!(user, "{prefix}{w}x{seq}");
+                let answer = client.claim(packet, &user).await;
+                match &answer {
+                    Answer::Paid(_) => std::mem::swap(&mut user, &mut last_paid),
+                    Answer::Away => plan.festival_emptied(slot, packet),
+                    _ => {}
                 }
+                // Every claim owes its share of history queries, asked on the askers'
+                // connections: half a recent claimer's received page, half a sender's sent.
+                history_owed += history_per_mille;
+                if history_owed >= 1000 {
+                    history_owed -= 1000;
+                    let received = !last_paid.is_empty() && rng.random_bool(0.5);
+                    let _ = asks.send((Instant::now(), received.then(|| last_paid.clone())));
+                }
+                (Op::Claim, answer)
             }
         };
         let now = Instant::now();
@@ -773,6 +808,43 @@ fn pick(slots: &[AtomicU64], zipf: &Zipf, rng: &mut SmallRng) -> Option<(usize, 
         let id = slots[k].load(Ordering::Acquire);
         (id != 0).then_some((k, id))
     })
+}
+
+/// Festival: asks the history queries the claimers owe, on a connection of its own, one at a
+/// time, until the deadline; a query's latency counts from when it was owed, so askers that
+/// fall behind show in it. Queries still owed at the deadline are not asked.
+async fn asker(mut task: Task) -> TaskEnd {
+    let mut end = TaskEnd { requests: 0, last: None };
+    let Some((mut client, go)) = task.start().await else { return end };
+    let plan = task.plan.clone();
+    let Plan::Festival { asks_rx, senders, .. } = &*plan else { return end };
+    let recorder = go.recorder.clone();
+    let mut rng = SmallRng::seed_from_u64(rand::random::<u64>());
+    loop {
+        let ask = {
+            let mut rx = asks_rx.lock().await;
+            tokio::select! {
+                ask = rx.recv() => ask,
+                _ = tokio::time::sleep_until(go.deadline.into()) => None,
+            }
+        };
+        let Some((origin, received)) = ask else { break };
+        if Instant::now() >= go.deadline {
+            break;
+        }
+        let answer = match &received {
+            Some(user) => client.history(user, false).await,
+            None => client.history(&senders[rng.random_range(0..senders.len())], true).await,
+        };
+        let now = Instant::now();
+        recorder.record(Op::History, answer.outcome(), now.saturating_duration_since(origin), 0, now);
+        if let Answer::Error(e) = &answer {
+            recorder.error_sample(e);
+        }
+        end.requests += 1;
+        end.last = Some(now);
+    }
+    end
 }
 
 /// Festival: sends a new packet into each slot whose packet emptied.
