@@ -7,8 +7,8 @@
 //! benchmarks that print figures). Scenarios:
 //! - `storm`: one packet, a crowd far larger than its shares, every request counted;
 //! - `festival`: many packets drawn Zipf-hot, claimers with senders refilling emptied packets
-//!   and a trickle of history queries beside them (over HTTP on connections of their own, one
-//!   for every two claim connections, so a query that waits for the store holds up no claim);
+//!   and a trickle of history queries beside them (on connections of their own, as many as
+//!   the claims', so a query that waits for the store holds up no claim);
 //! - `ceiling`: `GET /healthz`, the most the HTTP layer and this client can do on this machine;
 //! - `resident`: (in process) N active packets, the memory they hold and how long a restart
 //!   on their data dir takes.

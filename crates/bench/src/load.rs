@@ -41,11 +41,12 @@ const FESTIVAL_SENDER_FUND_FEN: i64 = 100_000_000_000;
 /// `--shares` claims), so a few keep up.
 const FESTIVAL_SENDER_TASKS: usize = 4;
 /// Festival, one call per claim: connections of their own for history queries, one for every
-/// this many claim connections. A query can wait for the store (on SQLite, for the fold); on a
-/// claimer's own connection it held up the claims behind it, and the claims' latency was then
-/// the queries'. Enough of them that the queries keep up with their share: at 1 % of 30,000
-/// claims/s and 300 ms a query, 90 are waiting at once.
-const HISTORY_TASK_PER_CLAIMERS: usize = 2;
+/// this many claim connections. A query can wait for the store (on SQLite, for the fold: up to
+/// half a second); on a claimer's own connection it held up the claims behind it, and the
+/// claims' latency was then the queries'. Enough of them that the queries keep up with their
+/// share: at 1 % of 30,000 claims/s and 500 ms a query, 150 are waiting at once (one for two
+/// claim connections was too few: the queries owed queued in the client).
+const HISTORY_TASK_PER_CLAIMERS: usize = 1;
 /// Draws a claimer makes for a slot that holds a live packet before it yields.
 const PICK_TRIES: usize = 16;
 /// Connections (or tasks) used to create packets and fund senders before the load.
@@ -269,7 +270,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
         if askers > 0 {
             let unasked = control.block_on(asks_rx.lock()).len();
             notes.push(format!(
-                "history queries ran on {askers} connections of their own beside the {} claim connections; {unasked} owed at the deadline were not asked",
+                "history queries ran on {askers} {} of their own beside the {} claiming ones; {unasked} owed at the deadline were not asked",
+                if args.in_process { "tasks" } else { "connections" },
                 args.concurrency
             ));
         }
@@ -821,14 +823,7 @@ async fn asker(mut task: Task) -> TaskEnd {
     let recorder = go.recorder.clone();
     let mut rng = SmallRng::seed_from_u64(rand::random::<u64>());
     loop {
-        let ask = {
-            let mut rx = asks_rx.lock().await;
-            tokio::select! {
-                ask = rx.recv() => ask,
-                _ = tokio::time::sleep_until(go.deadline.into()) => None,
-            }
-        };
-        let Some((origin, received)) = ask else { break };
+        let Some((origin, received)) = next_before(asks_rx, go.deadline).await else { break };
         if Instant::now() >= go.deadline {
             break;
         }
@@ -847,6 +842,15 @@ async fn asker(mut task: Task) -> TaskEnd {
     end
 }
 
+/// The next item of a queue that several tasks take from, or `None` at the deadline.
+async fn next_before<T>(rx: &tokio::sync::Mutex<mpsc::UnboundedReceiver<T>>, deadline: Instant) -> Option<T> {
+    let mut rx = rx.lock().await;
+    tokio::select! {
+        item = rx.recv() => item,
+        _ = tokio::time::sleep_until(deadline.into()) => None,
+    }
+}
+
 /// Festival: sends a new packet into each slot whose packet emptied.
 async fn refiller(mut task: Task, r: usize) -> TaskEnd {
     let mut end = TaskEnd { requests: 0, last: None };
@@ -859,14 +863,7 @@ async fn refiller(mut task: Task, r: usize) -> TaskEnd {
     let recorder = go.recorder.clone();
     let mut request_id = String::with_capacity(48);
     loop {
-        let slot = {
-            let mut rx = refill_rx.lock().await;
-            tokio::select! {
-                slot = rx.recv() => slot,
-                _ = tokio::time::sleep_until(go.deadline.into()) => None,
-            }
-        };
-        let Some(slot) = slot else { break };
+        let Some(slot) = next_before(refill_rx, go.deadline).await else { break };
         let origin = Instant::now();
         if origin >= go.deadline {
             break;
