@@ -38,8 +38,13 @@ pub enum ApiError {
     Overloaded,
     #[error("the request headers are too large")]
     HeadersTooLarge,
-    /// The body could not be read whole (over the size bound, or cut off). It is left unread,
-    /// so the connection cannot carry another request: the reply says `Connection: close`.
+    /// The body was over the size bound; it was read to its end and thrown away, so the
+    /// connection carries the next request.
+    #[error("the body must be at most {0} bytes")]
+    BodyTooLarge(usize),
+    /// The body could not be read whole (far over the size bound, too slow, or cut off). It is
+    /// left unread, so the connection cannot carry another request: the reply says
+    /// `Connection: close`.
     #[error("the body must be at most {0} bytes")]
     BodyUnread(usize),
     #[error("internal error")]
@@ -60,7 +65,7 @@ impl ApiError {
     /// The one mapping from error to HTTP status and `code` (DESIGN.md §4).
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
-            ApiError::InvalidRequest(_) | ApiError::BodyUnread(_) => {
+            ApiError::InvalidRequest(_) | ApiError::BodyTooLarge(_) | ApiError::BodyUnread(_) => {
                 (StatusCode::BAD_REQUEST, "invalid_request")
             }
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),

@@ -2,15 +2,28 @@
 //! out-of-range number where an integer is due, an unknown or missing field, a body over the
 //! size limit, a wrong content type — is a 400 `invalid_request` with a detail that says why.
 
-use axum::body::Bytes;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, Request};
 use axum::http::header;
+use http_body_util::BodyExt;
 use serde::de::DeserializeOwned;
+use tokio::time::Instant;
 
 use crate::error::ApiError;
 
 /// The largest request body, in bytes: a group packet of 10,000 users fits with room to spare.
 pub const BODY_BYTES_MAX: usize = 1024 * 1024;
+
+/// How much more of a body over [`BODY_BYTES_MAX`] is read and thrown away before the 400. A
+/// client that writes its whole body before it reads the reply (most do) would otherwise see
+/// its connection reset under its writes instead of the 400; read to its end, the connection
+/// even stays open. Past this (or [`DRAIN_TIME_MAX`]) the reply closes the connection.
+const DRAIN_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// How long a body over the limit may take to be read to its end.
+const DRAIN_TIME_MAX: Duration = Duration::from_secs(2);
 
 pub struct StrictJson<T>(pub T);
 
@@ -21,17 +34,59 @@ where
 {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
         let json = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| {
             v.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
         });
         if !json {
             return Err(ApiError::InvalidRequest("Content-Type must be application/json".into()));
         }
-        let bytes =
-            Bytes::from_request(req, state).await.map_err(|_| ApiError::BodyUnread(BODY_BYTES_MAX))?;
+        let bytes = read_body(req.into_body()).await?;
         parse(&bytes).map(StrictJson)
     }
+}
+
+/// Reads a whole body of at most [`BODY_BYTES_MAX`] bytes. A larger one is read on to its end
+/// and thrown away, within [`DRAIN_BYTES_MAX`] and [`DRAIN_TIME_MAX`], then refused.
+async fn read_body(mut body: Body) -> Result<Bytes, ApiError> {
+    // One frame, the usual case, is kept as it came; more are joined.
+    let mut first = Bytes::new();
+    let mut joined: Option<Vec<u8>> = None;
+    let mut len = 0usize;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(|_| ApiError::BodyUnread(BODY_BYTES_MAX))?.into_data() else {
+            continue; // trailers
+        };
+        len += data.len();
+        if len > BODY_BYTES_MAX {
+            return Err(drain(body, len).await);
+        }
+        match &mut joined {
+            Some(all) => all.extend_from_slice(&data),
+            None if first.is_empty() => first = data,
+            None => {
+                let mut all = Vec::with_capacity(len);
+                all.extend_from_slice(&first);
+                all.extend_from_slice(&data);
+                joined = Some(all);
+            }
+        }
+    }
+    Ok(joined.map_or(first, Bytes::from))
+}
+
+/// Reads the rest of a body over the limit and throws it away. The refusal keeps the
+/// connection if the body ended within the drain bounds, and closes it otherwise.
+async fn drain(mut body: Body, mut len: usize) -> ApiError {
+    let deadline = Instant::now() + DRAIN_TIME_MAX;
+    while len <= BODY_BYTES_MAX + DRAIN_BYTES_MAX {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(None) => return ApiError::BodyTooLarge(BODY_BYTES_MAX),
+            Ok(Some(Ok(frame))) => len += frame.data_ref().map_or(0, |d| d.len()),
+            Ok(Some(Err(_))) | Err(_) => break,
+        }
+    }
+    ApiError::BodyUnread(BODY_BYTES_MAX)
 }
 
 /// For the fuzz targets (`fuzz/`), not part of the API: parses `bytes` as the request body

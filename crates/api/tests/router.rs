@@ -352,8 +352,23 @@ async fn a_body_over_the_limit_is_a_400_not_a_413() {
         .expect("request");
     let res = h.app.clone().oneshot(req).await.expect("infallible");
     assert_eq!(res.status(), StatusCode::BAD_REQUEST, "4 MiB body with Content-Length");
-    // The body is left unread, so the connection cannot carry another request: the reply says
-    // so, and a keep-alive client does not send its next request into a closing connection.
+    // Regression: the body was left unread and the connection closed under a client still
+    // writing it, which saw a reset instead of the 400. It is read to its end now, so the
+    // connection carries the next request.
+    assert_eq!(res.headers().get(header::CONNECTION), None, "a body read to its end keeps the connection");
+
+    // Far over the limit, the rest is left unread: the reply says the connection closes, and
+    // a keep-alive client does not send its next request into a closing connection.
+    let body = vec![b' '; 24 * 1024 * 1024];
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri("/v1/wallets/alice/deposit")
+        .header(header::AUTHORIZATION, format!("Bearer {ADMIN}"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body))
+        .expect("request");
+    let res = h.app.clone().oneshot(req).await.expect("infallible");
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST, "24 MiB body");
     assert_eq!(
         res.headers().get(header::CONNECTION).and_then(|v| v.to_str().ok()),
         Some("close"),

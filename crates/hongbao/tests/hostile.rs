@@ -361,8 +361,8 @@ fn body_cases(endpoints: &[Endpoint]) -> Vec<Case> {
 
 /// Sends each case and collects every reply that is not a 400 `invalid_request` problem.
 ///
-/// A body over the size limit goes on a connection of its own: the server answers it without
-/// reading the body and then closes the connection, without saying `Connection: close`, so a
+/// A body over the size limit goes on a connection of its own: the server reads it to its end
+/// (within a bound) before the 400, but one it leaves unread closes the connection, and a
 /// pooled client's next request on that connection would fail with no answer.
 async fn refusals(api: &Api, cases: Vec<Case>) -> Vec<String> {
     let unpooled = reqwest::Client::builder()
