@@ -647,8 +647,6 @@ async fn claimer(mut task: Task, w: usize) -> TaskEnd {
     let mut user = String::with_capacity(48);
     let mut last_paid = String::with_capacity(48);
     let mut seq: u64 = 0;
-    // Thousandths of a history query owed by this task's claims.
-    let mut history_owed: u32 = 0;
     while let Some(origin) = pacer.next(go.deadline).await {
         let (op, answer) = match &*plan {
             Plan::Ceiling => (Op::Health, client.healthz().await),
@@ -679,11 +677,11 @@ async fn claimer(mut task: Task, w: usize) -> TaskEnd {
                     Answer::Away => plan.festival_emptied(slot, packet),
                     _ => {}
                 }
-                // Every claim owes its share of history queries, asked on the askers'
-                // connections: half a recent claimer's received page, half a sender's sent.
-                history_owed += history_per_mille;
-                if history_owed >= 1000 {
-                    history_owed -= 1000;
+                // A claim owes a history query with the chance `history_per_mille` says, drawn
+                // (a count per task would make every task owe its first one at the same
+                // moment), asked on the askers' connections: half a recent claimer's received
+                // page, half a sender's sent.
+                if *history_per_mille > 0 && rng.random_range(0..1000) < *history_per_mille {
                     let received = !last_paid.is_empty() && rng.random_bool(0.5);
                     let _ = asks.send((Instant::now(), received.then(|| last_paid.clone())));
                 }
