@@ -13,8 +13,8 @@ use crate::AppState;
 
 /// How often the recorder's histograms are drained into their summaries. The recorder keeps
 /// every sample recorded since the last drain, and only a scrape of `/metrics` drains it
-/// otherwise: a server nobody scrapes grew by every request's latency sample, forever (about
-/// 8 bytes a request: 1 GiB a day at 1,500 requests/s).
+/// otherwise: a server nobody scrapes grew by every request's latency sample, forever
+/// (measured: about 20 bytes a request, 2.5 GiB a day at 1,500 requests/s).
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// The name of the thread that drains the histograms.

@@ -40,13 +40,6 @@ const FESTIVAL_SENDER_FUND_FEN: i64 = 100_000_000_000;
 /// Tasks that re-send emptied festival packets. Sends are rare beside claims (one per
 /// `--shares` claims), so a few keep up.
 const FESTIVAL_SENDER_TASKS: usize = 4;
-/// Festival, one call per claim: connections of their own for history queries, one for every
-/// this many claim connections. A query can wait for the store (on SQLite, for the fold: up to
-/// half a second); on a claimer's own connection it held up the claims behind it, and the
-/// claims' latency was then the queries'. Enough of them that the queries keep up with their
-/// share: at 1 % of 30,000 claims/s and 500 ms a query, 150 are waiting at once (one for two
-/// claim connections was too few: the queries owed queued in the client).
-const HISTORY_TASK_PER_CLAIMERS: usize = 1;
 /// Draws a claimer makes for a slot that holds a live packet before it yields.
 const PICK_TRIES: usize = 16;
 /// Connections (or tasks) used to create packets and fund senders before the load.
@@ -146,10 +139,15 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
     // thread: no work stealing, no cross-thread wake-ups per request.
     let (go_tx, go_rx) = watch::channel(None::<Go>);
     let refillers = if matches!(*plan, Plan::Festival { .. }) { FESTIVAL_SENDER_TASKS } else { 0 };
-    // Batched calls run their queries in a task beside each claimer instead.
+    // Festival, one call per claim: history queries on connections of their own, as many as
+    // the claims'. A query can wait for the store (on SQLite, for the fold: up to half a
+    // second); on a claimer's own connection it held up the claims behind it, and the claims'
+    // latency was then the queries'. At 1 % of 30,000 claims/s and 500 ms a query, 150 wait at
+    // once (one asker for two claim connections was too few: the queries queued in the
+    // client). Batched calls run their queries in a task beside each claimer instead.
     let askers = match &*plan {
         Plan::Festival { history_per_mille, .. } if *history_per_mille > 0 && args.batch <= 1 => {
-            args.concurrency.div_ceil(HISTORY_TASK_PER_CLAIMERS)
+            args.concurrency
         }
         _ => 0,
     };
