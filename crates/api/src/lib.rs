@@ -14,7 +14,7 @@ mod metrics_layer;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, Request};
+use axum::extract::Request;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -151,8 +151,9 @@ pub fn router(state: AppState) -> Router {
         .merge(Scalar::with_url("/docs", ApiDoc::openapi()))
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::not_found);
+    // Bodies are bounded where they are read, by `StrictJson` (BODY_BYTES_MAX, and the drain
+    // of a larger one): it reads the raw body, which axum's DefaultBodyLimit does not bound.
     api.layer(axum::middleware::from_fn(bound_headers))
         .layer(axum::middleware::from_fn(metrics_layer::track))
-        .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(state)
 }
