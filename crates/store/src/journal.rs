@@ -34,7 +34,7 @@
 //! This module must never acknowledge a batch before its record is on disk, never fold a
 //! record twice or out of order, and never delete a segment that holds an unfolded record.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -281,6 +281,7 @@ fn fold_loop(set: u32, shared: &Shared) {
     // When a query may start the next fold: QUERY_FOLD_PACE times as long after the last
     // fold ended as it took. None before the first.
     let mut query_fold_from: Option<Instant> = None;
+    let mut merger = Merger::default();
     loop {
         // Take what is queued, up to a transaction's worth; the items stay queued until they
         // are folded, so a failed transaction is simply tried again.
@@ -319,13 +320,14 @@ fn fold_loop(set: u32, shared: &Shared) {
         // Reading, decoding and writing happen without the lock: the set goes on appending.
         let started = Instant::now();
         let take = records.len();
-        let decoded = records
-            .iter()
-            .map(|q| q.read().and_then(|b| decode(&b)))
-            .collect::<Result<Vec<Batch>>>()
-            .map(merge);
+        let decoded =
+            records.iter().map(|q| q.read().and_then(|b| decode(&b))).collect::<Result<Vec<Batch>>>();
         let last_seq = first_seq + take as u64 - 1;
-        let done = decoded.and_then(|batches| lock(&shared.store).commit_folded(&batches, last_seq));
+        let done = decoded.and_then(|batches| {
+            let merged = merger.merge(batches);
+            lock(&shared.store).commit_folded(std::slice::from_ref(merged), last_seq)
+        });
+        merger.clear();
         let ended = Instant::now();
         let took = ended.saturating_duration_since(started);
         query_fold_from = Some(ended + (took * QUERY_FOLD_PACE).min(QUERY_FOLD_SPACING_MAX));
@@ -378,60 +380,120 @@ fn lower_priority(set: u32) {
 }
 
 /// Merges consecutive batches into one with the same effect: rows that are inserted (entries,
-/// claims, new packets, outbox rows, audience) keep every row in order; state that is
-/// overwritten (balances, packet counters, watermarks, totals, idempotency records) keeps the
-/// last value only, so a wallet touched by a thousand batches is written once per fold.
+/// claims, new packets, audience) keep every row in order; state that is overwritten
+/// (balances, packet counters, watermarks, totals, idempotency records) keeps the last value
+/// only, so a wallet touched by a thousand batches is written once per fold. Outbox rows that
+/// an acknowledgement in the same run covers are not written at all (they would be inserted
+/// and deleted in one transaction), but for the last row issued to each target, which moves
+/// `outbox_seq` on and is then deleted with the rest; the acknowledgements become one range
+/// delete per target.
+///
+/// Its collections are kept from one fold to the next: the fold merges about as much every
+/// time, and memory handed back and faulted in again cost it 7 % of its time in a profile of
+/// the HTTP festival (BENCHMARKS.md, 2026-12-02, fourth session).
+#[derive(Default)]
+struct Merger {
+    out: Batch,
+    wallets: HashMap<UserId, usize>,
+    packets: HashMap<PacketId, usize>,
+    idem: HashMap<(UserId, String), usize>,
+    watermarks: HashMap<u32, usize>,
+    /// Per target set: the highest acknowledged seq, and the highest seq issued, in the run.
+    acked: HashMap<u32, u64>,
+    issued: HashMap<u32, u64>,
+}
+
+impl Merger {
+    /// Empties the merged batch and the indexes, keeping their allocations.
+    fn clear(&mut self) {
+        self.out.clear();
+        self.wallets.clear();
+        self.packets.clear();
+        self.idem.clear();
+        self.watermarks.clear();
+        self.acked.clear();
+        self.issued.clear();
+    }
+
+    fn merge(&mut self, batches: Vec<Batch>) -> &Batch {
+        self.clear();
+        let Merger { out, wallets, packets, idem, watermarks, acked, issued } = self;
+        for b in &batches {
+            for &(target, upto) in &b.outbox_acked {
+                let a = acked.entry(target).or_insert(0);
+                *a = (*a).max(upto);
+            }
+            for o in &b.outbox_new {
+                let i = issued.entry(o.target_set).or_insert(0);
+                *i = (*i).max(o.seq);
+            }
+        }
+        for b in batches {
+            for (user, fen) in b.wallets {
+                match wallets.get(&user) {
+                    Some(&i) => out.wallets[i].1 = fen,
+                    None => {
+                        wallets.insert(user.clone(), out.wallets.len());
+                        out.wallets.push((user, fen));
+                    }
+                }
+            }
+            for u in b.packet_updates {
+                match packets.get(&u.id) {
+                    Some(&i) => out.packet_updates[i] = u,
+                    None => {
+                        packets.insert(u.id, out.packet_updates.len());
+                        out.packet_updates.push(u);
+                    }
+                }
+            }
+            for r in b.idempotency {
+                let key = (r.user.clone(), r.request_id.clone());
+                match idem.get(&key) {
+                    Some(&i) => out.idempotency[i] = r,
+                    None => {
+                        idem.insert(key, out.idempotency.len());
+                        out.idempotency.push(r);
+                    }
+                }
+            }
+            for (source, seq) in b.watermarks {
+                match watermarks.get(&source) {
+                    Some(&i) => out.watermarks[i].1 = seq,
+                    None => {
+                        watermarks.insert(source, out.watermarks.len());
+                        out.watermarks.push((source, seq));
+                    }
+                }
+            }
+            out.entries.extend(b.entries);
+            out.new_packets.extend(b.new_packets);
+            out.claims.extend(b.claims);
+            // New outbox rows are written before acknowledged ones are deleted, and the
+            // delete takes every seq up to the run's highest acknowledgement: a row at or
+            // below it would be gone by the end of the transaction.
+            out.outbox_new.extend(b.outbox_new.into_iter().filter(|o| {
+                o.seq > acked.get(&o.target_set).copied().unwrap_or(0)
+                    || issued.get(&o.target_set) == Some(&o.seq)
+            }));
+            if b.totals.is_some() {
+                out.totals = b.totals;
+            }
+        }
+        out.outbox_acked.extend(acked.iter().map(|(&target, &upto)| (target, upto)));
+        out.outbox_acked.sort_unstable();
+        out
+    }
+}
+
+/// [`Merger::merge`] for a one-off fold (a start folding what the journal holds).
 fn merge(batches: Vec<Batch>) -> Vec<Batch> {
-    use std::collections::HashMap;
     if batches.len() < 2 {
         return batches;
     }
-    let mut out = Batch::default();
-    let mut wallets: HashMap<UserId, usize> = HashMap::new();
-    let mut packets: HashMap<PacketId, usize> = HashMap::new();
-    let mut idem: HashMap<(UserId, String), usize> = HashMap::new();
-    for b in batches {
-        for (user, fen) in b.wallets {
-            match wallets.get(&user) {
-                Some(&i) => out.wallets[i].1 = fen,
-                None => {
-                    wallets.insert(user.clone(), out.wallets.len());
-                    out.wallets.push((user, fen));
-                }
-            }
-        }
-        for u in b.packet_updates {
-            match packets.get(&u.id) {
-                Some(&i) => out.packet_updates[i] = u,
-                None => {
-                    packets.insert(u.id, out.packet_updates.len());
-                    out.packet_updates.push(u);
-                }
-            }
-        }
-        for r in b.idempotency {
-            let key = (r.user.clone(), r.request_id.clone());
-            match idem.get(&key) {
-                Some(&i) => out.idempotency[i] = r,
-                None => {
-                    idem.insert(key, out.idempotency.len());
-                    out.idempotency.push(r);
-                }
-            }
-        }
-        out.entries.extend(b.entries);
-        out.new_packets.extend(b.new_packets);
-        out.claims.extend(b.claims);
-        // New outbox rows are written before acknowledged ones are deleted, and an ack only
-        // covers seqs issued before it: the merged order deletes exactly what the batches did.
-        out.outbox_new.extend(b.outbox_new);
-        out.outbox_acked.extend(b.outbox_acked);
-        out.watermarks.extend(b.watermarks);
-        if b.totals.is_some() {
-            out.totals = b.totals;
-        }
-    }
-    vec![out]
+    let mut merger = Merger::default();
+    merger.merge(batches);
+    vec![std::mem::take(&mut merger.out)]
 }
 
 /// The write side of a journaled set. Owned by the set's engine thread.
@@ -1247,6 +1309,54 @@ mod tests {
         }
         assert_eq!(one_by_one.sums().unwrap(), merged.sums().unwrap());
         assert_eq!(merged.journal_seq().unwrap(), 50);
+    }
+
+    #[test]
+    fn outbox_rows_acknowledged_within_a_fold_are_never_written() {
+        let packet = hongbao_core::PacketIdGen::new(0, None).next(1_000);
+        let row = |target_set: u32, seq: u64| crate::OutboxItem {
+            target_set,
+            seq,
+            user: UserId::parse(&format!("u{target_set}x{seq}")).unwrap(),
+            amount_fen: 7,
+            packet_id: packet,
+            at_ms: 1,
+        };
+        let with = |outbox_new: Vec<crate::OutboxItem>, outbox_acked: Vec<(u32, u64)>, watermarks| Batch {
+            outbox_new,
+            outbox_acked,
+            watermarks,
+            ..Batch::default()
+        };
+        let batches = vec![
+            with(vec![row(1, 1), row(1, 2), row(1, 3)], vec![], vec![(2, 4)]),
+            with(vec![row(1, 4), row(2, 1)], vec![(1, 2)], vec![]),
+            with(vec![row(1, 5), row(2, 2), row(2, 3)], vec![(1, 4)], vec![(2, 6)]),
+            with(vec![], vec![(2, 3), (1, 5)], vec![(2, 9)]),
+            with(vec![row(2, 4)], vec![], vec![]),
+        ];
+        let m = merge(batches.clone());
+        let kept: Vec<(u32, u64)> = m[0].outbox_new.iter().map(|o| (o.target_set, o.seq)).collect();
+        // Target 1: everything was acknowledged; its last row stays to move outbox_seq on.
+        // Target 2: 1–3 acknowledged, 3 is not its last (4 is), so only 4 is written.
+        assert_eq!(kept, vec![(1, 5), (2, 4)]);
+        assert_eq!(m[0].outbox_acked, vec![(1, 5), (2, 3)]);
+        assert_eq!(m[0].watermarks, vec![(2, 9)]);
+
+        let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (mut one_by_one, _) = crate::open_sqlite(dir_a.path(), 0, 3).unwrap();
+        for b in &batches {
+            one_by_one.commit(b).unwrap();
+        }
+        let (mut merged, _) = crate::open_sqlite(dir_b.path(), 0, 3).unwrap();
+        merged.commit_folded(&m, 5).unwrap();
+        let (a, b) = (one_by_one.load(0).unwrap(), merged.load(0).unwrap());
+        assert_eq!(a.outbox_pending, b.outbox_pending);
+        assert_eq!(b.outbox_pending.iter().map(|o| (o.target_set, o.seq)).collect::<Vec<_>>(), vec![(2, 4)]);
+        assert_eq!(a.outbox_last_seq, b.outbox_last_seq);
+        assert_eq!(b.outbox_last_seq, vec![(1, 5), (2, 4)]);
+        assert_eq!(a.watermarks, b.watermarks);
+        assert_eq!(one_by_one.sums().unwrap(), merged.sums().unwrap());
     }
 
     /// What a query does before it reads: awaits its catch-up.

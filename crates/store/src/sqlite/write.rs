@@ -480,10 +480,18 @@ fn write_batch(tx: &Transaction<'_>, b: &Batch) -> Result<()> {
             "INSERT INTO outbox_seq (target_set, last_seq) VALUES (?1, ?2) \
              ON CONFLICT (target_set) DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)",
         )?;
+        // One upsert per target, not per row: (target, highest seq in the batch).
+        let mut issued: Vec<(u32, u64)> = Vec::new();
         for o in &b.outbox_new {
             let seq = to_i64(o.seq, "outbox seq")?;
             st.execute((o.target_set, seq, o.user.as_str(), o.amount_fen, o.packet_id.as_i64(), o.at_ms))?;
-            last.execute((o.target_set, seq))?;
+            match issued.iter_mut().find(|(t, _)| *t == o.target_set) {
+                Some((_, s)) => *s = (*s).max(o.seq),
+                None => issued.push((o.target_set, o.seq)),
+            }
+        }
+        for (target, seq) in issued {
+            last.execute((target, to_i64(seq, "outbox seq")?))?;
         }
     }
 
