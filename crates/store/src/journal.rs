@@ -327,7 +327,6 @@ fn fold_loop(set: u32, shared: &Shared) {
             let merged = merger.merge(batches);
             lock(&shared.store).commit_folded(std::slice::from_ref(merged), last_seq)
         });
-        merger.clear();
         let ended = Instant::now();
         let took = ended.saturating_duration_since(started);
         query_fold_from = Some(ended + (took * QUERY_FOLD_PACE).min(QUERY_FOLD_SPACING_MAX));
@@ -388,9 +387,10 @@ fn lower_priority(set: u32) {
 /// `outbox_seq` on and is then deleted with the rest; the acknowledgements become one range
 /// delete per target.
 ///
-/// Its collections are kept from one fold to the next: the fold merges about as much every
-/// time, and memory handed back and faulted in again cost it 7 % of its time in a profile of
-/// the HTTP festival (BENCHMARKS.md, 2026-12-02, fourth session).
+/// Its collections are kept from one fold to the next (each merge empties them first): the
+/// fold merges about as much every time, and memory handed back and faulted in again cost it
+/// 7 % of its time in a profile of the HTTP festival (BENCHMARKS.md, 2026-12-02, fourth
+/// session). What they keep is bounded by one fold's worth, [`FOLD_BYTES_MAX`] encoded.
 #[derive(Default)]
 struct Merger {
     out: Batch,
@@ -404,20 +404,16 @@ struct Merger {
 }
 
 impl Merger {
-    /// Empties the merged batch and the indexes, keeping their allocations.
-    fn clear(&mut self) {
-        self.out.clear();
-        self.wallets.clear();
-        self.packets.clear();
-        self.idem.clear();
-        self.watermarks.clear();
-        self.acked.clear();
-        self.issued.clear();
-    }
-
     fn merge(&mut self, batches: Vec<Batch>) -> &Batch {
-        self.clear();
         let Merger { out, wallets, packets, idem, watermarks, acked, issued } = self;
+        // Empty, with the allocations of the merges before.
+        out.clear();
+        wallets.clear();
+        packets.clear();
+        idem.clear();
+        watermarks.clear();
+        acked.clear();
+        issued.clear();
         for b in &batches {
             for &(target, upto) in &b.outbox_acked {
                 let a = acked.entry(target).or_insert(0);
@@ -430,41 +426,16 @@ impl Merger {
         }
         for b in batches {
             for (user, fen) in b.wallets {
-                match wallets.get(&user) {
-                    Some(&i) => out.wallets[i].1 = fen,
-                    None => {
-                        wallets.insert(user.clone(), out.wallets.len());
-                        out.wallets.push((user, fen));
-                    }
-                }
+                keep_last(wallets, &mut out.wallets, user.clone(), (user, fen));
             }
             for u in b.packet_updates {
-                match packets.get(&u.id) {
-                    Some(&i) => out.packet_updates[i] = u,
-                    None => {
-                        packets.insert(u.id, out.packet_updates.len());
-                        out.packet_updates.push(u);
-                    }
-                }
+                keep_last(packets, &mut out.packet_updates, u.id, u);
             }
             for r in b.idempotency {
-                let key = (r.user.clone(), r.request_id.clone());
-                match idem.get(&key) {
-                    Some(&i) => out.idempotency[i] = r,
-                    None => {
-                        idem.insert(key, out.idempotency.len());
-                        out.idempotency.push(r);
-                    }
-                }
+                keep_last(idem, &mut out.idempotency, (r.user.clone(), r.request_id.clone()), r);
             }
             for (source, seq) in b.watermarks {
-                match watermarks.get(&source) {
-                    Some(&i) => out.watermarks[i].1 = seq,
-                    None => {
-                        watermarks.insert(source, out.watermarks.len());
-                        out.watermarks.push((source, seq));
-                    }
-                }
+                keep_last(watermarks, &mut out.watermarks, source, (source, seq));
             }
             out.entries.extend(b.entries);
             out.new_packets.extend(b.new_packets);
@@ -483,6 +454,18 @@ impl Merger {
         out.outbox_acked.extend(acked.iter().map(|(&target, &upto)| (target, upto)));
         out.outbox_acked.sort_unstable();
         out
+    }
+}
+
+/// Puts `item` in `out` under `key`: in place of the item that key put there before, else at
+/// the end, so the first write of a key fixes its place and the last fixes its value.
+fn keep_last<K: std::hash::Hash + Eq, T>(index: &mut HashMap<K, usize>, out: &mut Vec<T>, key: K, item: T) {
+    match index.entry(key) {
+        std::collections::hash_map::Entry::Occupied(e) => out[*e.get()] = item,
+        std::collections::hash_map::Entry::Vacant(e) => {
+            e.insert(out.len());
+            out.push(item);
+        }
     }
 }
 
