@@ -1,6 +1,9 @@
 //! Every way a request can fail, mapped in one place to a status and a stable `code`, and
 //! rendered as `application/problem+json`. Internals never reach the client: they are logged.
 
+use std::sync::OnceLock;
+
+use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use hongbao_core::ClaimError;
@@ -103,19 +106,55 @@ impl From<EngineError> for ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let (status, code) = self.status_and_code();
-        let detail = match &self {
-            ApiError::Internal(msg) => {
-                tracing::error!(error = %msg, "internal error");
-                "the request could not be completed; it is logged".to_string()
-            }
+impl ApiError {
+    /// Where the body of an error that always reads the same is kept, once rendered; `None`
+    /// for one whose detail varies. A crowd turned away from an emptied packet is answered
+    /// with a body rendered once, not once per request.
+    fn fixed(&self) -> Option<usize> {
+        Some(match self {
+            ApiError::Unauthorized => 0,
+            ApiError::Forbidden => 1,
+            ApiError::NotEligible => 2,
+            ApiError::InsufficientFunds => 3,
+            ApiError::BalanceLimit => 4,
+            ApiError::NotGrabbed => 5,
+            ApiError::IdempotencyConflict => 6,
+            ApiError::PacketExhausted => 7,
+            ApiError::PacketExpired => 8,
+            ApiError::RateLimited => 9,
+            ApiError::Overloaded => 10,
+            ApiError::HeadersTooLarge => 11,
+            _ => return None,
+        })
+    }
+
+    /// The `application/problem+json` body.
+    fn render(&self, status: StatusCode, code: &'static str) -> Vec<u8> {
+        let detail = match self {
+            ApiError::Internal(_) => "the request could not be completed; it is logged".to_string(),
             e => e.to_string(),
         };
         let title = status.canonical_reason().unwrap_or("error");
         let body = Problem { kind: "about:blank", title, status: status.as_u16(), code, detail };
-        let mut res = (status, serde_json::to_vec(&body).unwrap_or_default()).into_response();
+        serde_json::to_vec(&body).unwrap_or_default()
+    }
+}
+
+/// The rendered bodies of the errors `ApiError::fixed` places.
+static FIXED_BODIES: [OnceLock<Box<[u8]>>; 12] = [const { OnceLock::new() }; 12];
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        if let ApiError::Internal(msg) = &self {
+            tracing::error!(error = %msg, "internal error");
+        }
+        let body = match self.fixed() {
+            Some(at) => Bytes::from_static(FIXED_BODIES[at].get_or_init(|| self.render(status, code).into())),
+            None => Bytes::from(self.render(status, code)),
+        };
+        let mut res = Response::new(Body::from(body));
+        *res.status_mut() = status;
         res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
         if matches!(self, ApiError::BodyUnread(_)) {
             // Without it a keep-alive client sends its next request on a connection the
@@ -126,5 +165,47 @@ impl IntoResponse for ApiError {
             res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixed_errors() -> Vec<ApiError> {
+        vec![
+            ApiError::Unauthorized,
+            ApiError::Forbidden,
+            ApiError::NotEligible,
+            ApiError::InsufficientFunds,
+            ApiError::BalanceLimit,
+            ApiError::NotGrabbed,
+            ApiError::IdempotencyConflict,
+            ApiError::PacketExhausted,
+            ApiError::PacketExpired,
+            ApiError::RateLimited,
+            ApiError::Overloaded,
+            ApiError::HeadersTooLarge,
+        ]
+    }
+
+    /// Every error whose body is rendered once has a place of its own, and is served, every
+    /// time, the body it would render afresh.
+    #[tokio::test]
+    async fn a_fixed_body_is_the_body_the_error_renders() {
+        let mut places: Vec<usize> = fixed_errors().iter().map(|e| e.fixed().expect("fixed")).collect();
+        places.sort_unstable();
+        assert_eq!(places, (0..FIXED_BODIES.len()).collect::<Vec<_>>(), "one place each, all used");
+        for _ in 0..2 {
+            for e in fixed_errors() {
+                let (status, code) = e.status_and_code();
+                let fresh = e.render(status, code);
+                let res = e.into_response();
+                assert_eq!(res.status(), status, "{code}");
+                let served = axum::body::to_bytes(res.into_body(), 4096).await.expect("body");
+                assert_eq!(served.as_ref(), fresh.as_slice(), "{code}");
+            }
+        }
+        assert_eq!(ApiError::InvalidRequest("x".into()).fixed(), None, "a detail that varies");
     }
 }
