@@ -1,12 +1,15 @@
 //! Prometheus metrics: request rates and latencies by route and status, and the engine's own
 //! figures (queue depths here; batch sizes and commit times recorded by the sets).
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::middleware::Next;
+use axum::http::Method;
 use axum::response::{IntoResponse, Response};
+use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::AppState;
@@ -43,20 +46,89 @@ pub fn recorder() -> PrometheusHandle {
         .clone()
 }
 
-pub async fn track(req: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "unmatched".to_string());
-    let method = req.method().as_str().to_string();
-    let res = next.run(req).await;
-    let status = res.status().as_u16().to_string();
-    let labels = [("route", route), ("method", method), ("status", status)];
-    metrics::counter!("http_requests_total", &labels).increment(1);
-    metrics::histogram!("http_request_duration_seconds", &labels).record(started.elapsed().as_secs_f64());
-    res
+/// One request being timed, from before its handler runs to its response.
+pub struct RequestTimer {
+    started: Instant,
+    route: Option<MatchedPath>,
+    method: &'static str,
+}
+
+impl RequestTimer {
+    pub fn start(req: &Request) -> RequestTimer {
+        RequestTimer {
+            started: Instant::now(),
+            route: req.extensions().get::<MatchedPath>().cloned(),
+            method: method_label(req.method()),
+        }
+    }
+
+    /// Counts the request and records its time under its route, method and status.
+    pub fn finish(self, res: &Response) {
+        let route = self.route.as_ref().map_or("unmatched", MatchedPath::as_str);
+        let seconds = self.started.elapsed().as_secs_f64();
+        let status = res.status().as_u16();
+        HANDLES.with_borrow_mut(|by_route| {
+            if !by_route.contains_key(route) {
+                by_route.insert(route.to_string(), Vec::new());
+            }
+            let known = by_route.get_mut(route).expect("inserted above");
+            let at = match known.iter().position(|h| h.method == self.method && h.status == status) {
+                Some(at) => at,
+                None => {
+                    known.push(RouteHandles::new(route, self.method, status));
+                    known.len() - 1
+                }
+            };
+            known[at].requests.increment(1);
+            known[at].duration.record(seconds);
+        });
+    }
+}
+
+/// The `method` label: the method, or `OTHER` for one outside RFC 9110's list, so a client
+/// making up methods cannot make up metric series.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::TRACE => "TRACE",
+        Method::CONNECT => "CONNECT",
+        _ => "OTHER",
+    }
+}
+
+/// The counter and histogram of one route, method and status.
+struct RouteHandles {
+    method: &'static str,
+    status: u16,
+    requests: Counter,
+    duration: Histogram,
+}
+
+impl RouteHandles {
+    fn new(route: &str, method: &'static str, status: u16) -> RouteHandles {
+        let labels =
+            [("route", route.to_string()), ("method", method.to_string()), ("status", status.to_string())];
+        RouteHandles {
+            method,
+            status,
+            requests: metrics::counter!("http_requests_total", &labels),
+            duration: metrics::histogram!("http_request_duration_seconds", &labels),
+        }
+    }
+}
+
+thread_local! {
+    /// Each worker thread's handles by route, looked up in the recorder once per route,
+    /// method and status instead of once per request (that lookup hashes three labels and
+    /// allocates their values). Bounded: routes are the router's patterns or `unmatched`,
+    /// methods the nine known or `OTHER`, statuses those the handlers answer with.
+    static HANDLES: RefCell<HashMap<String, Vec<RouteHandles>>> = RefCell::new(HashMap::new());
 }
 
 pub async fn render(State(s): State<AppState>) -> impl IntoResponse {
@@ -68,6 +140,7 @@ pub async fn render(State(s): State<AppState>) -> impl IntoResponse {
             metrics::gauge!("hongbao_store_unapplied_commits", &label).set(n as f64);
         }
     }
+    metrics::counter!("hongbao_closed_refusals_total").absolute(s.engine.closed_refusals());
     ([("content-type", "text/plain; version=0.0.4")], s.metrics.render())
 }
 

@@ -143,6 +143,19 @@ async fn open_endpoints_need_no_key() {
     h.stop().await;
 }
 
+/// Regression: the `method` label took any method a client made up, one metric series each.
+#[tokio::test]
+async fn metrics_label_a_made_up_method_as_other() {
+    let h = Harness::start();
+    let brew = Method::from_bytes(b"BREWCOFFEE").expect("a valid extension method");
+    let r = h.call(brew, "/healthz", None, None).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.text);
+    let m = h.call(Method::GET, "/metrics", None, None).await;
+    assert!(m.text.contains("method=\"OTHER\""), "metrics: {}", m.text);
+    assert!(!m.text.contains("BREWCOFFEE"), "metrics: {}", m.text);
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn openapi_lists_every_path_of_the_contract() {
     let h = Harness::start();
@@ -485,6 +498,11 @@ async fn deposit_send_grab_open_claim_and_read_back() {
     assert_eq!(r.ok("claim again", 200), &carol, "asked again, the same claim again");
     let r = h.call(Method::POST, &format!("/v1/packets/{id}/claim"), svc, body("dave")).await;
     r.problem("claim on a spent packet", 410, "packet_exhausted");
+    // The closing was published before carol's reply: dave was turned away without the set,
+    // and the metrics count it.
+    assert!(h.engine.closed_refusals() >= 1, "dave answered from the closed packets");
+    let m = h.call(Method::GET, "/metrics", None, None).await;
+    assert!(m.text.lines().any(|l| l.starts_with("hongbao_closed_refusals_total ")), "metrics: {}", m.text);
 
     let r = h.call(Method::GET, &format!("/v1/packets/{id}?limit=1"), svc, None).await;
     let d = r.ok("packet details", 200).clone();
