@@ -140,8 +140,11 @@ impl ApiError {
     }
 }
 
+/// How many errors `ApiError::fixed` places.
+const FIXED_ERRORS: usize = 12;
+
 /// The rendered bodies of the errors `ApiError::fixed` places.
-static FIXED_BODIES: [OnceLock<Box<[u8]>>; 12] = [const { OnceLock::new() }; 12];
+static FIXED_BODIES: [OnceLock<Box<[u8]>>; FIXED_ERRORS] = [const { OnceLock::new() }; FIXED_ERRORS];
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {

@@ -68,21 +68,29 @@ impl RequestTimer {
         let seconds = self.started.elapsed().as_secs_f64();
         let status = res.status().as_u16();
         HANDLES.with_borrow_mut(|by_route| {
-            if !by_route.contains_key(route) {
-                by_route.insert(route.to_string(), Vec::new());
+            // One lookup per request; the route's name is copied only the first time.
+            if let Some(known) = by_route.get_mut(route) {
+                return record(known, route, self.method, status, seconds);
             }
-            let known = by_route.get_mut(route).expect("inserted above");
-            let at = match known.iter().position(|h| h.method == self.method && h.status == status) {
-                Some(at) => at,
-                None => {
-                    known.push(RouteHandles::new(route, self.method, status));
-                    known.len() - 1
-                }
-            };
-            known[at].requests.increment(1);
-            known[at].duration.record(seconds);
+            let mut known = Vec::new();
+            record(&mut known, route, self.method, status, seconds);
+            by_route.insert(route.to_string(), known);
         });
     }
+}
+
+/// Counts one request in `known`, its route's handles, adding the handles of its method and
+/// status the first time they are seen.
+fn record(known: &mut Vec<RouteHandles>, route: &str, method: &'static str, status: u16, seconds: f64) {
+    let handles = match known.iter().position(|h| h.method == method && h.status == status) {
+        Some(at) => &known[at],
+        None => {
+            known.push(RouteHandles::new(route, method, status));
+            known.last().expect("pushed above")
+        }
+    };
+    handles.requests.increment(1);
+    handles.duration.record(seconds);
 }
 
 /// The `method` label: the method, or `OTHER` for one outside RFC 9110's list, so a client
