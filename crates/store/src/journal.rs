@@ -87,11 +87,6 @@ pub const FOLD_BYTES_MAX: usize = 8 * 1024 * 1024;
 /// from what is folded rather than hold a query slot for long.
 pub const READ_WAIT_MAX: Duration = Duration::from_millis(500);
 
-/// The fold thread's nice value: the set threads (and the HTTP workers) win the CPU whenever
-/// they want it, so a burst of claims is absorbed at the journal's speed and the fold catches
-/// up when the burst is over.
-const FOLD_NICE: i32 = 19;
-
 /// How long the fold lets records gather before it folds them, unless something waits for
 /// them or [`FOLD_EAGER_BYTES`] are queued. Under load a fold's cost is mostly per transaction
 /// and per B-tree page it dirties (a random wallet or history page, written whole to the WAL
@@ -151,7 +146,10 @@ pub fn open_journaled_sqlite(dir: &Path, set: u32, sets: u32) -> Result<(Journal
         std::thread::Builder::new()
             .name(format!("hongbao-fold-{set}"))
             .spawn(move || {
-                lower_priority(set);
+                // The set threads (and the HTTP workers) win the CPU whenever they want it,
+                // so a burst of claims is absorbed at the journal's speed and the fold catches
+                // up when the burst is over.
+                crate::background::lower_priority("fold");
                 fold_loop(set, &shared)
             })
             .map_err(|e| io("cannot start the fold thread".into(), e))?
@@ -364,17 +362,6 @@ fn fold_loop(set: u32, shared: &Shared) {
                 std::thread::sleep(FOLD_RETRY);
             }
         }
-    }
-}
-
-/// Lowers the calling thread's CPU priority to [`FOLD_NICE`]. Best effort: a refusal only
-/// means the fold competes with the sets as an equal.
-fn lower_priority(set: u32) {
-    // On Linux, PRIO_PROCESS with who = 0 names the calling thread, not the whole process.
-    // SAFETY: setpriority takes plain integers and touches no memory of ours.
-    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, FOLD_NICE) };
-    if r != 0 {
-        tracing::debug!(set, error = %std::io::Error::last_os_error(), "cannot lower the fold's priority");
     }
 }
 

@@ -5,6 +5,7 @@
 //! connections of their own, never through the engine's queue. This crate never decides
 //! anything about money: it writes what the engine computed and reads back what was written.
 
+mod background;
 mod journal;
 mod null;
 mod postgres;

@@ -141,6 +141,7 @@ impl Checkpointer {
         std::thread::Builder::new()
             .name("hongbao-checkpoint".into())
             .spawn(move || {
+                crate::background::lower_priority("checkpoint");
                 while !flag.load(std::sync::atomic::Ordering::Relaxed) {
                     std::thread::sleep(CHECKPOINT_EVERY);
                     // PASSIVE never waits for readers or the writer; a busy or failed pass is
