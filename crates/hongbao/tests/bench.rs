@@ -1,0 +1,82 @@
+//! `hongbao bench` over HTTP against the real server: the load generator's own client, its
+//! counts and its audit, end to end. BENCHMARKS.md is made by this path; here it runs small
+//! and briefly, and what it reports is checked against what the server holds.
+
+mod support;
+
+use std::process::Command;
+
+use serde_json::Value;
+use support::*;
+
+/// Runs `hongbao bench SCENARIO` against `url` for a short while and returns its JSON result.
+fn bench(url: &str, scenario: &str, args: &[&str]) -> Value {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("result.json");
+    let plot = dir.path().join("plot.svg");
+    let run = Command::new(env!("CARGO_BIN_EXE_hongbao"))
+        .args(["bench", scenario, "--url", url, "--duration-s", "2", "--concurrency", "8", "--quiet"])
+        .args(args)
+        .arg("--out")
+        .arg(&out)
+        .arg("--plot")
+        .arg(&plot)
+        .env("HONGBAO_API_KEY", API_KEY)
+        .env("HONGBAO_ADMIN_KEY", ADMIN_KEY)
+        .output()
+        .expect("cannot run hongbao bench");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "hongbao bench {scenario} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let svg = std::fs::read_to_string(&plot).expect("the plot was written");
+    assert!(svg.starts_with("<svg"), "{scenario}: the plot is not an SVG");
+    serde_json::from_slice(&std::fs::read(&out).expect("the result was written")).expect("the result is JSON")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_over_http_counts_every_claim_and_passes_the_audit() {
+    // Arrange.
+    let server = TestServer::start(Opts::sets(2)).await;
+    let url = server.api().url("");
+
+    // Act: a storm on one packet of 300 shares, then a festival of small packets.
+    let url2 = url.clone();
+    let storm =
+        tokio::task::spawn_blocking(move || bench(&url2, "storm", &["--shares", "300"])).await.unwrap();
+    let festival = tokio::task::spawn_blocking(move || {
+        bench(&url, "festival", &["--shares", "20", "--packets", "10", "--sets", "2"])
+    })
+    .await
+    .unwrap();
+
+    // Assert: the storm paid every share exactly once, to the fen, and turned the rest away.
+    let c = &storm["claims"];
+    assert_eq!(storm["audit_ok"], Value::Bool(true), "storm: {storm}");
+    assert_eq!(c["errors"], 0, "storm: {storm}");
+    assert_eq!(c["paid"], 300, "storm: every share is paid once");
+    assert!(c["turned_away"].as_u64().unwrap() > 0, "storm: the crowd outlasts the packet");
+    assert_eq!(storm["storm"]["paid_fen_matches_total"], Value::Bool(true), "storm: {storm}");
+    assert_eq!(
+        storm["requests"].as_u64().unwrap(),
+        c["paid"].as_u64().unwrap() + c["turned_away"].as_u64().unwrap() + c["overloaded"].as_u64().unwrap(),
+        "storm: every request is counted once"
+    );
+    // The festival re-sends what empties, and its history queries are answered.
+    let c = &festival["claims"];
+    assert_eq!(festival["audit_ok"], Value::Bool(true), "festival: {festival}");
+    assert_eq!(c["errors"], 0, "festival: {festival}");
+    assert!(c["paid"].as_u64().unwrap() > 20, "festival: packets were emptied and sent again: {festival}");
+    assert!(c["paid_fen"].as_i64().unwrap() > 0);
+    for op in ["send", "history"] {
+        let o = &festival["ops"][op];
+        assert!(o["ok"].as_u64().is_some_and(|n| n > 0), "festival: no {op} answered: {festival}");
+        assert_eq!(o["errors"], 0, "festival: {op}: {festival}");
+    }
+
+    // The server's own audit, asked here and not by the bench, agrees: no fen lost.
+    let audit = server.api().call(reqwest::Method::GET, "/v1/admin/audit", Some(ADMIN_KEY), None).await;
+    assert_eq!((audit.status, &audit.body["ok"]), (200, &Value::Bool(true)), "{}", audit.body);
+}
