@@ -87,6 +87,18 @@ pub const FOLD_BYTES_MAX: usize = 8 * 1024 * 1024;
 /// from what is folded rather than hold a query slot for long.
 pub const READ_WAIT_MAX: Duration = Duration::from_millis(500);
 
+/// How long the set waits for the fold before it reads a packet that is not in its memory (a
+/// closed packet it let go of, or an id it never issued) from SQLite, which must first hold
+/// everything committed. The fold runs on the CPU the others leave: under a load that takes
+/// every core it can trail for a long time, and a set that waited for it would stop serving
+/// all its packets for one old one. Past this wait the read is refused as busy (503).
+const PACKET_WAIT_MAX: Duration = Duration::from_millis(50);
+
+/// After a packet read was refused as busy, how long further ones are refused at once unless
+/// the fold has caught up meanwhile: a stream of such requests must not cost the set
+/// [`PACKET_WAIT_MAX`] each.
+const PACKET_BUSY_SPELL: Duration = Duration::from_millis(500);
+
 /// How long the fold lets records gather before it folds them, unless something waits for
 /// them or [`FOLD_EAGER_BYTES`] are queued. Under load a fold's cost is mostly per transaction
 /// and per B-tree page it dirties (a random wallet or history page, written whole to the WAL
@@ -162,6 +174,7 @@ pub fn open_journaled_sqlite(dir: &Path, set: u32, sets: u32) -> Result<(Journal
         last_seq,
         buf: Vec::new(),
         poisoned: None,
+        packet_busy_until: None,
         shared: shared.clone(),
         fold: Some(fold),
     };
@@ -480,6 +493,8 @@ pub struct JournalStore {
     /// Set when a failed append could not be wiped back off the file: the file may hold a batch
     /// the engine was told failed, so nothing more may be written or loaded until a restart.
     poisoned: Option<String>,
+    /// Until when packet reads are refused without waiting (see [`PACKET_BUSY_SPELL`]).
+    packet_busy_until: Option<Instant>,
     shared: Arc<Shared>,
     fold: Option<JoinHandle<()>>,
 }
@@ -579,7 +594,21 @@ impl Store for JournalStore {
     }
 
     fn packet(&mut self, id: PacketId) -> Result<Option<Packet>> {
-        self.drained(|s| s.packet(id))
+        self.check_poisoned()?;
+        let now = Instant::now();
+        let wait = match self.packet_busy_until {
+            Some(until) if now < until => Duration::ZERO,
+            _ => PACKET_WAIT_MAX,
+        };
+        if !self.shared.wait_folded(wait)? {
+            self.packet_busy_until = Some(Instant::now() + PACKET_BUSY_SPELL);
+            return Err(StoreError::Busy(format!(
+                "packet {id} is not in memory and the journal's fold is behind; try again shortly"
+            )));
+        }
+        self.packet_busy_until = None;
+        // Caught up, with this thread the only writer: the fold is idle and the lock free.
+        lock(&self.shared.store).packet(id)
     }
 
     fn sums(&mut self) -> Result<StoreSums> {
@@ -1114,6 +1143,34 @@ mod tests {
 
         // Records of another seq (what a recycled file held before) are not this log's.
         assert_eq!(scan(&file, 7).records.len(), 0);
+    }
+
+    #[test]
+    fn a_packet_read_behind_a_stalled_fold_is_refused_as_busy_not_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, _reader) = open_journaled_sqlite(dir.path(), 0, 1).unwrap();
+        let id = PacketId::from_raw(1 << 30).unwrap();
+        // Caught up: the read goes to SQLite (no such packet there).
+        assert!(matches!(store.packet(id), Ok(None)));
+
+        // The fold cannot write while the write connection is held elsewhere.
+        let shared = store.shared.clone();
+        let held = lock(&shared.store);
+        store.commit(&batch("alice", 100)).unwrap();
+        let started = Instant::now();
+        let first = store.packet(id);
+        let waited = started.elapsed();
+        assert!(matches!(first, Err(StoreError::Busy(_))), "{first:?}");
+        assert!(waited >= PACKET_WAIT_MAX && waited < PACKET_WAIT_MAX * 10, "waited {waited:?}");
+        // Within the busy spell the next one is refused without the wait.
+        let started = Instant::now();
+        assert!(matches!(store.packet(id), Err(StoreError::Busy(_))));
+        assert!(started.elapsed() < PACKET_WAIT_MAX, "refused at once, not after {:?}", started.elapsed());
+
+        // Once the fold has caught up, reads are answered again, spell or not.
+        drop(held);
+        assert!(store.shared.wait_folded(Duration::from_secs(10)).unwrap());
+        assert!(matches!(store.packet(id), Ok(None)));
     }
 
     #[test]

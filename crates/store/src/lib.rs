@@ -37,6 +37,10 @@ pub enum StoreError {
     /// Rows that break an invariant were read back: a bug, or tampering.
     #[error("store holds corrupt data: {0}")]
     Corrupt(String),
+    /// The store cannot answer this read now without keeping the set waiting long (on the
+    /// journal, the fold trails what was committed). Nothing changed; the caller may retry.
+    #[error("store busy: {0}")]
+    Busy(String),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;

@@ -182,7 +182,10 @@ impl Store for PgStore {
         // with it): nothing of the batch stays.
         written.map_err(|e| {
             let msg = match e {
-                StoreError::Io(m) | StoreError::Corrupt(m) | StoreError::Incompatible(m) => m,
+                StoreError::Io(m)
+                | StoreError::Corrupt(m)
+                | StoreError::Incompatible(m)
+                | StoreError::Busy(m) => m,
             };
             tracing::error!(set, error = %msg, "batch commit failed");
             StoreError::Io(format!("commit failed: {msg}"))

@@ -93,7 +93,7 @@ impl SqliteStore {
 
 fn commit_failed(set: u32, e: StoreError) -> StoreError {
     let msg = match e {
-        StoreError::Io(m) | StoreError::Corrupt(m) | StoreError::Incompatible(m) => m,
+        StoreError::Io(m) | StoreError::Corrupt(m) | StoreError::Incompatible(m) | StoreError::Busy(m) => m,
     };
     tracing::error!(set, error = %msg, "batch commit failed");
     StoreError::Io(format!("commit failed: {msg}"))
