@@ -13,10 +13,6 @@ use hongbao_store::{Reader, StoreError};
 use crate::engine::{Engine, QUERY_WAIT_MAX};
 use crate::reply::*;
 
-fn store_err(e: StoreError) -> EngineError {
-    EngineError::Store(e.to_string())
-}
-
 /// Runs a blocking read on the blocking pool, within the engine's bound on running queries.
 /// First, without a thread or a slot, it waits for the store to hold what was committed before
 /// the query arrived (bounded; see `CatchUp::wait`).
@@ -26,7 +22,7 @@ async fn read<T: Send + 'static>(
     f: impl FnOnce(&dyn Reader) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, EngineError> {
     if let Some(catch_up) = reader.catch_up() {
-        catch_up.wait().await.map_err(store_err)?;
+        catch_up.wait().await.map_err(EngineError::from)?;
     }
     let permits = engine.query_permits();
     let permit = tokio::time::timeout(QUERY_WAIT_MAX, permits.acquire_owned())
@@ -42,7 +38,7 @@ async fn read<T: Send + 'static>(
     })
     .await
     .map_err(|e| EngineError::Store(format!("read task failed: {e}")))?
-    .map_err(store_err)
+    .map_err(EngineError::from)
 }
 
 /// `[from, to)` in Unix ms for a UTC calendar year; all time when `None`.

@@ -2,7 +2,7 @@
 
 use hongbao_core::packet::PacketHeader;
 use hongbao_core::{ClaimError, Kind, Millis, PacketId, PacketStatus, UserId};
-use hongbao_store::EntryKind;
+use hongbao_store::{EntryKind, StoreError};
 use thiserror::Error;
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -27,6 +27,17 @@ pub enum EngineError {
     /// A store read failed.
     #[error("store read failed: {0}")]
     Store(String),
+}
+
+/// A store that is only busy (it would have kept the caller waiting long) is overload, to
+/// retry shortly; any other store failure is `Store`.
+impl From<StoreError> for EngineError {
+    fn from(e: StoreError) -> EngineError {
+        match e {
+            StoreError::Busy(_) => EngineError::Overloaded,
+            e => EngineError::Store(e.to_string()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -766,13 +766,7 @@ impl SetState {
         if id.set() != ctx.set || self.id_gen.last_issued().is_none_or(|last| id > last) {
             return Err(EngineError::NotFound);
         }
-        let p = store
-            .packet(id)
-            .map_err(|e| match e {
-                StoreError::Busy(_) => EngineError::Overloaded,
-                e => EngineError::Store(e.to_string()),
-            })?
-            .ok_or(EngineError::NotFound)?;
+        let p = store.packet(id)?.ok_or(EngineError::NotFound)?;
         if p.status() == PacketStatus::Active {
             // Every active packet is resident; one found only in the store is a bug.
             panic!("set {}: active packet {id} was not in memory", ctx.set);

@@ -45,6 +45,16 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// What a failed batch commit is reported as, whatever failed inside it: logged once, and an
+/// `Io` error for the set (fail-stop), with the cause's message.
+pub(crate) fn commit_failed(set: u32, e: StoreError) -> StoreError {
+    let msg = match e {
+        StoreError::Io(m) | StoreError::Corrupt(m) | StoreError::Incompatible(m) | StoreError::Busy(m) => m,
+    };
+    tracing::error!(set, error = %msg, "batch commit failed");
+    StoreError::Io(format!("commit failed: {msg}"))
+}
+
 /// What moved a wallet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum EntryKind {

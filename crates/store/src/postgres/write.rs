@@ -180,16 +180,7 @@ impl Store for PgStore {
         });
         // Any failure dropped the transaction, which rolled it back (or the connection went
         // with it): nothing of the batch stays.
-        written.map_err(|e| {
-            let msg = match e {
-                StoreError::Io(m)
-                | StoreError::Corrupt(m)
-                | StoreError::Incompatible(m)
-                | StoreError::Busy(m) => m,
-            };
-            tracing::error!(set, error = %msg, "batch commit failed");
-            StoreError::Io(format!("commit failed: {msg}"))
-        })
+        written.map_err(|e| crate::commit_failed(set, e))
     }
 
     fn packet(&mut self, id: PacketId) -> Result<Option<Packet>> {

@@ -9,7 +9,9 @@ use hongbao_core::{Audience, Claim, Millis, Packet, PacketId, PacketStatus};
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior};
 
 use super::rows::{self, corrupt, to_i64, Users};
-use crate::{Batch, Loaded, OutboxItem, PacketRow, Result, Store, StoreError, StoreSums, Totals};
+use crate::{
+    commit_failed, Batch, Loaded, OutboxItem, PacketRow, Result, Store, StoreError, StoreSums, Totals,
+};
 
 /// The write side of one set's SQLite file. See the module doc.
 #[derive(Debug)]
@@ -89,14 +91,6 @@ impl SqliteStore {
         })();
         done.map_err(|e| commit_failed(set, e))
     }
-}
-
-fn commit_failed(set: u32, e: StoreError) -> StoreError {
-    let msg = match e {
-        StoreError::Io(m) | StoreError::Corrupt(m) | StoreError::Incompatible(m) | StoreError::Busy(m) => m,
-    };
-    tracing::error!(set, error = %msg, "batch commit failed");
-    StoreError::Io(format!("commit failed: {msg}"))
 }
 
 impl Store for SqliteStore {
