@@ -11,7 +11,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior};
 use crate::{Result, StoreError};
 
 /// Every migration, in order; `MIGRATIONS[i]` takes a file from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[V1, V2];
+const MIGRATIONS: &[&str] = &[V1, V2, V3];
 
 /// Names carry their unit last (`_fen`, `_ms`). Every query the store and the reader run has
 /// an index; the comments say which query each one serves.
@@ -136,6 +136,35 @@ const V2: &str = "
 ALTER TABLE packets ADD COLUMN amount_rule INTEGER NOT NULL DEFAULT 1 CHECK (amount_rule IN (1, 2));
 ";
 
+/// The entries table again, cheaper to write: the fold writes one entry per claim, and in V1
+/// that cost 3.4 µs of CPU, a third of the fold's time per claim.
+/// - `kind` is checked with `=` and `OR`, not `IN (...)`: SQLite builds the list of an `IN`
+///   afresh for every row it checks, which made the check cost as much as the insert.
+/// - The table is its own `(user, id)` index (`WITHOUT ROWID`): every query reads one user's
+///   entries, and V1 wrote each entry twice, as a row and in the index on `(user, id)`.
+///
+/// Ids stay history cursors that are never reused: the last one issued lives in `meta`
+/// (`last_entry_id`), taken over from AUTOINCREMENT's counter.
+const V3: &str = "
+CREATE TABLE entries_by_user (
+    user       TEXT NOT NULL,
+    id         INTEGER NOT NULL CHECK (id > 0),
+    kind       TEXT NOT NULL CHECK (kind = 'deposit' OR kind = 'withdraw' OR kind = 'send'
+                                    OR kind = 'claim' OR kind = 'refund'),
+    amount_fen INTEGER NOT NULL CHECK (amount_fen > 0),
+    packet_id  INTEGER,
+    at_ms      INTEGER NOT NULL,
+    PRIMARY KEY (user, id)
+) WITHOUT ROWID;
+INSERT INTO entries_by_user (user, id, kind, amount_fen, packet_id, at_ms)
+    SELECT user, id, kind, amount_fen, packet_id, at_ms FROM entries ORDER BY user, id;
+INSERT INTO meta (key, value) VALUES ('last_entry_id', MAX(
+    COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'entries'), 0),
+    COALESCE((SELECT MAX(id) FROM entries), 0)));
+DROP TABLE entries;
+ALTER TABLE entries_by_user RENAME TO entries;
+";
+
 /// Brings the file up to the newest schema and checks (or, in a new file, records) which set
 /// of how many it holds. All in one transaction: a crash half-way leaves the old version.
 pub(super) fn migrate(conn: &mut Connection, path: &Path, set: u32, sets: u32) -> Result<()> {
@@ -207,6 +236,44 @@ mod tests {
         assert_eq!(version, MIGRATIONS.len() as i64);
         // A second open is a no-op, not a second run of the scripts.
         migrate(&mut conn, Path::new("mem"), 0, 1).unwrap();
+    }
+
+    #[test]
+    fn entries_from_before_v3_keep_their_ids_and_no_id_is_issued_twice() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(V1).unwrap();
+        conn.execute_batch(V2).unwrap();
+        conn.pragma_update(None, "user_version", 2).unwrap();
+        for (user, fen) in [("bob", 5), ("alice", 7), ("bob", 9), ("carol", 11)] {
+            conn.execute(
+                "INSERT INTO entries (user, kind, amount_fen, packet_id, at_ms) VALUES (?1, 'claim', ?2, 1, 0)",
+                (user, fen),
+            )
+            .unwrap();
+        }
+        // Id 4 was issued and its row is gone: AUTOINCREMENT would never issue it again.
+        conn.execute("DELETE FROM entries WHERE id = 4", []).unwrap();
+        migrate(&mut conn, Path::new("mem"), 0, 1).unwrap();
+
+        let rows: Vec<(String, i64, i64)> = conn
+            .prepare("SELECT user, id, amount_fen FROM entries ORDER BY user, id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        let want =
+            [("alice", 2, 7), ("bob", 1, 5), ("bob", 3, 9)].map(|(u, id, fen)| (u.to_string(), id, fen));
+        assert_eq!(rows, want);
+        let last: i64 =
+            conn.query_row("SELECT value FROM meta WHERE key = 'last_entry_id'", [], |r| r.get(0)).unwrap();
+        assert_eq!(last, 4);
+        // The cheaper check still refuses what the old one did.
+        let bad = conn.execute(
+            "INSERT INTO entries (user, id, kind, amount_fen, packet_id, at_ms) VALUES ('bob', 5, 'gift', 1, 1, 0)",
+            [],
+        );
+        assert!(bad.is_err(), "an unknown kind was stored");
     }
 
     #[test]

@@ -373,18 +373,27 @@ fn write_batch(tx: &Transaction<'_>, b: &Batch) -> Result<()> {
     }
 
     if !b.entries.is_empty() {
+        // Ids in the order the entries were made, after the last one ever issued.
+        let mut id: i64 = tx
+            .prepare_cached("SELECT value FROM meta WHERE key = 'last_entry_id'")?
+            .query_row([], |r| r.get(0))
+            .optional()?
+            .ok_or_else(|| corrupt("meta has no last_entry_id"))?;
         let mut st = tx.prepare_cached(
-            "INSERT INTO entries (user, kind, amount_fen, packet_id, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO entries (user, id, kind, amount_fen, packet_id, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
         for e in &b.entries {
+            id = id.checked_add(1).ok_or_else(|| corrupt("entry ids are exhausted"))?;
             st.execute((
                 e.user.as_str(),
+                id,
                 e.kind.as_str(),
                 e.amount_fen,
                 e.packet_id.map(PacketId::as_i64),
                 e.at_ms,
             ))?;
         }
+        tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'last_entry_id'")?.execute([id])?;
     }
 
     if !b.new_packets.is_empty() {
