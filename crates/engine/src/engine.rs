@@ -19,6 +19,12 @@ use crate::closed::ClosedPackets;
 use crate::reply::*;
 use crate::set::{self, Command, SetContext};
 
+/// The default [`EngineConfig::commit_spacing`]. In the HTTP festival (2 sets, 256
+/// connections) the sets committed about 1,600 times a second each, 15 claims a commit, and
+/// the `fdatasync`s were most of their CPU; 1 ms spacing adds at most a millisecond to a claim
+/// that arrives just after a commit began (BENCHMARKS.md, 2026-12-03, third session).
+pub const COMMIT_SPACING_DEFAULT: Duration = Duration::from_millis(1);
+
 /// How the engine runs. Every bound has a reason in its doc.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -45,6 +51,12 @@ pub struct EngineConfig {
     pub queue_depth: usize,
     /// Most commands applied and committed in one batch: bounds commit latency and memory.
     pub batch_max: usize,
+    /// Least time between the starts of a set's commits while it is busy: a set whose last
+    /// commit began less than this ago waits for more commands (up to `batch_max`) before it
+    /// commits again. Under load each commit (an `fdatasync`) then carries more commands, and
+    /// the set spends less CPU per command; an idle set commits at once. Zero commits as soon
+    /// as the queue is empty.
+    pub commit_spacing: Duration,
     /// How long a request_id is remembered.
     pub idempotency_retention_s: i64,
     /// Seed for packet seeds; `None` draws one from the operating system.
@@ -62,6 +74,7 @@ impl EngineConfig {
             limits: Limits::default(),
             queue_depth: 16_384,
             batch_max: 2_048,
+            commit_spacing: COMMIT_SPACING_DEFAULT,
             idempotency_retention_s: 24 * 3600,
             seed: None,
         }
@@ -199,6 +212,7 @@ impl Engine {
                 sets: config.sets,
                 limits: config.limits.clone(),
                 batch_max: config.batch_max,
+                commit_spacing: config.commit_spacing,
                 idempotency_retention_ms: config.idempotency_retention_s * 1000,
                 clock: clock.clone(),
                 seed,

@@ -12,5 +12,5 @@ mod set;
 #[cfg(test)]
 mod sim;
 
-pub use engine::{Engine, EngineConfig};
+pub use engine::{Engine, EngineConfig, COMMIT_SPACING_DEFAULT};
 pub use reply::*;

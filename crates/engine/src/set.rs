@@ -130,6 +130,8 @@ pub(crate) struct SetContext {
     pub sets: u32,
     pub limits: Limits,
     pub batch_max: usize,
+    /// See `EngineConfig::commit_spacing`.
+    pub commit_spacing: Duration,
     pub idempotency_retention_ms: i64,
     pub clock: Arc<dyn Clock>,
     pub seed: u64,
@@ -289,6 +291,8 @@ pub(crate) struct SetRunner {
     store: Box<dyn Store>,
     rx: Receiver<Command>,
     last_tick_ms: Millis,
+    /// When the last batch stopped taking commands and went to commit; none yet.
+    last_commit: Option<Instant>,
     /// Kept between batches for its allocations; empty outside `step`.
     work: Work,
 }
@@ -310,11 +314,14 @@ impl SetRunner {
         );
         state.relay_all(&ctx, i64::MIN);
         let last_tick_ms = ctx.clock.now_ms();
-        Ok(SetRunner { ctx, state, store, rx, last_tick_ms, work: Work::default() })
+        Ok(SetRunner { ctx, state, store, rx, last_tick_ms, last_commit: None, work: Work::default() })
     }
 
     /// Applies one batch: waits up to `wait` for a first command (`None`: do not wait), drains
     /// up to `batch_max`, runs timers when due, commits, replies. Returns false once stopped.
+    /// While the last commit began less than `commit_spacing` ago, an empty queue is waited
+    /// on for more commands instead of ending the batch; a step that does not wait for its
+    /// first command (the simulation's) does not wait for more either.
     pub(crate) fn step(&mut self, wait: Option<Duration>) -> bool {
         let first = match wait {
             Some(d) => match self.rx.recv_timeout(d) {
@@ -348,7 +355,16 @@ impl SetRunner {
                 }
             }
             next = if applied < self.ctx.batch_max { self.rx.try_recv().ok() } else { None };
+            if next.is_none() && applied < self.ctx.batch_max && wait.is_some() {
+                let now = Instant::now();
+                if let Some(wait) =
+                    self.last_commit.and_then(|at| (at + self.ctx.commit_spacing).checked_duration_since(now))
+                {
+                    next = self.rx.recv_timeout(wait).ok();
+                }
+            }
         }
+        self.last_commit = Some(Instant::now());
         let tick = now_ms - self.last_tick_ms >= TICK.as_millis() as i64;
         if tick {
             self.last_tick_ms = now_ms;

@@ -14,6 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 use hongbao_core::{
@@ -201,6 +202,7 @@ impl Sim {
             sets: self.sets,
             limits: self.limits.clone(),
             batch_max: 64,
+            commit_spacing: Duration::ZERO,
             idempotency_retention_ms: 24 * 3600 * 1000,
             clock: Arc::new(self.clock.clone()),
             seed: self.seed,

@@ -9,6 +9,7 @@ use hongbao_core::{
     ValidSend,
 };
 use hongbao_engine::{Engine, EngineConfig, EngineError, GrabReply};
+use hongbao_store::{Batch, Loaded, NullReader, NullStore, Reader, Store, StoreSums};
 
 const T0_MS: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
 
@@ -395,4 +396,68 @@ fn a_caller_looping_on_refused_claims_still_yields() {
         assert!(refused < 10_000, "the loop ran {refused} claims before the other task got a turn");
     });
     rt.block_on(engine.shutdown());
+}
+
+/// Keeps nothing, and counts the batches committed.
+struct CountingStore(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Store for CountingStore {
+    fn load(&mut self, since_ms: i64) -> hongbao_store::Result<Loaded> {
+        NullStore.load(since_ms)
+    }
+    fn commit(&mut self, batch: &Batch) -> hongbao_store::Result<()> {
+        if !batch.is_empty() {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok(())
+    }
+    fn packet(&mut self, id: PacketId) -> hongbao_store::Result<Option<hongbao_core::Packet>> {
+        NullStore.packet(id)
+    }
+    fn sums(&mut self) -> hongbao_store::Result<StoreSums> {
+        NullStore.sums()
+    }
+}
+
+/// Deposits into one set with `spacing`: one awaited, then one more at once, then three 50 ms
+/// later. Returns the commits they took and how long the first took.
+async fn deposits_and_commits(spacing: Duration) -> (usize, Duration) {
+    let dir = tempfile::tempdir().unwrap();
+    let commits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut config = EngineConfig::new(dir.path().to_path_buf());
+    config.seed = Some(7);
+    config.commit_spacing = spacing;
+    let stores: Vec<(Box<dyn Store>, Arc<dyn Reader>)> =
+        vec![(Box::new(CountingStore(commits.clone())), Arc::new(NullReader))];
+    let engine = Engine::start_with(config, stores, Arc::new(ManualClock::new(T0_MS))).unwrap();
+    let deposit = |i: u32| {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.deposit(user("u"), fen(1), rid(&format!("d{i}"))).await })
+    };
+    let started = std::time::Instant::now();
+    deposit(0).await.unwrap().unwrap();
+    let first = started.elapsed();
+    let second = deposit(1);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let rest: Vec<_> = (2..5).map(deposit).collect();
+    second.await.unwrap().unwrap();
+    for r in rest {
+        r.await.unwrap().unwrap();
+    }
+    let n = commits.load(std::sync::atomic::Ordering::SeqCst);
+    engine.shutdown().await;
+    (n, first)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_set_gathers_commands_for_its_commit_spacing_and_an_idle_set_commits_at_once() {
+    // The first deposit finds the set idle and commits at once; the second arrives while that
+    // commit is fresh, so the set waits out the spacing and takes the other three with it.
+    let spacing = Duration::from_secs(2);
+    let (commits, first) = deposits_and_commits(spacing).await;
+    assert_eq!(commits, 2, "the four later deposits share one commit");
+    assert!(first < spacing / 2, "an idle set waited {first:?} to commit");
+    // Without spacing, the deposit sent 50 ms later is in a commit of its own.
+    let (commits, _) = deposits_and_commits(Duration::ZERO).await;
+    assert!(commits >= 3, "{commits} commits without spacing");
 }

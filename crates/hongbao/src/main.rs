@@ -88,6 +88,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     config.limits = settings.limits.clone();
     config.queue_depth = settings.queue_depth;
     config.batch_max = settings.batch_max;
+    config.commit_spacing = settings.commit_spacing;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

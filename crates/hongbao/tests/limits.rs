@@ -1,6 +1,7 @@
 //! The two refusals a healthy server gives under pressure (DESIGN.md §4): 429 `rate_limited`
 //! when one user asks too fast, and 503 `overloaded` with `Retry-After` when a set's queue is
-//! full. Neither moves money, and the books balance afterwards.
+//! full. Neither moves money, and the books balance afterwards. And the bounds on the
+//! tunables behind them: a value past its bound stops the server with a clear error.
 
 mod support;
 
@@ -120,4 +121,19 @@ async fn a_full_queue_is_503_with_retry_after_and_loses_nothing() {
     assert_eq!(claims.len(), paid.len(), "a refused claim took no share");
     println!("overload: {} paid, {overloaded} refused with 503", paid.len());
     server.settle().await;
+}
+
+#[test]
+fn a_commit_spacing_past_100_ms_is_refused_with_a_clear_error() {
+    let data = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hongbao"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--commit-spacing-us", "100001", "--data"])
+        .arg(data.path())
+        .env_remove("HONGBAO_COMMIT_SPACING_US")
+        .env_remove("HONGBAO_CONFIG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr:\n{stderr}");
+    assert!(stderr.contains("commit_spacing_us must be between 0 and 100000"), "stderr:\n{stderr}");
 }
