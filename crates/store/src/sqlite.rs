@@ -64,11 +64,15 @@ const READ_CACHE_KIB: i64 = 8 * 1024;
 /// default each pool starts three of its own, which is thousands at a large set count.
 const POOL_HELPER_THREADS: usize = 1;
 
-/// How often the checkpoint thread copies the WAL into the database file.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+/// How often the checkpoint thread copies the WAL into the database file. A checkpoint copies
+/// each page the WAL holds once, however many folds rewrote it since the last: at 1 s instead
+/// of 100 ms the checkpoints' CPU per claim in the HTTP festival fell from 1.1–1.4 µs to
+/// 0.3 µs (3 to 0.5 µs at half rate), with the claim p99 unchanged (BENCHMARKS.md,
+/// 2026-12-03, third session). The WAL it leaves behind is a second of folds, tens of MB.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
 /// WAL pages (4 KiB) after which the writer checkpoints by itself: 64 MiB bounds the WAL if the
-/// checkpoint thread falls behind, far above what it accumulates in one round.
+/// checkpoint thread falls behind, above what the folds write in one round.
 const WAL_AUTOCHECKPOINT_PAGES: i64 = 16_384;
 
 /// Opens (creating when missing) the store of set `set` of `sets` under `dir`, applies pending
