@@ -357,10 +357,10 @@ impl SetRunner {
             next = if applied < self.ctx.batch_max { self.rx.try_recv().ok() } else { None };
             if next.is_none() && applied < self.ctx.batch_max && wait.is_some() {
                 let now = Instant::now();
-                if let Some(wait) =
+                if let Some(left) =
                     self.last_commit.and_then(|at| (at + self.ctx.commit_spacing).checked_duration_since(now))
                 {
-                    next = self.rx.recv_timeout(wait).ok();
+                    next = self.rx.recv_timeout(left).ok();
                 }
             }
         }
