@@ -77,6 +77,5 @@ async fn bench_over_http_counts_every_claim_and_passes_the_audit() {
     }
 
     // The server's own audit, asked here and not by the bench, agrees: no fen lost.
-    let audit = server.api().call(reqwest::Method::GET, "/v1/admin/audit", Some(ADMIN_KEY), None).await;
-    assert_eq!((audit.status, &audit.body["ok"]), (200, &Value::Bool(true)), "{}", audit.body);
+    assert_audit_ok(&server.audit().await);
 }

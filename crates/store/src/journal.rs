@@ -607,8 +607,8 @@ impl Store for JournalStore {
             )));
         }
         self.packet_busy_until = None;
-        // Caught up, with this thread the only writer: the fold is idle and the lock free.
-        lock(&self.shared.store).packet(id)
+        // Caught up, with this thread the only writer: `drained` finds nothing to wait for.
+        self.drained(|s| s.packet(id))
     }
 
     fn sums(&mut self) -> Result<StoreSums> {
