@@ -40,7 +40,8 @@ const FESTIVAL_SENDER_FUND_FEN: i64 = 100_000_000_000;
 /// Tasks that re-send emptied festival packets. Sends are rare beside claims (one per
 /// `--shares` claims), so a few keep up.
 const FESTIVAL_SENDER_TASKS: usize = 4;
-/// Draws a claimer makes for a slot that holds a live packet before it yields.
+/// Draws a claimer makes for a slot that holds a live packet before it yields. With a spare
+/// packet sent ahead for every slot, a slot is empty only while its re-sends fall behind.
 const PICK_TRIES: usize = 16;
 /// Connections (or tasks) used to create packets and fund senders before the load.
 pub(crate) const SETUP_CONCURRENCY: usize = 32;
@@ -98,11 +99,12 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
                 let senders: Vec<String> = (0..FESTIVAL_SENDERS).map(|i| format!("f{nonce}s{i}")).collect();
                 let total_fen = i64::from(shares) * SHARE_AVERAGE_FEN;
                 fund(&target, &senders, FESTIVAL_SENDER_FUND_FEN, &nonce).await?;
-                let pb = setup_bar(args.quiet, u64::from(packets), "creating packets");
-                let ids = create_packets(
+                // Every slot gets its live packet and a spare sent ahead (see `Slot`).
+                let pb = setup_bar(args.quiet, 2 * u64::from(packets), "creating packets");
+                let mut ids = create_packets(
                     &target,
                     &senders,
-                    packets as usize,
+                    2 * packets as usize,
                     shares,
                     total_fen,
                     &nonce,
@@ -113,8 +115,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
                 pb.finish_and_clear();
                 let (refill, refill_rx) = mpsc::unbounded_channel();
                 let (asks, asks_rx) = mpsc::unbounded_channel();
+                let spares = ids.split_off(packets as usize);
                 Ok(Plan::Festival {
-                    slots: ids.into_iter().map(AtomicU64::new).collect(),
+                    slots: ids.into_iter().zip(spares).map(|(live, spare)| Slot::new(live, spare)).collect(),
                     zipf: Zipf::new(packets as usize, args.zipf_s),
                     refill,
                     refill_rx: tokio::sync::Mutex::new(refill_rx),
@@ -491,8 +494,8 @@ enum Plan {
         prefix: String,
     },
     Festival {
-        /// Live packet ids by popularity rank; 0 while a slot waits for its re-send.
-        slots: Vec<AtomicU64>,
+        /// By popularity rank: the packet claimers draw, and its spare.
+        slots: Vec<Slot>,
         zipf: Zipf,
         /// Slots whose packet emptied: the refillers send a new packet into each.
         refill: mpsc::UnboundedSender<usize>,
@@ -538,13 +541,60 @@ impl Plan {
         }
     }
 
-    /// Festival: a claim on `packet` was turned away. The first claimer to see it empty asks
-    /// for a new packet in its slot.
+    /// Festival: a claim on `packet` was turned away. The first claimer to see it empty puts
+    /// the slot's spare in its place and asks for a new packet.
     fn festival_emptied(&self, slot: usize, packet: u64) {
         if let Plan::Festival { slots, refill, .. } = self {
-            if slots[slot].compare_exchange(packet, 0, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+            if slots[slot].emptied(packet) {
                 let _ = refill.send(slot);
             }
+        }
+    }
+}
+
+/// A festival slot: the packet its claimers draw, and a spare sent ahead. When the live packet
+/// empties, the spare takes its place at once, as a crowd moves to the next packet in the
+/// chat, and a refiller sends the slot a new spare. Without the spare, a hot slot stood empty
+/// from the moment its packet emptied until the re-send came back, and its claimers drew
+/// again and again meanwhile: in the batched in-process runs, drawing was about half of the
+/// load generator's time.
+pub(crate) struct Slot {
+    /// The live packet id, read on every draw; 0 while both it and the spare are owed.
+    live: AtomicU64,
+    /// The spare; 0 while its re-send is owed. Changes (rare: one per `--shares` claims)
+    /// take this lock, so a slot's live packet and spare move together.
+    spare: std::sync::Mutex<u64>,
+}
+
+impl Slot {
+    fn new(live: u64, spare: u64) -> Slot {
+        Slot { live: AtomicU64::new(live), spare: std::sync::Mutex::new(spare) }
+    }
+
+    fn live(&self) -> u64 {
+        self.live.load(Ordering::Acquire)
+    }
+
+    /// `packet` was seen empty: the spare (or nothing, when it is owed) becomes the live
+    /// packet. True for the first to report it, who owes the slot a re-send.
+    fn emptied(&self, packet: u64) -> bool {
+        let mut spare = self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.live.load(Ordering::Acquire) != packet {
+            return false;
+        }
+        self.live.store(std::mem::take(&mut *spare), Ordering::Release);
+        true
+    }
+
+    /// A re-send arrived: it fills the live place if that is owed, else the spare's. Every
+    /// re-send answers one `emptied`, so there is always a place owed.
+    fn resent(&self, id: u64) {
+        let mut spare = self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.live.load(Ordering::Acquire) == 0 {
+            self.live.store(id, Ordering::Release);
+        } else {
+            debug_assert_eq!(*spare, 0, "a re-send for a slot that owed none");
+            *spare = id;
         }
     }
 }
@@ -800,10 +850,10 @@ async fn batch_claimer(mut task: Task, w: usize, batch: usize) -> TaskEnd {
     end
 }
 
-fn pick(slots: &[AtomicU64], zipf: &Zipf, rng: &mut SmallRng) -> Option<(usize, u64)> {
+fn pick(slots: &[Slot], zipf: &Zipf, rng: &mut SmallRng) -> Option<(usize, u64)> {
     (0..PICK_TRIES).find_map(|_| {
         let k = zipf.sample(rng);
-        let id = slots[k].load(Ordering::Acquire);
+        let id = slots[k].live();
         (id != 0).then_some((k, id))
     })
 }
@@ -847,7 +897,8 @@ async fn next_before<T>(rx: &tokio::sync::Mutex<mpsc::UnboundedReceiver<T>>, dea
     }
 }
 
-/// Festival: sends a new packet into each slot whose packet emptied.
+/// Festival: sends each slot whose packet emptied a new packet (its spare, or its live one
+/// when the spare was already taken).
 async fn refiller(mut task: Task, r: usize) -> TaskEnd {
     let mut end = TaskEnd { requests: 0, last: None };
     let Some((mut client, go)) = task.start().await else { return end };
@@ -874,7 +925,7 @@ async fn refiller(mut task: Task, r: usize) -> TaskEnd {
         end.requests += 1;
         end.last = Some(now);
         match id {
-            Some(id) => slots[slot].store(id, Ordering::Release),
+            Some(id) => slots[slot].resent(id),
             None => {
                 if let Answer::Error(e) = &answer {
                     recorder.error_sample(e);
@@ -1042,4 +1093,30 @@ pub(crate) async fn create_packets(
         t.await.map_err(|e| anyhow!("a setup task panicked: {e}"))??;
     }
     Ok(ids.iter().map(|id| id.load(Ordering::Relaxed)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_emptied_packet_gives_way_to_its_spare_and_re_sends_fill_what_is_owed() {
+        let slot = Slot::new(1, 2);
+        assert!(slot.emptied(1), "the first to see packet 1 empty owes a re-send");
+        assert!(!slot.emptied(1), "a second report of the same packet owes none");
+        assert_eq!(slot.live(), 2, "the spare is live at once");
+
+        // The spare empties before the first re-send is back: the slot is empty meanwhile.
+        assert!(slot.emptied(2));
+        assert_eq!(slot.live(), 0);
+        slot.resent(3);
+        assert_eq!(slot.live(), 3, "a re-send fills the live place first");
+        slot.resent(4);
+        assert_eq!(slot.live(), 3, "then the spare's");
+        assert!(slot.emptied(3));
+        assert_eq!(slot.live(), 4);
+        // A report about a packet the slot no longer holds changes nothing.
+        assert!(!slot.emptied(2));
+        assert_eq!(slot.live(), 4);
+    }
 }
