@@ -558,7 +558,7 @@ impl Plan {
 /// from the moment its packet emptied until the re-send came back, and its claimers drew
 /// again and again meanwhile: in the batched in-process runs, drawing was about half of the
 /// load generator's time.
-pub(crate) struct Slot {
+struct Slot {
     /// The live packet id, read on every draw; 0 while both it and the spare are owed.
     live: AtomicU64,
     /// The spare; 0 while its re-send is owed. Changes (rare: one per `--shares` claims)
