@@ -68,7 +68,11 @@ async fn bench_over_http_counts_every_claim_and_passes_the_audit() {
     let c = &festival["claims"];
     assert_eq!(festival["audit_ok"], Value::Bool(true), "festival: {festival}");
     assert_eq!(c["errors"], 0, "festival: {festival}");
-    assert!(c["paid"].as_u64().unwrap() > 20, "festival: packets were emptied and sent again: {festival}");
+    // More than the 10 packets and their 10 spares hold: re-sent packets were claimed too.
+    assert!(
+        c["paid"].as_u64().unwrap() > 2 * 10 * 20,
+        "festival: packets were emptied and sent again: {festival}"
+    );
     assert!(c["paid_fen"].as_i64().unwrap() > 0);
     for op in ["send", "history"] {
         let o = &festival["ops"][op];
