@@ -1406,6 +1406,33 @@ mod tests {
         assert_eq!(sums.balances_fen, (1..=200).sum::<i64>());
     }
 
+    /// Polls, without waiting on the fold or waking it, until it has folded up to `seq`.
+    fn folded_by_itself(store: &JournalStore, seq: u64, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if lock(&store.shared.state).folded_seq >= seq {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    #[test]
+    fn the_fold_starts_by_itself_after_every_idle_spell() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, _reader) = open_journaled_sqlite(dir.path(), 0, 1).unwrap();
+        // Nobody waits here: the fold must start on its own after each idle spell. A commit
+        // that did not wake it would stay unfolded, the fold asleep on an empty queue.
+        for round in 1..=3u64 {
+            store.commit(&batch(&format!("idle{round}"), 5)).unwrap();
+            assert!(
+                folded_by_itself(&store, store.last_seq, FOLD_DELAY * 20),
+                "round {round}: a lone commit is folded after the gathering"
+            );
+        }
+    }
+
     #[test]
     fn a_catch_up_waits_for_what_was_committed_before_it_not_after() {
         let dir = tempfile::tempdir().unwrap();
