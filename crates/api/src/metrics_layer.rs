@@ -62,10 +62,12 @@ impl RequestTimer {
         }
     }
 
-    /// Counts the request and records its time under its route, method and status.
-    pub fn finish(self, res: &Response) {
+    /// Counts the request and records its time under its route, method and status; returns
+    /// that time.
+    pub fn finish(self, res: &Response) -> Duration {
         let route = self.route.as_ref().map_or("unmatched", MatchedPath::as_str);
-        let seconds = self.started.elapsed().as_secs_f64();
+        let took = self.started.elapsed();
+        let seconds = took.as_secs_f64();
         let status = res.status().as_u16();
         HANDLES.with_borrow_mut(|by_route| {
             // One lookup per request; the route's name is copied only the first time.
@@ -76,6 +78,7 @@ impl RequestTimer {
             record(&mut known, route, self.method, status, seconds);
             by_route.insert(route.to_string(), known);
         });
+        took
     }
 }
 

@@ -72,10 +72,11 @@ impl Harness {
             res.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         let retry_after =
             res.headers().get(header::RETRY_AFTER).map(|v| v.to_str().unwrap_or("").to_string());
+        let server_timing = res.headers().get("server-timing").map(|v| v.to_str().unwrap_or("").to_string());
         let bytes = to_bytes(res.into_body(), REPLY_BYTES_MAX).await.expect("reply body");
         let text = String::from_utf8_lossy(&bytes).into_owned();
         let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        Reply { status, content_type, retry_after, text, json }
+        Reply { status, content_type, retry_after, server_timing, text, json }
     }
 }
 
@@ -84,6 +85,7 @@ struct Reply {
     status: StatusCode,
     content_type: String,
     retry_after: Option<String>,
+    server_timing: Option<String>,
     text: String,
     json: Value,
 }
@@ -118,12 +120,24 @@ fn assert_time(v: &Value) {
     assert!(chrono::DateTime::parse_from_rfc3339(s).is_ok(), "not RFC 3339: {s}");
 }
 
+/// `Server-Timing: app;dur=MS.UUU`: the server's own time for the request, at most the test's.
+#[track_caller]
+fn assert_server_timing(r: &Reply) {
+    let v = r.server_timing.as_deref().unwrap_or_else(|| panic!("no Server-Timing: {r:?}"));
+    let ms = v.strip_prefix("app;dur=").unwrap_or_else(|| panic!("Server-Timing {v}"));
+    let (whole, frac) = ms.split_once('.').unwrap_or_else(|| panic!("Server-Timing {v}"));
+    assert!(frac.len() == 3 && frac.bytes().all(|b| b.is_ascii_digit()), "Server-Timing {v}");
+    let ms: f64 = ms.parse().unwrap_or_else(|_| panic!("Server-Timing {v}"));
+    assert!(whole.parse::<u64>().is_ok() && ms < 60_000.0, "Server-Timing {v}");
+}
+
 #[tokio::test]
 async fn open_endpoints_need_no_key() {
     let h = Harness::start();
 
     let r = h.call(Method::GET, "/healthz", None, None).await;
     assert_eq!(r.ok("healthz", 200)["status"], "ok");
+    assert_server_timing(&r);
     h.call(Method::GET, "/readyz", None, None).await.ok("readyz", 200);
 
     let r = h.call(Method::GET, "/docs", None, None).await;
@@ -212,6 +226,8 @@ async fn credentials_are_checked_before_anything_else() {
         for (what, key) in [("no key", None), ("wrong key", Some("hb_svc_wrong")), ("empty key", Some(""))] {
             let r = h.call(method.clone(), &path, key, body.clone()).await;
             r.problem(&format!("{method} {path} with {what}"), 401, "unauthorized");
+            // Refusals are timed too: the header comes from the layer around every route.
+            assert_server_timing(&r);
         }
         let req = Request::builder()
             .method(method.clone())

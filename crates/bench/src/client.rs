@@ -79,6 +79,14 @@ fn engine_answer<T>(r: Result<T, EngineError>, paid: impl FnOnce(&T) -> Option<i
 }
 
 impl Client {
+    /// The server's own time for the last answer, where it said (`Server-Timing`, over HTTP).
+    pub fn server_time(&self) -> Option<std::time::Duration> {
+        match self {
+            Client::Http(c) => c.server_time(),
+            Client::Engine(_) => None,
+        }
+    }
+
     pub async fn claim(&mut self, packet: u64, user: &str) -> Answer {
         match self {
             Client::Http(c) => c.claim(packet, user).await,

@@ -86,6 +86,8 @@ pub struct HttpClient {
     /// Where request bodies are formatted.
     scratch: String,
     claim_paths: HashMap<u64, Uri>,
+    /// The server's own time for the last answer (`Server-Timing: app;dur=`), if it said.
+    server_time: Option<Duration>,
 }
 
 impl HttpClient {
@@ -96,6 +98,7 @@ impl HttpClient {
             body: Vec::with_capacity(512),
             scratch: String::with_capacity(256),
             claim_paths: HashMap::new(),
+            server_time: None,
         };
         c.reconnect().await.map_err(|e| anyhow!(e))?;
         Ok(c)
@@ -142,10 +145,12 @@ impl HttpClient {
         }
         headers.insert(CONTENT_TYPE, self.endpoint.json.clone());
         let sender = self.sender.as_mut().expect("connected above");
+        self.server_time = None;
         let exchange = async {
             sender.ready().await.map_err(|e| format!("connection: {e}"))?;
             let resp = sender.send_request(req).await.map_err(|e| format!("request: {e}"))?;
             let status = resp.status();
+            self.server_time = resp.headers().get("server-timing").and_then(server_timing);
             let mut body = resp.into_body();
             self.body.clear();
             while let Some(frame) = body.frame().await {
@@ -167,6 +172,12 @@ impl HttpClient {
                 Err(format!("no answer within {} s", REQUEST_TIMEOUT.as_secs()))
             }
         }
+    }
+
+    /// What the server said its last answer took (`Server-Timing`); `None` if it did not say,
+    /// or the request got no answer.
+    pub fn server_time(&self) -> Option<Duration> {
+        self.server_time
     }
 
     fn unexpected(&self, what: &str, status: StatusCode) -> Answer {
@@ -285,6 +296,16 @@ impl HttpClient {
     }
 }
 
+/// The `dur` (milliseconds) of a `Server-Timing` header's `app` metric, as hongbao writes it:
+/// `app;dur=1.234`.
+pub fn server_timing(value: &HeaderValue) -> Option<Duration> {
+    let text = value.to_str().ok()?;
+    let metric = text.split(',').map(str::trim).find(|m| m.split(';').next() == Some("app"))?;
+    let dur = metric.split(';').find_map(|p| p.trim().strip_prefix("dur="))?;
+    let ms: f64 = dur.parse().ok()?;
+    (ms.is_finite() && ms >= 0.0).then(|| Duration::from_secs_f64(ms / 1000.0))
+}
+
 /// The integer after `"amount":` in a claim's answer, without parsing the JSON.
 pub fn scan_amount(body: &[u8]) -> Option<i64> {
     const KEY: &[u8] = b"\"amount\":";
@@ -301,6 +322,18 @@ pub fn scan_amount(body: &[u8]) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_the_servers_time_from_server_timing() {
+        let of = |v: &'static str| server_timing(&HeaderValue::from_static(v));
+        assert_eq!(of("app;dur=1.234"), Some(Duration::from_micros(1234)));
+        assert_eq!(of("app;dur=0.000"), Some(Duration::ZERO));
+        assert_eq!(of("db;dur=5, app;desc=\"x\";dur=12.5"), Some(Duration::from_micros(12_500)));
+        assert_eq!(of("db;dur=5"), None);
+        assert_eq!(of("app"), None);
+        assert_eq!(of("app;dur=-1"), None);
+        assert_eq!(of("app;dur=x"), None);
+    }
 
     #[test]
     fn scans_the_amount_of_a_claim() {

@@ -61,11 +61,18 @@ pub struct Slot {
     pub paid_fen: i64,
     /// One histogram per op, made on first use.
     pub latency_us: [Option<Histogram<u64>>; OPS],
+    /// The server's own time for the same answers, where it said (HTTP `Server-Timing`).
+    pub server_us: [Option<Histogram<u64>>; OPS],
 }
 
 impl Default for Slot {
     fn default() -> Slot {
-        Slot { counts: [[0; OUTCOMES]; OPS], paid_fen: 0, latency_us: [None, None, None, None] }
+        Slot {
+            counts: [[0; OUTCOMES]; OPS],
+            paid_fen: 0,
+            latency_us: [None, None, None, None],
+            server_us: [None, None, None, None],
+        }
     }
 }
 
@@ -89,7 +96,12 @@ impl Slot {
             }
         }
         self.paid_fen += other.paid_fen;
-        for (mine, theirs) in self.latency_us.iter_mut().zip(&other.latency_us) {
+        for (mine, theirs) in self
+            .latency_us
+            .iter_mut()
+            .zip(&other.latency_us)
+            .chain(self.server_us.iter_mut().zip(&other.server_us))
+        {
             if let Some(h) = theirs {
                 mine.get_or_insert_with(new_histogram).add(h).expect("histograms of equal bounds add");
             }
@@ -121,8 +133,25 @@ impl Recorder {
         paid_fen: i64,
         now: Instant,
     ) {
+        self.with_slot(now, |slot| {
+            slot.counts[op as usize][outcome as usize] += 1;
+            slot.paid_fen += paid_fen;
+            slot.latency_us[op as usize].get_or_insert_with(new_histogram).saturating_record(micros(latency));
+        });
+    }
+
+    /// Records the server's own time for an answer just counted by [`Recorder::record`], with
+    /// the same `now`.
+    pub fn record_server(self: &Arc<Recorder>, op: Op, took: Duration, now: Instant) {
+        self.with_slot(now, |slot| {
+            slot.server_us[op as usize].get_or_insert_with(new_histogram).saturating_record(micros(took));
+        });
+    }
+
+    /// Runs `f` on this thread's slot for the second `now` falls in, flushing the last one into
+    /// the timeline when the second (or the run) changed.
+    fn with_slot(self: &Arc<Recorder>, now: Instant, f: impl FnOnce(&mut Slot)) {
         let second = now.saturating_duration_since(self.start).as_secs() as usize;
-        let latency_us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX).clamp(1, LATENCY_US_MAX);
         LOCAL.with(|cell| {
             let mut local = cell.borrow_mut();
             let same_run = local.sink.as_ref().is_some_and(|s| Arc::ptr_eq(s, self));
@@ -131,11 +160,7 @@ impl Recorder {
                 local.sink = Some(self.clone());
                 local.second = second;
             }
-            local.slot.counts[op as usize][outcome as usize] += 1;
-            local.slot.paid_fen += paid_fen;
-            local.slot.latency_us[op as usize]
-                .get_or_insert_with(new_histogram)
-                .saturating_record(latency_us);
+            f(&mut local.slot);
         });
     }
 
@@ -166,7 +191,7 @@ impl Recorder {
         }
         let last_full = seconds.len().checked_sub(2).map(|k| {
             let s = &seconds[k];
-            Slot { counts: s.counts, paid_fen: s.paid_fen, latency_us: [None, None, None, None] }
+            Slot { counts: s.counts, paid_fen: s.paid_fen, ..Slot::default() }
         });
         (total, last_full)
     }
@@ -187,6 +212,11 @@ impl Recorder {
         }
         seconds[second].add(slot);
     }
+}
+
+/// A latency as a histogram value: microseconds, within the histogram's bounds.
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX).clamp(1, LATENCY_US_MAX)
 }
 
 fn add_counts(a: [[u64; OUTCOMES]; OPS], b: [[u64; OUTCOMES]; OPS]) -> [[u64; OUTCOMES]; OPS] {
@@ -220,7 +250,7 @@ impl Local {
             self.slot.counts = [[0; OUTCOMES]; OPS];
             self.slot.paid_fen = 0;
             // Reset rather than drop: the next second reuses the allocation.
-            for h in self.slot.latency_us.iter_mut().flatten() {
+            for h in self.slot.latency_us.iter_mut().chain(self.slot.server_us.iter_mut()).flatten() {
                 h.reset();
             }
         }

@@ -71,6 +71,9 @@ pub struct ClaimFigures {
     /// Paid plus turned away: requests the service answered with a decision.
     pub handled_per_s: f64,
     pub latency: Percentiles,
+    /// The server's own time for the same claims (HTTP `Server-Timing`); absent in process.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_latency: Option<Percentiles>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -82,6 +85,9 @@ pub struct OpFigures {
     pub per_s: f64,
     pub ok_per_s: f64,
     pub latency: Percentiles,
+    /// The server's own time for the same answers (HTTP `Server-Timing`); absent in process.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_latency: Option<Percentiles>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -130,6 +136,9 @@ pub struct Second {
     pub latency_us_p50: u64,
     pub latency_us_p99: u64,
     pub latency_us_max: u64,
+    /// The server's own p99 for this second's answers, where it said (HTTP).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_latency_us_p99: Option<u64>,
 }
 
 impl OpFigures {
@@ -142,8 +151,14 @@ impl OpFigures {
             per_s: rate(total.op_total(op), elapsed_s),
             ok_per_s: rate(total.count(op, Outcome::Ok), elapsed_s),
             latency: Percentiles::of(total.latency_us[op as usize].as_ref()),
+            server_latency: server_percentiles(total, op),
         }
     }
+}
+
+/// Percentiles of the server's own times for `op`, if any answer carried one.
+fn server_percentiles(slot: &Slot, op: Op) -> Option<Percentiles> {
+    slot.server_us[op as usize].as_ref().filter(|h| !h.is_empty()).map(|h| Percentiles::of(Some(h)))
 }
 
 pub fn rate(count: u64, elapsed_s: f64) -> f64 {
@@ -180,6 +195,7 @@ pub fn figures(
             paid_per_s: rate(paid, elapsed_s),
             handled_per_s: rate(paid + away, elapsed_s),
             latency: Percentiles::of(total.latency_us[Op::Claim as usize].as_ref()),
+            server_latency: server_percentiles(total, Op::Claim),
         }
     });
     let timeline = seconds
@@ -198,6 +214,7 @@ pub fn figures(
                 latency_us_p50: p.latency_us_p50,
                 latency_us_p99: p.latency_us_p99,
                 latency_us_max: p.latency_us_max,
+                server_latency_us_p99: server_percentiles(s, main).map(|p| p.latency_us_p99),
             }
         })
         .collect();
@@ -288,6 +305,18 @@ impl BenchResult {
                 ms(l.latency_us_p999),
                 ms(l.latency_us_max)
             );
+            if let Some(l) = &op.server_latency {
+                let _ = writeln!(
+                    s,
+                    "  {:<8} {:>58}  latency ms p50 {} p99 {} p99.9 {} max {}",
+                    "",
+                    "of which in the server (Server-Timing):",
+                    ms(l.latency_us_p50),
+                    ms(l.latency_us_p99),
+                    ms(l.latency_us_p999),
+                    ms(l.latency_us_max)
+                );
+            }
         }
         if let Some(st) = &self.storm {
             match st.emptied_after_s {
@@ -391,6 +420,37 @@ mod tests {
             notes: vec![],
             machine: Machine::default(),
         }
+    }
+
+    #[test]
+    fn the_servers_own_times_are_reported_where_it_gave_them() {
+        let mut slot = Slot::default();
+        slot.counts[Op::Claim as usize][Outcome::Ok as usize] = 3;
+        for us in [900, 1_000, 1_100] {
+            slot.latency_us[Op::Claim as usize]
+                .get_or_insert_with(crate::record::new_histogram)
+                .record(us)
+                .unwrap();
+        }
+        // In process nothing says: no server figures at all.
+        let (ops, claims, timeline) = figures(&slot, std::slice::from_ref(&slot), Op::Claim, 1.0);
+        let claims = serde_json::to_value(claims.unwrap()).unwrap();
+        assert!(claims.get("server_latency").is_none());
+        assert!(serde_json::to_value(&ops["claim"]).unwrap().get("server_latency").is_none());
+        assert!(serde_json::to_value(&timeline[0]).unwrap().get("server_latency_us_p99").is_none());
+        // Over HTTP each answer's Server-Timing lands beside its latency.
+        for us in [200, 300, 400] {
+            slot.server_us[Op::Claim as usize]
+                .get_or_insert_with(crate::record::new_histogram)
+                .record(us)
+                .unwrap();
+        }
+        let (ops, claims, timeline) = figures(&slot, std::slice::from_ref(&slot), Op::Claim, 1.0);
+        let server = claims.unwrap().server_latency.expect("server times");
+        assert_eq!(server.count, 3);
+        assert!((399..=401).contains(&server.latency_us_max), "{server:?}");
+        assert_eq!(ops["claim"].server_latency, Some(server));
+        assert_eq!(timeline[0].server_latency_us_p99, Some(server.latency_us_p99));
     }
 
     #[test]

@@ -79,6 +79,17 @@ async fn bench_over_http_counts_every_claim_and_passes_the_audit() {
         assert!(o["ok"].as_u64().is_some_and(|n| n > 0), "festival: no {op} answered: {festival}");
         assert_eq!(o["errors"], 0, "festival: {op}: {festival}");
     }
+    // Each claim's answer said how long the server took (Server-Timing), and that time is
+    // part of what the bench waited: the server's share of each percentile is at most the whole.
+    for (name, run) in [("storm", &storm), ("festival", &festival)] {
+        let (whole, server) = (&run["claims"]["latency"], &run["claims"]["server_latency"]);
+        assert_eq!(server["count"], whole["count"], "{name}: every claim was timed by the server: {run}");
+        for q in ["latency_us_p50", "latency_us_p99", "latency_us_max"] {
+            let (w, s) = (whole[q].as_u64().unwrap(), server[q].as_u64().unwrap());
+            // Both histograms keep 3 significant figures: equal values may differ by 0.1 %.
+            assert!(s <= w + w / 1000 + 1, "{name}: server {q} {s} µs above the bench's {w} µs: {run}");
+        }
+    }
 
     // The server's own audit, asked here and not by the bench, agrees: no fen lost.
     assert_audit_ok(&server.audit().await);
