@@ -738,9 +738,7 @@ async fn claimer(mut task: Task, w: usize) -> TaskEnd {
         };
         let now = Instant::now();
         recorder.record(op, answer.outcome(), now.saturating_duration_since(origin), answer.paid_fen(), now);
-        if let Some(took) = client.server_time() {
-            recorder.record_server(op, took, now);
-        }
+        recorder.record_server(op, client.server_time(), now);
         if let Answer::Error(e) = &answer {
             recorder.error_sample(e);
         }
@@ -882,9 +880,7 @@ async fn asker(mut task: Task) -> TaskEnd {
         };
         let now = Instant::now();
         recorder.record(Op::History, answer.outcome(), now.saturating_duration_since(origin), 0, now);
-        if let Some(took) = client.server_time() {
-            recorder.record_server(Op::History, took, now);
-        }
+        recorder.record_server(Op::History, client.server_time(), now);
         if let Answer::Error(e) = &answer {
             recorder.error_sample(e);
         }
@@ -928,9 +924,7 @@ async fn refiller(mut task: Task, r: usize) -> TaskEnd {
         let (answer, id) = client.send(sender, *total_fen, *shares, PACKET_EXPIRES_IN_S, &request_id).await;
         let now = Instant::now();
         recorder.record(Op::Send, answer.outcome(), now.saturating_duration_since(origin), 0, now);
-        if let Some(took) = client.server_time() {
-            recorder.record_server(Op::Send, took, now);
-        }
+        recorder.record_server(Op::Send, client.server_time(), now);
         end.requests += 1;
         end.last = Some(now);
         match id {

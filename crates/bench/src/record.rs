@@ -141,8 +141,9 @@ impl Recorder {
     }
 
     /// Records the server's own time for an answer just counted by [`Recorder::record`], with
-    /// the same `now`.
-    pub fn record_server(self: &Arc<Recorder>, op: Op, took: Duration, now: Instant) {
+    /// the same `now`; nothing when the answer did not carry one (in process, or no answer).
+    pub fn record_server(self: &Arc<Recorder>, op: Op, took: Option<Duration>, now: Instant) {
+        let Some(took) = took else { return };
         self.with_slot(now, |slot| {
             slot.server_us[op as usize].get_or_insert_with(new_histogram).saturating_record(micros(took));
         });

@@ -221,6 +221,17 @@ pub fn figures(
     (ops, claims, timeline)
 }
 
+/// `latency ms p50 … p99 … p99.9 … max …`, as the summary prints every latency.
+fn latencies(l: &Percentiles) -> String {
+    format!(
+        "latency ms p50 {} p99 {} p99.9 {} max {}",
+        ms(l.latency_us_p50),
+        ms(l.latency_us_p99),
+        ms(l.latency_us_p999),
+        ms(l.latency_us_max)
+    )
+}
+
 fn ms(us: u64) -> String {
     format!("{:.2}", us as f64 / 1000.0)
 }
@@ -292,29 +303,22 @@ impl BenchResult {
             );
         }
         for (name, op) in &self.ops {
-            let l = &op.latency;
             let _ = writeln!(
                 s,
-                "  {name:<8} {:>10}/s  ok {:>10}  refused {:>6}  errors {:>6}  latency ms p50 {} p99 {} p99.9 {} max {}",
+                "  {name:<8} {:>10}/s  ok {:>10}  refused {:>6}  errors {:>6}  {}",
                 thousands(op.per_s),
                 thousands(op.ok as f64),
                 thousands(op.overloaded as f64),
                 thousands(op.errors as f64),
-                ms(l.latency_us_p50),
-                ms(l.latency_us_p99),
-                ms(l.latency_us_p999),
-                ms(l.latency_us_max)
+                latencies(&op.latency)
             );
             if let Some(l) = &op.server_latency {
                 let _ = writeln!(
                     s,
-                    "  {:<8} {:>58}  latency ms p50 {} p99 {} p99.9 {} max {}",
+                    "  {:<8} {:>58}  {}",
                     "",
                     "of which in the server (Server-Timing):",
-                    ms(l.latency_us_p50),
-                    ms(l.latency_us_p99),
-                    ms(l.latency_us_p999),
-                    ms(l.latency_us_max)
+                    latencies(l)
                 );
             }
         }
@@ -424,14 +428,14 @@ mod tests {
 
     #[test]
     fn the_servers_own_times_are_reported_where_it_gave_them() {
+        let of = |values: [u64; 3]| {
+            let mut h = crate::record::new_histogram();
+            values.iter().for_each(|&us| h.record(us).unwrap());
+            Some(h)
+        };
         let mut slot = Slot::default();
         slot.counts[Op::Claim as usize][Outcome::Ok as usize] = 3;
-        for us in [900, 1_000, 1_100] {
-            slot.latency_us[Op::Claim as usize]
-                .get_or_insert_with(crate::record::new_histogram)
-                .record(us)
-                .unwrap();
-        }
+        slot.latency_us[Op::Claim as usize] = of([900, 1_000, 1_100]);
         // In process nothing says: no server figures at all.
         let (ops, claims, timeline) = figures(&slot, std::slice::from_ref(&slot), Op::Claim, 1.0);
         let claims = serde_json::to_value(claims.unwrap()).unwrap();
@@ -439,12 +443,7 @@ mod tests {
         assert!(serde_json::to_value(&ops["claim"]).unwrap().get("server_latency").is_none());
         assert!(serde_json::to_value(&timeline[0]).unwrap().get("server_latency_us_p99").is_none());
         // Over HTTP each answer's Server-Timing lands beside its latency.
-        for us in [200, 300, 400] {
-            slot.server_us[Op::Claim as usize]
-                .get_or_insert_with(crate::record::new_histogram)
-                .record(us)
-                .unwrap();
-        }
+        slot.server_us[Op::Claim as usize] = of([200, 300, 400]);
         let (ops, claims, timeline) = figures(&slot, std::slice::from_ref(&slot), Op::Claim, 1.0);
         let server = claims.unwrap().server_latency.expect("server times");
         assert_eq!(server.count, 3);
