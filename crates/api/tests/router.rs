@@ -120,7 +120,8 @@ fn assert_time(v: &Value) {
     assert!(chrono::DateTime::parse_from_rfc3339(s).is_ok(), "not RFC 3339: {s}");
 }
 
-/// `Server-Timing: app;dur=MS.UUU`: the server's own time for the request, at most the test's.
+/// `Server-Timing: app;dur=MS.UUU`: the server's own time for the request, in milliseconds to
+/// the microsecond, under a minute.
 #[track_caller]
 fn assert_server_timing(r: &Reply) {
     let v = r.server_timing.as_deref().unwrap_or_else(|| panic!("no Server-Timing: {r:?}"));
