@@ -6,7 +6,7 @@
 //! formatted into a reused buffer and responses are read into another. It never parses a
 //! claim's JSON: the status says what happened and the amount is scanned from the bytes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -283,6 +283,18 @@ impl HttpClient {
         }
     }
 
+    /// `GET /metrics`: the server's CPU seconds by what its threads do ([`cpu_seconds`]).
+    pub async fn cpu_seconds(&mut self) -> anyhow::Result<Option<BTreeMap<String, f64>>> {
+        let status = self
+            .call(Method::GET, Uri::from_static("/metrics"), Key::None, Bytes::new())
+            .await
+            .map_err(|e| anyhow!("metrics: {e}"))?;
+        if status != StatusCode::OK {
+            bail!("metrics: {status}");
+        }
+        Ok(cpu_seconds(std::str::from_utf8(&self.body).context("metrics are not text")?))
+    }
+
     /// `GET /v1/admin/audit`, as the server wrote it.
     pub async fn audit(&mut self) -> anyhow::Result<serde_json::Value> {
         let status = self
@@ -294,6 +306,20 @@ impl HttpClient {
         }
         serde_json::from_slice(&self.body).context("audit answer is not JSON")
     }
+}
+
+/// The server's CPU seconds by what its threads do, from the `hongbao_cpu_seconds_total`
+/// lines of its `/metrics`; `None` when it reports none (another server, or not Linux).
+pub fn cpu_seconds(metrics: &str) -> Option<BTreeMap<String, f64>> {
+    const FAMILY: &str = "hongbao_cpu_seconds_total{threads=\"";
+    let found: BTreeMap<String, f64> = metrics
+        .lines()
+        .filter_map(|line| {
+            let (kind, value) = line.strip_prefix(FAMILY)?.split_once("\"} ")?;
+            Some((kind.to_string(), value.trim().parse().ok()?))
+        })
+        .collect();
+    (!found.is_empty()).then_some(found)
 }
 
 /// The `dur` (milliseconds) of a `Server-Timing` header's `app` metric, as hongbao writes it:
@@ -322,6 +348,20 @@ pub fn scan_amount(body: &[u8]) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_the_servers_cpu_by_threads_from_its_metrics() {
+        let metrics = "# TYPE hongbao_cpu_seconds_total counter\n\
+                       hongbao_cpu_seconds_total{threads=\"tokio\"} 12.34\n\
+                       hongbao_cpu_seconds_total{threads=\"fold\"} 0.50\n\
+                       hongbao_cpu_seconds_total_other{threads=\"x\"} 9\n\
+                       http_requests_total{route=\"/healthz\"} 7\n";
+        let cpu = cpu_seconds(metrics).expect("two kinds");
+        assert_eq!(cpu.len(), 2, "{cpu:?}");
+        assert_eq!(cpu["tokio"], 12.34);
+        assert_eq!(cpu["fold"], 0.5);
+        assert_eq!(cpu_seconds("http_requests_total 7\n"), None);
+    }
 
     #[test]
     fn reads_the_servers_time_from_server_timing() {

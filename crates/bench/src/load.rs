@@ -7,6 +7,7 @@
 //! its last one is answered, so `--concurrency` is the number in flight); `--rate` makes it an
 //! open loop whose latencies count from when each request was due.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -191,7 +192,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
         None => None,
     };
     let main_op = if scenario == Scenario::Ceiling { Op::Health } else { Op::Claim };
-    let (recorder, ends, cpu) = control.block_on(async {
+    let (recorder, ends, cpu, server_cpu_before) = control.block_on(async {
         for _ in 0..tasks {
             match ready_rx.recv().await {
                 Some(Ok(())) => {}
@@ -199,6 +200,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
                 None => bail!("the load tasks stopped before starting"),
             }
         }
+        // After the setup (deposits, the first packets), so only the load is counted.
+        let server_cpu_before = server_cpu(&started).await;
         let loadavg_before = machine::loadavg_1m();
         let cpu_before = CpuSample::now();
         let start = Instant::now();
@@ -226,7 +229,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
         let cpu = CpuUse::between(cpu_before, CpuSample::now(), loadavg_before);
         let _ = stop_tx.send(());
         let _ = ticker.await;
-        Ok((recorder, ends, cpu))
+        Ok((recorder, ends, cpu, server_cpu_before))
     })?;
 
     let start = recorder.start;
@@ -288,10 +291,19 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
             audit_started.elapsed().as_secs_f64()
         ));
     }
+    let server_cpu_after = control.block_on(server_cpu(&started));
+    let requests = total.requests();
+    let server_cpu_us_per_request = match (server_cpu_before, server_cpu_after) {
+        (Ok(Some(before)), Ok(Some(after))) => report::cpu_per_request_us(&before, &after, requests),
+        (Err(e), _) | (_, Err(e)) => {
+            notes.push(format!("cannot read the server's CPU from its /metrics: {e:#}"));
+            None
+        }
+        _ => None,
+    };
     let store = started.store.clone();
     control.block_on(started.stop());
 
-    let requests = total.requests();
     Ok(BenchResult {
         scenario: scenario.name().to_string(),
         mode: if args.in_process { "in_process" } else { "http" }.to_string(),
@@ -318,6 +330,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
         storm,
         resident: None,
         cpu: Some(cpu),
+        server_cpu_us_per_request,
         timeline,
         audit,
         audit_ok,
@@ -432,6 +445,14 @@ pub(crate) fn start_engine(args: &BenchArgs) -> anyhow::Result<(Engine, Option<t
     }
     .map_err(|e| anyhow!("cannot start the engine: {e}"))?;
     Ok((engine, dir))
+}
+
+/// The server's CPU seconds by thread kind (`/metrics`), over HTTP; `Ok(None)` in process, or
+/// from a server that does not report them.
+async fn server_cpu(started: &Started) -> anyhow::Result<Option<BTreeMap<String, f64>>> {
+    let Target::Http(_) = &started.target else { return Ok(None) };
+    let Client::Http(mut c) = started.target.client().await? else { unreachable!("an HTTP target") };
+    c.cpu_seconds().await
 }
 
 async fn audit(started: &Started, notes: &mut Vec<String>) -> (Option<serde_json::Value>, Option<bool>) {

@@ -33,6 +33,11 @@ pub struct BenchResult {
     pub resident: Option<ResidentFigures>,
     /// How busy the CPUs were during the load, and who kept them busy.
     pub cpu: Option<CpuUse>,
+    /// Over HTTP, from the server's `/metrics` before the load and after the audit: its CPU
+    /// per request answered, in µs, by what its threads do (`tokio`: HTTP and queries; `set`,
+    /// `fold`, `checkpoint`, `other`) and `all`. After the audit, so on SQLite it holds the
+    /// fold of every claim of the run. `None` in process, or from a server that does not say.
+    pub server_cpu_us_per_request: Option<BTreeMap<String, f64>>,
     /// One row per second of the run.
     pub timeline: Vec<Second>,
     /// The server's (or engine's) audit after the load, as it answered; `None` when skipped.
@@ -286,6 +291,9 @@ impl BenchResult {
                 cpu.loadavg_1m_before
             );
         }
+        if let Some(per) = &self.server_cpu_us_per_request {
+            let _ = writeln!(s, "  server cpu per request: {}", cpu_line(per));
+        }
         if let Some(k) = &self.claims {
             let _ = writeln!(
                 s,
@@ -381,6 +389,40 @@ impl BenchResult {
     }
 }
 
+/// The order the server's thread kinds are printed in; kinds it adds later follow.
+const THREAD_KINDS: [&str; 5] = ["tokio", "set", "fold", "checkpoint", "other"];
+
+/// The server's CPU per request, in µs, by thread kind and in `all`: the growth of each of
+/// its counters between two reads of `/metrics`, over the `requests` answered in between.
+pub fn cpu_per_request_us(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+    requests: u64,
+) -> Option<BTreeMap<String, f64>> {
+    if requests == 0 {
+        return None;
+    }
+    let per = |seconds: f64| (seconds.max(0.0) * 1e6 / requests as f64 * 100.0).round() / 100.0;
+    let mut out: BTreeMap<String, f64> = after
+        .iter()
+        .map(|(kind, &s)| (kind.clone(), per(s - before.get(kind).copied().unwrap_or(0.0))))
+        .collect();
+    let all = after.iter().map(|(kind, &s)| s - before.get(kind).copied().unwrap_or(0.0)).sum();
+    out.insert("all".into(), per(all));
+    Some(out)
+}
+
+/// `tokio 27.19, set 7.50, …, all 49.20 µs`.
+fn cpu_line(per: &BTreeMap<String, f64>) -> String {
+    let known = THREAD_KINDS.iter().filter_map(|k| per.get_key_value(*k));
+    let more = per.iter().filter(|(k, _)| !THREAD_KINDS.contains(&k.as_str()) && *k != "all");
+    let mut parts: Vec<String> = known.chain(more).map(|(k, v)| format!("{k} {v:.2}")).collect();
+    if let Some(all) = per.get("all") {
+        parts.push(format!("all {all:.2}"));
+    }
+    format!("{} µs", parts.join(", "))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -417,6 +459,7 @@ mod tests {
             storm: None,
             resident: None,
             cpu: None,
+            server_cpu_us_per_request: None,
             timeline,
             audit: Some(serde_json::json!({"ok": true})),
             audit_ok: Some(true),
@@ -450,6 +493,31 @@ mod tests {
         assert!((399..=401).contains(&server.latency_us_max), "{server:?}");
         assert_eq!(ops["claim"].server_latency, Some(server));
         assert_eq!(timeline[0].server_latency_us_p99, Some(server.latency_us_p99));
+    }
+
+    #[test]
+    fn the_servers_cpu_is_divided_by_the_requests_and_printed_in_order() {
+        let at = |pairs: &[(&str, f64)]| pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        let before = at(&[("tokio", 10.0), ("set", 1.0), ("fold", 2.0), ("other", 0.5)]);
+        // A kind the bench does not know is kept; one missing before counts from zero.
+        let after = at(&[("tokio", 12.7), ("set", 1.5), ("fold", 3.0), ("other", 0.5), ("new", 0.1)]);
+        let per = cpu_per_request_us(&before, &after, 100_000).expect("requests");
+        assert_eq!(per["tokio"], 27.0);
+        assert_eq!(per["set"], 5.0);
+        assert_eq!(per["fold"], 10.0);
+        assert_eq!(per["other"], 0.0);
+        assert_eq!(per["new"], 1.0);
+        assert_eq!(per["all"], 43.0);
+        assert_eq!(cpu_per_request_us(&before, &after, 0), None);
+        let mut r = sample();
+        r.server_cpu_us_per_request = Some(per);
+        assert!(
+            r.summary().contains(
+                "server cpu per request: tokio 27.00, set 5.00, fold 10.00, other 0.00, new 1.00, all 43.00 µs"
+            ),
+            "{}",
+            r.summary()
+        );
     }
 
     #[test]

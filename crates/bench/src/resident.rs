@@ -170,6 +170,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
             restart_escrow_matches,
         }),
         cpu: None,
+        server_cpu_us_per_request: None,
         timeline: Vec::new(),
         audit_ok: Some(audit.ok),
         audit: Some(audit_json),

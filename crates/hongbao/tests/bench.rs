@@ -90,6 +90,22 @@ async fn bench_over_http_counts_every_claim_and_passes_the_audit() {
             assert!(s <= w + w / 1000 + 1, "{name}: server {q} {s} µs above the bench's {w} µs: {run}");
         }
     }
+    // The server said what its CPU went to (`/metrics`), and the bench divided it by the
+    // requests: the HTTP workers did work for every run, and `all` is the sum of the kinds.
+    for (name, run) in [("storm", &storm), ("festival", &festival)] {
+        let per = run["server_cpu_us_per_request"].as_object().unwrap_or_else(|| panic!("{name}: {run}"));
+        for kind in ["tokio", "set", "fold", "checkpoint", "other", "all"] {
+            assert!(per.get(kind).and_then(Value::as_f64).is_some_and(|v| v >= 0.0), "{name}: {kind}: {run}");
+        }
+        assert!(per["tokio"].as_f64().unwrap() > 0.0, "{name}: the workers used no CPU: {run}");
+        let parts: f64 = per.iter().filter(|(k, _)| *k != "all").map(|(_, v)| v.as_f64().unwrap()).sum();
+        let all = per["all"].as_f64().unwrap();
+        // Each figure is rounded to 0.01 µs on its own.
+        assert!(
+            (parts - all).abs() <= 0.01 * per.len() as f64,
+            "{name}: parts {parts} against all {all}: {run}"
+        );
+    }
 
     // The server's own audit, asked here and not by the bench, agrees: no fen lost.
     assert_audit_ok(&server.audit().await);
