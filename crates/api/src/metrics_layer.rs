@@ -161,9 +161,11 @@ pub async fn render(State(s): State<AppState>) -> impl IntoResponse {
 
 /// What the server's threads do, by the names they give themselves (`/proc`'s `comm`, cut to
 /// 15 bytes): the label of `hongbao_cpu_seconds_total`, in the order it is written.
-const THREAD_KINDS: [(&str, &str); 4] = [
-    // HTTP handlers, and queries on tokio's blocking pool (the same name).
+const THREAD_KINDS: [(&str, &str); 5] = [
+    // HTTP handlers (and what else tokio runs).
     ("tokio", "tokio-"),
+    // tokio's blocking threads name themselves so once they have run a query.
+    ("query", "hongbao-query"),
     ("set", "hongbao-set-"),
     ("fold", "hongbao-fold-"),
     ("checkpoint", "hongbao-checkpo"),
@@ -258,7 +260,7 @@ mod tests {
     fn cpu_by_threads_names_every_kind_and_counts_a_busy_thread() {
         let before = cpu_by_threads().expect("Linux has /proc/self");
         let kinds: Vec<&str> = before.seconds.iter().map(|(k, _)| *k).collect();
-        assert_eq!(kinds, ["tokio", "set", "fold", "checkpoint", "other"]);
+        assert_eq!(kinds, ["tokio", "query", "set", "fold", "checkpoint", "other"]);
         // Half a second of CPU on a thread of no known kind shows under `other`. The thread
         // spins until the kernel has counted that much for it, however busy the machine is.
         // SAFETY: sysconf reads a constant of the C library.

@@ -155,7 +155,7 @@ async fn open_endpoints_need_no_key() {
     // On the default store (SQLite behind its journal), how far the fold trails, per set.
     assert!(r.text.contains("hongbao_store_unapplied_commits{set=\"0\"}"), "metrics: {}", r.text);
     // The CPU the threads used, by what they do: the set and its fold run here as in a server.
-    for kind in ["tokio", "set", "fold", "checkpoint", "other"] {
+    for kind in ["tokio", "query", "set", "fold", "checkpoint", "other"] {
         let line = format!("hongbao_cpu_seconds_total{{threads=\"{kind}\"}} ");
         assert!(r.text.lines().any(|l| l.starts_with(&line)), "metrics: {}", r.text);
     }

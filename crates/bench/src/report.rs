@@ -390,7 +390,7 @@ impl BenchResult {
 }
 
 /// The order the server's thread kinds are printed in; kinds it adds later follow.
-const THREAD_KINDS: [&str; 5] = ["tokio", "set", "fold", "checkpoint", "other"];
+const THREAD_KINDS: [&str; 6] = ["tokio", "query", "set", "fold", "checkpoint", "other"];
 
 /// The server's CPU per request, in µs, by thread kind and in `all`: the growth of each of
 /// its counters between two reads of `/metrics`, over the `requests` answered in between.

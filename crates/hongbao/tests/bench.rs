@@ -94,7 +94,7 @@ async fn bench_over_http_counts_every_claim_and_passes_the_audit() {
     // requests: the HTTP workers did work for every run, and `all` is the sum of the kinds.
     for (name, run) in [("storm", &storm), ("festival", &festival)] {
         let per = run["server_cpu_us_per_request"].as_object().unwrap_or_else(|| panic!("{name}: {run}"));
-        for kind in ["tokio", "set", "fold", "checkpoint", "other", "all"] {
+        for kind in ["tokio", "query", "set", "fold", "checkpoint", "other", "all"] {
             assert!(per.get(kind).and_then(Value::as_f64).is_some_and(|v| v >= 0.0), "{name}: {kind}: {run}");
         }
         assert!(per["tokio"].as_f64().unwrap() > 0.0, "{name}: the workers used no CPU: {run}");
