@@ -174,8 +174,8 @@ const THREAD_KINDS: [(&str, &str); 5] = [
 /// CPU seconds (user and system) the process has used, by what its threads do: the kinds of
 /// [`THREAD_KINDS`], then `other` (everything else, and threads that have exited).
 #[derive(Debug, Clone, PartialEq)]
-pub struct CpuByThreads {
-    pub seconds: Vec<(&'static str, f64)>,
+struct CpuByThreads {
+    seconds: Vec<(&'static str, f64)>,
 }
 
 impl CpuByThreads {
@@ -194,12 +194,8 @@ impl CpuByThreads {
 
 /// Reads this process's CPU time by thread kind from `/proc/self` (Linux). `None` elsewhere, or
 /// where `/proc` cannot be read: the metric is then left out, not reported as zero.
-pub fn cpu_by_threads() -> Option<CpuByThreads> {
-    // SAFETY: sysconf reads a constant of the C library and touches no memory of ours.
-    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if ticks_per_s <= 0 {
-        return None;
-    }
+fn cpu_by_threads() -> Option<CpuByThreads> {
+    let ticks_per_s = ticks_per_s()?;
     // The process's own figure counts its exited threads too, so `other` never goes back.
     let total = cpu_ticks(&std::fs::read_to_string("/proc/self/stat").ok()?)?;
     let mut by_kind = [0u64; THREAD_KINDS.len()];
@@ -222,6 +218,12 @@ pub fn cpu_by_threads() -> Option<CpuByThreads> {
         THREAD_KINDS.iter().zip(by_kind).map(|((kind, _), ticks)| (*kind, seconds(ticks))).collect();
     out.push(("other", seconds(total.saturating_sub(named))));
     Some(CpuByThreads { seconds: out })
+}
+
+/// The kernel's clock ticks per second, the unit of `/proc`'s CPU times.
+fn ticks_per_s() -> Option<u64> {
+    // SAFETY: sysconf reads a constant of the C library and touches no memory of ours.
+    u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok().filter(|&t| t > 0)
 }
 
 /// utime + stime, in clock ticks, from a `/proc/.../stat` line (proc(5): fields 14 and 15).
@@ -263,8 +265,7 @@ mod tests {
         assert_eq!(kinds, ["tokio", "query", "set", "fold", "checkpoint", "other"]);
         // Half a second of CPU on a thread of no known kind shows under `other`. The thread
         // spins until the kernel has counted that much for it, however busy the machine is.
-        // SAFETY: sysconf reads a constant of the C library.
-        let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        let ticks_per_s = ticks_per_s().expect("clock ticks");
         std::thread::spawn(move || {
             let own = || cpu_ticks(&std::fs::read_to_string("/proc/thread-self/stat").expect("own stat"));
             let mut x = 0u64;

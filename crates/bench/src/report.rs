@@ -34,7 +34,7 @@ pub struct BenchResult {
     /// How busy the CPUs were during the load, and who kept them busy.
     pub cpu: Option<CpuUse>,
     /// Over HTTP, from the server's `/metrics` before the load and after the audit: its CPU
-    /// per request answered, in µs, by what its threads do (`tokio`: HTTP and queries; `set`,
+    /// per request answered, in µs, by what its threads do (`tokio`: HTTP; `query`, `set`,
     /// `fold`, `checkpoint`, `other`) and `all`. After the audit, so on SQLite it holds the
     /// fold of every claim of the run. `None` in process, or from a server that does not say.
     pub server_cpu_us_per_request: Option<BTreeMap<String, f64>>,
@@ -403,11 +403,10 @@ pub fn cpu_per_request_us(
         return None;
     }
     let per = |seconds: f64| (seconds.max(0.0) * 1e6 / requests as f64 * 100.0).round() / 100.0;
-    let mut out: BTreeMap<String, f64> = after
-        .iter()
-        .map(|(kind, &s)| (kind.clone(), per(s - before.get(kind).copied().unwrap_or(0.0))))
-        .collect();
-    let all = after.iter().map(|(kind, &s)| s - before.get(kind).copied().unwrap_or(0.0)).sum();
+    let grown: Vec<(&String, f64)> =
+        after.iter().map(|(kind, &s)| (kind, s - before.get(kind).copied().unwrap_or(0.0))).collect();
+    let all = grown.iter().map(|(_, s)| s).sum();
+    let mut out: BTreeMap<String, f64> = grown.into_iter().map(|(kind, s)| (kind.clone(), per(s))).collect();
     out.insert("all".into(), per(all));
     Some(out)
 }
