@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::Method;
 use axum::response::{IntoResponse, Response};
+use hongbao_engine::threads;
 use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
@@ -159,17 +160,20 @@ pub async fn render(State(s): State<AppState>) -> impl IntoResponse {
     ([("content-type", "text/plain; version=0.0.4")], text)
 }
 
-/// What the server's threads do, by the names they give themselves (`/proc`'s `comm`, cut to
-/// 15 bytes): the label of `hongbao_cpu_seconds_total`, in the order it is written.
+/// What the server's threads do, by the start of the names they give themselves: the label
+/// of `hongbao_cpu_seconds_total`, in the order it is written.
 const THREAD_KINDS: [(&str, &str); 5] = [
     // HTTP handlers (and what else tokio runs).
     ("tokio", "tokio-"),
     // tokio's blocking threads name themselves so once they have run a query.
-    ("query", "hongbao-query"),
-    ("set", "hongbao-set-"),
-    ("fold", "hongbao-fold-"),
-    ("checkpoint", "hongbao-checkpo"),
+    ("query", threads::QUERY_THREAD),
+    ("set", threads::SET_THREAD),
+    ("fold", threads::FOLD_THREAD),
+    ("checkpoint", threads::CHECKPOINT_THREAD),
 ];
+
+/// The kernel keeps the first 15 bytes of a thread's name (`comm`).
+const THREAD_NAME_BYTES_MAX: usize = 15;
 
 /// CPU seconds (user and system) the process has used, by what its threads do: the kinds of
 /// [`THREAD_KINDS`], then `other` (everything else, and threads that have exited).
@@ -200,17 +204,15 @@ fn cpu_by_threads() -> Option<CpuByThreads> {
     let total = cpu_ticks(&std::fs::read_to_string("/proc/self/stat").ok()?)?;
     let mut by_kind = [0u64; THREAD_KINDS.len()];
     for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
-        // A thread can exit between the listing and the reads: it then counts under `other`.
-        let (Ok(name), Ok(stat)) = (
-            std::fs::read_to_string(task.path().join("comm")),
-            std::fs::read_to_string(task.path().join("stat")),
-        ) else {
-            continue;
-        };
-        let Some(kind) = THREAD_KINDS.iter().position(|(_, prefix)| name.starts_with(prefix)) else {
-            continue;
-        };
-        by_kind[kind] += cpu_ticks(&stat).unwrap_or(0);
+        // A thread can exit between the listing and the read: it then counts under `other`.
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
+        let Some(name) = thread_name(&stat) else { continue };
+        let kind = THREAD_KINDS.iter().position(|(_, prefix)| {
+            name.as_bytes().starts_with(&prefix.as_bytes()[..prefix.len().min(THREAD_NAME_BYTES_MAX)])
+        });
+        if let Some(kind) = kind {
+            by_kind[kind] += cpu_ticks(&stat).unwrap_or(0);
+        }
     }
     let seconds = |ticks: u64| ticks as f64 / ticks_per_s as f64;
     let named: u64 = by_kind.iter().sum();
@@ -224,6 +226,12 @@ fn cpu_by_threads() -> Option<CpuByThreads> {
 fn ticks_per_s() -> Option<u64> {
     // SAFETY: sysconf reads a constant of the C library and touches no memory of ours.
     u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok().filter(|&t| t > 0)
+}
+
+/// The thread's name (`comm`) from its `/proc/.../stat` line: between the first `(` and the
+/// last `)`, since the name itself may hold either.
+fn thread_name(stat: &str) -> Option<&str> {
+    stat.get(stat.find('(')? + 1..stat.rfind(')')?)
 }
 
 /// utime + stime, in clock ticks, from a `/proc/.../stat` line (proc(5): fields 14 and 15).
@@ -254,6 +262,7 @@ mod tests {
     fn cpu_ticks_are_read_after_the_name_whatever_it_holds() {
         let stat = "4242 (a (b) c) S 1 2 3 4 5 6 7 8 9 10 1200 34 0 0 20 0 9 0 100 0 0";
         assert_eq!(cpu_ticks(stat), Some(1234));
+        assert_eq!(thread_name(stat), Some("a (b) c"));
         assert_eq!(cpu_ticks("4242 (cut short) S 1 2"), None);
         assert_eq!(cpu_ticks("no name at all"), None);
     }

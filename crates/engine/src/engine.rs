@@ -19,6 +19,9 @@ use crate::closed::ClosedPackets;
 use crate::reply::*;
 use crate::set::{self, Command, SetContext};
 
+/// What a set's thread is called, followed by the set's index.
+pub const SET_THREAD: &str = "hongbao-set-";
+
 /// The default [`EngineConfig::commit_spacing`]. In the HTTP festival (2 sets, 256
 /// connections) the sets committed about 1,600 times a second each, 15 claims a commit, and
 /// the `fdatasync`s were most of their CPU; 1 ms spacing adds at most a millisecond to a claim
@@ -223,7 +226,7 @@ impl Engine {
             };
             let (tx, started_rx) = std::sync::mpsc::channel();
             let handle = std::thread::Builder::new()
-                .name(format!("hongbao-set-{set}"))
+                .name(format!("{SET_THREAD}{set}"))
                 .spawn(move || {
                     // A panic in a set is a broken invariant: stop the whole process rather
                     // than keep serving with a set that no longer answers (fail-stop; the

@@ -14,3 +14,11 @@ mod sim;
 
 pub use engine::{Engine, EngineConfig, COMMIT_SPACING_DEFAULT};
 pub use reply::*;
+
+/// What the engine's threads and its store's call themselves, for whoever reports on them
+/// (the CPU by thread kind in `/metrics`).
+pub mod threads {
+    pub use crate::engine::SET_THREAD;
+    pub use crate::queries::QUERY_THREAD;
+    pub use hongbao_store::{CHECKPOINT_THREAD, FOLD_THREAD};
+}

@@ -45,7 +45,7 @@ async fn read<T: Send + 'static>(
 /// What a thread that has run a query calls itself (`/proc`'s `comm`, `top -H`): tokio gives
 /// its blocking threads the workers' name, and an operator, or the CPU by thread kind in
 /// `/metrics`, should tell the HTTP workers from the queries.
-const QUERY_THREAD: &std::ffi::CStr = c"hongbao-query";
+pub const QUERY_THREAD: &str = "hongbao-query";
 
 /// Names the calling thread [`QUERY_THREAD`], once per thread (Linux; elsewhere nothing).
 fn name_query_thread() {
@@ -55,10 +55,10 @@ fn name_query_thread() {
     }
     NAMED.set(true);
     #[cfg(target_os = "linux")]
-    {
-        // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes, which
-        // QUERY_THREAD is, and names only the calling thread.
-        unsafe { libc::prctl(libc::PR_SET_NAME, QUERY_THREAD.as_ptr(), 0, 0, 0) };
+    if let Ok(name) = std::ffi::CString::new(QUERY_THREAD) {
+        // SAFETY: PR_SET_NAME reads a NUL-terminated string (the kernel keeps its first 15
+        // bytes) and names only the calling thread.
+        unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr(), 0, 0, 0) };
     }
 }
 
@@ -263,7 +263,7 @@ mod tests {
         })
         .join()
         .expect("thread");
-        assert_eq!(Some(name.trim()), QUERY_THREAD.to_str().ok());
+        assert_eq!(name.trim(), QUERY_THREAD);
     }
 
     #[test]

@@ -49,6 +49,9 @@ use crate::{
     Batch, EntryRow, Loaded, PacketRow, Reader, ReceivedPage, Result, SentPage, Store, StoreError, StoreSums,
 };
 
+/// What a set's fold thread is called, followed by the set's index.
+pub const FOLD_THREAD: &str = "hongbao-fold-";
+
 /// Marks the start of every record: a torn or foreign file shows at once.
 const MAGIC: u32 = 0x4842_4a31; // "HBJ1"
 
@@ -156,7 +159,7 @@ pub fn open_journaled_sqlite(dir: &Path, set: u32, sets: u32) -> Result<(Journal
     let fold = {
         let shared = shared.clone();
         std::thread::Builder::new()
-            .name(format!("hongbao-fold-{set}"))
+            .name(format!("{FOLD_THREAD}{set}"))
             .spawn(move || {
                 // The set threads (and the HTTP workers) win the CPU whenever they want it,
                 // so a burst of claims is absorbed at the journal's speed and the fold catches

@@ -12,13 +12,13 @@ mod postgres;
 mod sqlite;
 mod users;
 
-pub use journal::{open_journaled_sqlite, CatchUp, JournalReader, JournalStore};
+pub use journal::{open_journaled_sqlite, CatchUp, JournalReader, JournalStore, FOLD_THREAD};
 pub use null::{NullReader, NullStore};
 pub use postgres::{
     archive_postgres, make_postgres_day_partitions, open_postgres, open_postgres_reader, ArchiveReport,
     ArchivedDay, PgReader, PgStore, SkippedDay,
 };
-pub use sqlite::{open_sqlite, SqliteReader, SqliteStore};
+pub use sqlite::{open_sqlite, SqliteReader, SqliteStore, CHECKPOINT_THREAD};
 
 use hongbao_core::packet::PacketHeader;
 use hongbao_core::{Claim, Millis, Packet, PacketId, PacketStatus, UserId};

@@ -36,6 +36,9 @@ mod write;
 pub use read::SqliteReader;
 pub use write::SqliteStore;
 
+/// What the checkpoint thread is called.
+pub const CHECKPOINT_THREAD: &str = "hongbao-checkpoint";
+
 /// How long a connection waits for a lock before it gives up. In WAL mode readers never wait
 /// for the writer; this covers the rare moments SQLite itself holds a lock (WAL recovery after
 /// a crash, a checkpoint restarting the log) and a second process touching the file.
@@ -143,7 +146,7 @@ impl Checkpointer {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
         std::thread::Builder::new()
-            .name("hongbao-checkpoint".into())
+            .name(CHECKPOINT_THREAD.into())
             .spawn(move || {
                 crate::background::lower_priority("checkpoint");
                 while !flag.load(std::sync::atomic::Ordering::Relaxed) {
