@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use chrono::{NaiveDate, TimeZone, Utc};
 use hongbao_core::{Millis, PacketId, UserId};
-use hongbao_store::{Reader, StoreError};
+use hongbao_store::{CatchUp, Reader, StoreError};
 
 use crate::engine::{Engine, QUERY_WAIT_MAX};
 use crate::reply::*;
@@ -24,6 +24,25 @@ async fn read<T: Send + 'static>(
     if let Some(catch_up) = reader.catch_up() {
         catch_up.wait().await.map_err(EngineError::from)?;
     }
+    read_now(engine, reader, f).await
+}
+
+/// Waits for every set's store at once (see `CatchUp::wait_all`), for a query that reads them
+/// all: one bounded wait, not one per set in turn.
+async fn catch_up_all(readers: &[Arc<dyn Reader>]) -> Result<(), EngineError> {
+    let all: Vec<CatchUp> = readers.iter().filter_map(|r| r.catch_up()).collect();
+    if !all.is_empty() {
+        CatchUp::wait_all(all).await.map_err(EngineError::from)?;
+    }
+    Ok(())
+}
+
+/// As [`read`], for a query that has already waited for its store.
+async fn read_now<T: Send + 'static>(
+    engine: &Engine,
+    reader: Arc<dyn Reader>,
+    f: impl FnOnce(&dyn Reader) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, EngineError> {
     let permits = engine.query_permits();
     let permit = tokio::time::timeout(QUERY_WAIT_MAX, permits.acquire_owned())
         .await
@@ -218,16 +237,19 @@ impl Engine {
         limit: u32,
     ) -> Result<ReceivedHistory, EngineError> {
         let (from, to) = year_range(year);
+        // It reads every set (best lucks are counted where the packets live).
+        catch_up_all(self.readers()).await?;
         let reader = self.reader(self.user_set(&user));
         let u = user.clone();
-        let (page, archived_before_ms) = read(self, reader, move |r| {
+        let (page, archived_before_ms) = read_now(self, reader, move |r| {
             Ok((r.received(&u, from, to, cursor, limit + 1)?, r.archived_before()?))
         })
         .await?;
         let mut best_luck_count = 0;
         for reader in self.readers() {
             let u = user.clone();
-            best_luck_count += read(self, reader.clone(), move |r| r.best_luck_count(&u, from, to)).await?;
+            best_luck_count +=
+                read_now(self, reader.clone(), move |r| r.best_luck_count(&u, from, to)).await?;
         }
         let more = page.items.len() > limit as usize;
         let items: Vec<ReceivedItem> = page

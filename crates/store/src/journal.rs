@@ -861,6 +861,25 @@ impl CatchUp {
     }
 }
 
+impl CatchUp {
+    /// Awaits several catch-ups at once, for a query that reads every set: it waits one
+    /// `READ_WAIT_MAX` in all, not one per set in turn, and each set's target is what was
+    /// committed when the query arrived. Returns whether every one caught up; `Err` if a fold
+    /// is failing.
+    pub async fn wait_all(all: Vec<CatchUp>) -> Result<bool> {
+        let mut waits = tokio::task::JoinSet::new();
+        for c in all {
+            waits.spawn(c.wait());
+        }
+        let mut caught_up = true;
+        while let Some(done) = waits.join_next().await {
+            let done = done.map_err(|e| StoreError::Io(format!("a catch-up task failed: {e}")))?;
+            caught_up &= done?;
+        }
+        Ok(caught_up)
+    }
+}
+
 fn fold_failing(shared: &Shared) -> StoreError {
     let why = lock(&shared.state).error.clone().unwrap_or_else(|| "unknown".to_string());
     StoreError::Io(format!("the journal fold is failing: {why}"))
@@ -1731,6 +1750,31 @@ mod tests {
             "a query right after a long fold waits for the pace, not a fold of its own"
         );
         assert_eq!(reader.balance(&UserId::parse("carol").unwrap()).unwrap(), Some(9));
+    }
+
+    #[test]
+    fn a_query_of_every_set_waits_one_bound_for_all_of_them() {
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let mut opened: Vec<(JournalStore, JournalReader)> =
+            dirs.iter().map(|d| open_journaled_sqlite(d.path(), 0, 1).unwrap()).collect();
+        let shared: Vec<Arc<Shared>> = opened.iter().map(|(s, _)| s.shared.clone()).collect();
+        // Both folds held: neither catch-up can succeed.
+        let held: Vec<_> = shared.iter().map(|s| lock(&s.store)).collect();
+        for (store, _) in &mut opened {
+            store.commit(&batch("alice", 5)).unwrap();
+        }
+        let catch_ups = opened.iter().map(|(_, r)| r.catch_up().unwrap()).collect();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_time().build().unwrap();
+        let started = Instant::now();
+        assert!(!rt.block_on(CatchUp::wait_all(catch_ups)).unwrap(), "neither fold caught up");
+        let waited = started.elapsed();
+        assert!(waited >= READ_WAIT_MAX, "each one waited its bound: {waited:?}");
+        assert!(waited < READ_WAIT_MAX * 3 / 2, "together, not one after the other: {waited:?}");
+        drop(held);
+        // Released, both catch up, and the call says so.
+        let catch_ups = opened.iter().map(|(_, r)| r.catch_up().unwrap()).collect();
+        std::thread::sleep(READ_WAIT_MAX);
+        assert!(rt.block_on(CatchUp::wait_all(catch_ups)).unwrap());
     }
 
     #[test]
