@@ -151,6 +151,9 @@ pub async fn render(State(s): State<AppState>) -> impl IntoResponse {
         if let Some(n) = set.unapplied_commits {
             metrics::gauge!("hongbao_store_unapplied_commits", &label).set(n as f64);
         }
+        if let Some(giving_way) = set.fold_giving_way {
+            metrics::gauge!("hongbao_store_fold_giving_way", &label).set(if giving_way { 1.0 } else { 0.0 });
+        }
     }
     metrics::counter!("hongbao_closed_refusals_total").absolute(s.engine.closed_refusals());
     let mut text = s.metrics.render();

@@ -154,6 +154,8 @@ async fn open_endpoints_need_no_key() {
     assert!(r.text.contains("hongbao_set_queue_depth{set=\"0\"}"), "metrics: {}", r.text);
     // On the default store (SQLite behind its journal), how far the fold trails, per set.
     assert!(r.text.contains("hongbao_store_unapplied_commits{set=\"0\"}"), "metrics: {}", r.text);
+    // A quiet server's fold does not give way to anything.
+    assert!(r.text.contains("hongbao_store_fold_giving_way{set=\"0\"} 0"), "metrics: {}", r.text);
     // The CPU the threads used, by what they do: the set and its fold run here as in a server.
     for kind in ["tokio", "query", "set", "fold", "checkpoint", "other"] {
         let line = format!("hongbao_cpu_seconds_total{{threads=\"{kind}\"}} ");

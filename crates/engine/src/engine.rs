@@ -280,6 +280,7 @@ impl Engine {
                 ready: self.inner.ready[set as usize].load(Ordering::SeqCst)
                     && !self.inner.stopping.load(Ordering::SeqCst),
                 unapplied_commits: self.inner.readers[set as usize].unapplied_commits(),
+                fold_giving_way: self.inner.readers[set as usize].fold_giving_way(),
             })
             .collect()
     }

@@ -188,4 +188,6 @@ pub struct SetStatus {
     /// Commits its store's reads do not see yet (the journal's unfolded records); `None` when
     /// reads see every commit.
     pub unapplied_commits: Option<u64>,
+    /// Its store's background apply gives way to the claims (see `Reader::fold_giving_way`).
+    pub fold_giving_way: Option<bool>,
 }

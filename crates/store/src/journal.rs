@@ -187,6 +187,7 @@ pub fn open_journaled_sqlite(dir: &Path, set: u32, sets: u32) -> Result<(Journal
             fold_idle: false,
             lag_bytes_max: YIELD_LAG_BYTES,
             lag_max: YIELD_LAG_MAX,
+            giving_way: false,
             #[cfg(test)]
             busy_override: None,
             stop: false,
@@ -268,6 +269,8 @@ struct FoldState {
     /// [`YIELD_LAG_MAX`], smaller in tests.
     lag_bytes_max: usize,
     lag_max: Duration,
+    /// The fold's last verdict while it gathered: it gives way to the claims.
+    giving_way: bool,
     /// Tests decide whether the claims want the CPU instead of measuring it.
     #[cfg(test)]
     busy_override: Option<bool>,
@@ -359,6 +362,8 @@ fn fold_loop(set: u32, shared: &Shared) {
             let mut s = lock(&shared.state);
             while s.queue.is_empty() && !s.stop && !s.halt {
                 s.fold_idle = true;
+                // Nothing is held back.
+                s.giving_way = false;
                 s = shared.changed.wait(s).unwrap_or_else(|p| p.into_inner());
             }
             s.fold_idle = false;
@@ -378,6 +383,7 @@ fn fold_loop(set: u32, shared: &Shared) {
                 let busy = load.busy(set, now, s.appended_bytes);
                 #[cfg(test)]
                 let busy = s.busy_override.unwrap_or(busy);
+                s.giving_way = busy;
                 let until = if busy {
                     lag_until
                 } else {
@@ -919,6 +925,10 @@ impl Reader for JournalReader {
     fn unapplied_commits(&self) -> Option<u64> {
         let s = lock(&self.shared.state);
         Some(s.queued_seq - s.folded_seq)
+    }
+
+    fn fold_giving_way(&self) -> Option<bool> {
+        Some(lock(&self.shared.state).giving_way)
     }
 
     fn balance(&self, user: &UserId) -> Result<Option<i64>> {
@@ -1625,16 +1635,24 @@ mod tests {
             !folded_by_itself(&store, store.last_seq, FOLD_DELAY * 3),
             "past its gathering, the fold still gives way"
         );
+        assert_eq!(reader.fold_giving_way(), Some(true), "and says so");
         // A query does not make it fold either: it waits its bound, and answers from the file.
         assert!(!caught_up(&reader));
         assert_eq!(reader.balance(&UserId::parse("alice").unwrap()).unwrap(), None);
-        // The set's own waits (the audit's sums, a load, a packet read back) fold at once.
+        // The set's own waits (the audit's sums, a load, a packet read back) fold at once;
+        // with nothing left to fold, nothing is held back.
         assert_eq!(store.sums().unwrap().balances_fen, 5);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while reader.fold_giving_way() != Some(false) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(reader.fold_giving_way(), Some(false), "an empty queue holds nothing back");
         store.commit(&batch("bob", 7)).unwrap();
         assert!(!folded_by_itself(&store, store.last_seq, FOLD_DELAY * 2));
         // The load ebbs: the fold catches up by itself within a measurement and a gathering.
         lock(&store.shared.state).busy_override = Some(false);
         assert!(folded_by_itself(&store, store.last_seq, LOAD_TICK + FOLD_DELAY * 4));
+        assert_eq!(reader.fold_giving_way(), Some(false));
         assert!(caught_up(&reader));
         assert_eq!(reader.balance(&UserId::parse("bob").unwrap()).unwrap(), Some(7));
     }

@@ -310,6 +310,13 @@ pub trait Reader: Send + Sync + 'static {
         None
     }
 
+    /// Whether the background apply gives way to the claims at the moment (the journal's fold,
+    /// while the process is busy with a peak: it then applies commits only at its lag bounds);
+    /// `None` for a store with no such apply.
+    fn fold_giving_way(&self) -> Option<bool> {
+        None
+    }
+
     fn balance(&self, user: &UserId) -> Result<Option<i64>>;
     fn entries(&self, user: &UserId, before_id: Option<i64>, limit: u32) -> Result<Vec<EntryRow>>;
     fn packet(&self, id: PacketId) -> Result<Option<PacketRow>>;
