@@ -470,7 +470,7 @@ fn fold_loop(set: u32, shared: &Shared) {
 ///
 /// Why, when the fold already runs at nice 19: under a load that keeps both cores of the
 /// bench machine busy it still found gaps, and took a quarter of the CPU the claims used.
-/// With it held back for the load, the HTTP festival paid 23–33 % more (BENCHMARKS.md,
+/// Giving way, the HTTP festival paid 26–49 % more in alternating runs (BENCHMARKS.md,
 /// 2026-12-03, eighth session). Measured on the process, not the machine, so other programs
 /// (or tests) keeping the cores busy do not make history stale; and on the set's own rate, so
 /// one set's peak does not hold back a quiet set's fold.
