@@ -485,7 +485,9 @@ struct Yield {
 impl Yield {
     fn new(now: Instant, appended_bytes: u64) -> Yield {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-        Yield { since: now, cpu_us: crate::background::process_cpu_us(), appended_bytes, cores, busy: false }
+        let mut load = Yield { since: now, cpu_us: None, appended_bytes, cores, busy: false };
+        load.restart(now, appended_bytes);
+        load
     }
 
     /// Starts the next measurement at `now`, keeping the last verdict until it ends.
