@@ -1651,9 +1651,10 @@ mod tests {
         assert_eq!(reader.fold_giving_way(), Some(false), "an empty queue holds nothing back");
         store.commit(&batch("bob", 7)).unwrap();
         assert!(!folded_by_itself(&store, store.last_seq, FOLD_DELAY * 2));
-        // The load ebbs: the fold catches up by itself within a measurement and a gathering.
+        // The load ebbs: the fold catches up by itself, after a measurement and a gathering
+        // (the bound leaves room for a starved nice-19 thread on a loaded machine).
         lock(&store.shared.state).busy_override = Some(false);
-        assert!(folded_by_itself(&store, store.last_seq, LOAD_TICK + FOLD_DELAY * 4));
+        assert!(folded_by_itself(&store, store.last_seq, FOLD_DELAY * 20));
         assert_eq!(reader.fold_giving_way(), Some(false));
         assert!(caught_up(&reader));
         assert_eq!(reader.balance(&UserId::parse("bob").unwrap()).unwrap(), Some(7));
@@ -1686,7 +1687,11 @@ mod tests {
             store.commit(&batch(&format!("u{i}"), 1)).unwrap();
         }
         assert!(i > 5, "the bound took {i} commits");
-        assert!(folded_by_itself(&store, store.last_seq, FOLD_DELAY), "folded well inside a gathering");
+        // Within seconds (however starved this nice-19 thread is), not at the hour-long age bound.
+        assert!(
+            folded_by_itself(&store, store.last_seq, Duration::from_secs(10)),
+            "folded at the size bound"
+        );
     }
 
     #[test]
@@ -1789,7 +1794,7 @@ mod tests {
         assert!(!rt.block_on(CatchUp::wait_all(catch_ups)).unwrap(), "neither fold caught up");
         let waited = started.elapsed();
         assert!(waited >= READ_WAIT_MAX, "each one waited its bound: {waited:?}");
-        assert!(waited < READ_WAIT_MAX * 3 / 2, "together, not one after the other: {waited:?}");
+        assert!(waited < READ_WAIT_MAX * 2, "together, not one after the other: {waited:?}");
         drop(held);
         // Released, both catch up, and the call says so.
         let catch_ups = opened.iter().map(|(_, r)| r.catch_up().unwrap()).collect();
