@@ -867,9 +867,7 @@ impl CatchUp {
         }
         Ok(caught_up)
     }
-}
 
-impl CatchUp {
     /// Awaits several catch-ups at once, for a query that reads every set: it waits one
     /// `READ_WAIT_MAX` in all, not one per set in turn, and each set's target is what was
     /// committed when the query arrived. Returns whether every one caught up; `Err` if a fold
