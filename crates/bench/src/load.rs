@@ -38,9 +38,12 @@ pub(crate) const PACKET_EXPIRES_IN_S: i64 = 3600;
 const FESTIVAL_SENDERS: usize = 64;
 /// What each festival sender is given: 10^11 fen covers a million 1,000-share packets.
 const FESTIVAL_SENDER_FUND_FEN: i64 = 100_000_000_000;
-/// Tasks that re-send emptied festival packets. Sends are rare beside claims (one per
-/// `--shares` claims), so a few keep up.
-const FESTIVAL_SENDER_TASKS: usize = 4;
+/// Tasks that re-send emptied festival packets, one send in flight each. Sends are rare
+/// beside claims (one per `--shares` claims), but each waits for its set's commit like a claim:
+/// in process a send took 10–25 ms, so 4 tasks re-sent at most a few hundred packets a second
+/// against the 300–950 that emptied. Hot slots then stood empty, and claimers spent their time
+/// drawing again (BENCHMARKS.md, 2026-12-04). Idle ones cost nothing but a connection each.
+const FESTIVAL_SENDER_TASKS: usize = 32;
 /// Draws a claimer makes for a slot that holds a live packet before it yields. With a spare
 /// packet sent ahead for every slot, a slot is empty only while its re-sends fall behind.
 const PICK_TRIES: usize = 16;
@@ -268,9 +271,15 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
         }
         _ => None,
     };
-    if let Plan::Festival { sends, asks_rx, .. } = &*plan {
+    if let Plan::Festival { sends, asks_rx, slots, refill_rx, .. } = &*plan {
         let sent = sends.load(Ordering::Relaxed);
-        notes.push(format!("{sent} emptied packets were re-sent during the run"));
+        let queued = control.block_on(refill_rx.lock()).len();
+        let empty = slots.iter().filter(|s| s.live() == 0).count();
+        notes.push(format!(
+            "{sent} emptied packets were re-sent during the run; at the deadline {queued} re-sends \
+             were still queued and {empty} of {} slots had no live packet",
+            slots.len()
+        ));
         if askers > 0 {
             let unasked = control.block_on(asks_rx.lock()).len();
             notes.push(format!(
