@@ -163,6 +163,14 @@ pub struct Packet {
     best: Option<Claim>,
 }
 
+/// Claims a packet's map is made for at its first claim: all of its shares, up to this many.
+/// Grown one doubling at a time instead, a 1,000-share packet's map was rehashed and
+/// reallocated nine times, and that was a tenth of a set thread's time in the in-process
+/// festival (BENCHMARKS.md, 2026-12-04). A packet of up to this many shares holds from its
+/// first claim the map it holds when every share is claimed (about 57 bytes a bucket, 117 KiB
+/// for 1,000 shares); a packet without claims holds none.
+const CLAIMS_PRESIZED_MAX: u32 = 1024;
+
 /// One empty claims map for every packet without claims (a million resident packets would
 /// otherwise hold a million empty allocations); the first share settled copies it.
 fn no_claims() -> Arc<FastMap<UserId, Claim>> {
@@ -385,6 +393,10 @@ impl Packet {
         self.opened_count += 1;
         self.opened_fen += amount_fen;
         self.note_best(&claim);
+        if self.claims.capacity() == 0 {
+            let shares = self.header.count.min(CLAIMS_PRESIZED_MAX) as usize;
+            self.claims = Arc::new(FastMap::with_capacity_and_hasher(shares, Default::default()));
+        }
         Arc::make_mut(&mut self.claims).insert(user.clone(), claim.clone());
         if self.opened_count == self.header.count {
             self.status = PacketStatus::Exhausted;
@@ -426,5 +438,45 @@ impl Packet {
                 assert_eq!(self.escrow_fen(), 0, "packet {} expired with money in escrow", h.id);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Amount, RequestId};
+
+    fn packet(count: u32) -> Packet {
+        let send = ValidSend {
+            sender: UserId::parse("sender").unwrap(),
+            kind: Kind::Lucky,
+            total: Amount::new(i64::from(count) * 100).unwrap(),
+            count,
+            audience: Audience::Anyone,
+            greeting: String::new(),
+            expires_in_s: 60,
+            request_id: RequestId::parse("r").unwrap(),
+        };
+        Packet::new(PacketId::from_raw(1 << 30).unwrap(), &send, 1_000, 7)
+    }
+
+    fn user(i: u32) -> UserId {
+        UserId::parse(&format!("u{i}")).unwrap()
+    }
+
+    #[test]
+    fn the_first_claim_makes_the_claims_map_for_every_share_up_to_the_bound() {
+        for (count, made_for) in [(1, 1), (10, 10), (1_000, 1_000), (5_000, CLAIMS_PRESIZED_MAX as usize)] {
+            let mut p = packet(count);
+            assert_eq!(p.claims.capacity(), 0, "a packet without claims holds no map of its own");
+            p.claim(&user(0), 2_000).unwrap();
+            let capacity = p.claims.capacity();
+            assert!(capacity >= made_for, "{count} shares: made for {capacity} claims, not {made_for}");
+            for i in 1..count.min(CLAIMS_PRESIZED_MAX) {
+                p.claim(&user(i), 2_000).unwrap();
+            }
+            assert_eq!(p.claims.capacity(), capacity, "{count} shares: the map grew before the bound");
+        }
+        assert_eq!(no_claims().capacity(), 0, "the shared empty map stays empty");
     }
 }
