@@ -826,6 +826,43 @@ fn a_lost_connection_fails_the_commit_and_load_connects_again() {
 }
 
 #[test]
+fn a_failed_call_drops_its_connection_and_the_next_call_connects_again() {
+    let pg = PgCluster::start();
+    let w = world();
+    let (mut store, reader) = open(&pg);
+    store.commit(&w.batch).unwrap();
+    let writer =
+        || pg.psql("SELECT pid FROM pg_stat_activity WHERE application_name = 'hongbao-set-0-writer'");
+    let before = writer();
+    // The server refuses the batch; the connection itself is fine.
+    let ghost = PacketIdGen::new(0, Some(w.exhausted)).next(Y2026_MS);
+    let missing = Batch {
+        packet_updates: vec![PacketUpdate {
+            id: ghost,
+            status: PacketStatus::Active,
+            opened_count: 1,
+            opened_fen: 120,
+            refunded_fen: 0,
+            best: None,
+        }],
+        ..Batch::default()
+    };
+    assert!(store.commit(&missing).is_err());
+    let loaded = store.load(0).unwrap();
+    assert!(loaded.wallets.iter().any(|(u, _)| u.as_str() == "alice"), "load reads the committed world");
+    // The dropped connection's backend exits on its own time: wait until it is gone.
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    let mut after = writer();
+    while after.lines().count() != 1 && Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        after = writer();
+    }
+    assert_eq!(after.lines().count(), 1, "one writer connection: {after}");
+    assert_ne!(before, after, "the failed call's connection was used again");
+    assert!(reader.balance(&user("alice")).unwrap().is_some());
+}
+
+#[test]
 fn opens_reads_and_drops_inside_a_tokio_runtime() {
     let pg = PgCluster::start();
     let w = world();

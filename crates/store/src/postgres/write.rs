@@ -21,8 +21,8 @@ use crate::{Batch, Loaded, OutboxItem, PacketRow, Result, Store, StoreError, Sto
 
 /// The write side of one set's schema. See the module doc.
 pub struct PgStore {
-    /// Owned by the engine thread. `None` once a lost connection could not be made again; the
-    /// next call tries again.
+    /// Owned by the engine thread. `None` after a failed call (see [`PgStore::on_connection`]);
+    /// the next call connects again.
     conn: Option<PgConn>,
     config: Config,
     set: u32,
@@ -141,6 +141,24 @@ impl PgStore {
         }
         Ok((self.conn.as_mut().expect("connected above"), &mut self.partitions))
     }
+
+    /// Runs one call on a live connection. A failed call drops the connection, so the next one
+    /// connects again: the client learns that the server reset a connection only from the I/O
+    /// that hits it, and a connection a killed server left behind could still look open after
+    /// a failed call. Once, in a clean-clone CI run, `load` after a restart then failed with
+    /// "Connection reset by peer" on that connection (test
+    /// `a_lost_connection_fails_the_commit_and_load_connects_again`). A call fails rarely (the
+    /// set then reloads from the store), so connecting again costs nothing that matters.
+    fn on_connection<T>(
+        &mut self,
+        call: impl FnOnce(&mut PgConn, &mut Partitions) -> Result<T>,
+    ) -> Result<T> {
+        let done = self.connected().and_then(|(conn, partitions)| call(conn, partitions));
+        if done.is_err() {
+            self.conn = None;
+        }
+        done
+    }
 }
 
 fn connect(config: &Config, set: u32, sets: u32) -> Result<(PgConn, Partitions)> {
@@ -159,14 +177,15 @@ fn snapshot(client: &mut postgres::Client) -> Result<Transaction<'_>> {
 impl Store for PgStore {
     fn load(&mut self, idempotency_since_ms: Millis) -> Result<Loaded> {
         let set = self.set;
-        let (conn, _) = self.connected()?;
-        let (client, st) = conn.split();
-        let mut tx = snapshot(client)?;
-        let prune = st.get(&mut tx, PRUNE_IDEMPOTENCY)?;
-        tx.execute(&prune, &[&idempotency_since_ms])?;
-        let loaded = load_in(&mut tx, st, set, idempotency_since_ms, &mut Users::interning())?;
-        tx.commit()?;
-        Ok(loaded)
+        self.on_connection(|conn, _| {
+            let (client, st) = conn.split();
+            let mut tx = snapshot(client)?;
+            let prune = st.get(&mut tx, PRUNE_IDEMPOTENCY)?;
+            tx.execute(&prune, &[&idempotency_since_ms])?;
+            let loaded = load_in(&mut tx, st, set, idempotency_since_ms, &mut Users::interning())?;
+            tx.commit()?;
+            Ok(loaded)
+        })
     }
 
     fn commit(&mut self, batch: &Batch) -> Result<()> {
@@ -174,7 +193,7 @@ impl Store for PgStore {
             return Ok(());
         }
         let set = self.set;
-        let written = self.connected().and_then(|(conn, partitions)| {
+        let written = self.on_connection(|conn, partitions| {
             partitions.ensure(conn.client(), set)?;
             write_batch(conn, batch)
         });
@@ -184,41 +203,43 @@ impl Store for PgStore {
     }
 
     fn packet(&mut self, id: PacketId) -> Result<Option<Packet>> {
-        let (conn, _) = self.connected()?;
-        let (client, st) = conn.split();
-        let mut tx = snapshot(client)?;
-        let mut users = Users::parsing();
-        let Some(row) = read_packet_row(&mut tx, st, id, &mut users)? else {
-            return Ok(None);
-        };
-        let mut claims = Vec::new();
-        let select = st.get(&mut tx, SELECT_CLAIMS)?;
-        for r in tx.query(&select, &[&id.as_i64()])? {
-            claims.push(rows::claim(&r, 0, &mut users)?);
-        }
-        tx.commit()?;
-        rows::check_claims(&row, &claims)?;
-        Ok(Some(Packet::restore(row.header, row.status, row.refunded_fen, claims)))
+        self.on_connection(|conn, _| {
+            let (client, st) = conn.split();
+            let mut tx = snapshot(client)?;
+            let mut users = Users::parsing();
+            let Some(row) = read_packet_row(&mut tx, st, id, &mut users)? else {
+                return Ok(None);
+            };
+            let mut claims = Vec::new();
+            let select = st.get(&mut tx, SELECT_CLAIMS)?;
+            for r in tx.query(&select, &[&id.as_i64()])? {
+                claims.push(rows::claim(&r, 0, &mut users)?);
+            }
+            tx.commit()?;
+            rows::check_claims(&row, &claims)?;
+            Ok(Some(Packet::restore(row.header, row.status, row.refunded_fen, claims)))
+        })
     }
 
     fn sums(&mut self) -> Result<StoreSums> {
-        let (conn, _) = self.connected()?;
-        let (client, st) = conn.split();
-        let mut tx = snapshot(client)?;
-        let balances_fen = get(&one_row(&mut tx, st, SELECT_BALANCES_SUM)?, 0)?;
-        // Over every packet, not just active ones: a closed packet still holding escrow is
-        // exactly what an audit is for.
-        let escrow_fen = get(&one_row(&mut tx, st, SELECT_ESCROW_SUM)?, 0)?;
-        let mut users = Users::parsing();
-        let sums = StoreSums {
-            balances_fen,
-            escrow_fen,
-            totals: read_totals(&mut tx, st)?,
-            outbox_pending: read_outbox(&mut tx, st, &mut users)?,
-            watermarks: read_set_seqs(&mut tx, st, SELECT_WATERMARKS, "watermark")?,
-        };
-        tx.commit()?;
-        Ok(sums)
+        self.on_connection(|conn, _| {
+            let (client, st) = conn.split();
+            let mut tx = snapshot(client)?;
+            let balances_fen = get(&one_row(&mut tx, st, SELECT_BALANCES_SUM)?, 0)?;
+            // Over every packet, not just active ones: a closed packet still holding escrow is
+            // exactly what an audit is for.
+            let escrow_fen = get(&one_row(&mut tx, st, SELECT_ESCROW_SUM)?, 0)?;
+            let mut users = Users::parsing();
+            let sums = StoreSums {
+                balances_fen,
+                escrow_fen,
+                totals: read_totals(&mut tx, st)?,
+                outbox_pending: read_outbox(&mut tx, st, &mut users)?,
+                watermarks: read_set_seqs(&mut tx, st, SELECT_WATERMARKS, "watermark")?,
+            };
+            tx.commit()?;
+            Ok(sums)
+        })
     }
 }
 
