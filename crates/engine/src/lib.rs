@@ -11,6 +11,7 @@ mod reply;
 mod set;
 #[cfg(test)]
 mod sim;
+mod wallets;
 
 pub use engine::{Engine, EngineConfig, COMMIT_SPACING_DEFAULT};
 pub use reply::*;

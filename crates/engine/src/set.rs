@@ -26,6 +26,7 @@ use tokio::sync::oneshot;
 
 use crate::closed::ClosedPackets;
 use crate::reply::*;
+use crate::wallets::Wallets;
 
 /// Closed packets kept in memory (with their claims) so the crowd that arrives after a packet
 /// is exhausted is turned away, and repeat claims answered, without a disk read. Bounded by
@@ -179,7 +180,7 @@ impl Pending {
 
 /// The set's memory. Owned by the set thread alone.
 struct SetState {
-    wallets: FastMap<UserId, i64>,
+    wallets: Wallets,
     /// Active packets, and closed ones still in the closed cache.
     packets: FastMap<PacketId, Packet>,
     expiries: BTreeSet<(Millis, PacketId)>,
@@ -212,7 +213,9 @@ struct Remembered {
 #[derive(Default)]
 struct Work {
     batch: Batch,
-    dirty_wallets: FastSet<UserId>,
+    /// Wallets this batch changed, with their balances now: the commit writes them without
+    /// looking them up again.
+    dirty_wallets: FastMap<UserId, i64>,
     dirty_packets: FastSet<PacketId>,
     replies: Vec<Pending>,
     /// Acks to send after commit: (source set, upto).
@@ -514,7 +517,7 @@ enum IdemCheck<T> {
 impl SetState {
     fn from_loaded(ctx: &SetContext, l: Loaded) -> SetState {
         let mut s = SetState {
-            wallets: FastMap::with_capacity_and_hasher(l.wallets.len(), Default::default()),
+            wallets: Wallets::with_capacity(l.wallets.len()),
             packets: FastMap::with_capacity_and_hasher(l.active_packets.len(), Default::default()),
             expiries: BTreeSet::new(),
             closed: VecDeque::new(),
@@ -535,7 +538,7 @@ impl SetState {
         };
         for (user, balance) in l.wallets {
             s.balances_fen = s.balances_fen.checked_add(balance).expect("balances overflow");
-            s.wallets.insert(user, balance);
+            s.wallets.set(&user, balance);
         }
         for p in l.active_packets {
             assert_eq!(p.status(), PacketStatus::Active, "store loaded a closed packet as active");
@@ -652,14 +655,21 @@ impl SetState {
     }
 
     fn balance(&self, user: &UserId) -> i64 {
-        self.wallets.get(user).copied().unwrap_or(0)
+        self.wallets.get(user.as_str()).unwrap_or(0)
     }
 
     fn set_balance(&mut self, user: &UserId, balance: i64, w: &mut Work) {
         assert!(balance >= 0, "negative balance for {user}");
-        let old = self.wallets.insert(user.clone(), balance).unwrap_or(0);
+        let old = self.wallets.set(user, balance).unwrap_or(0);
         self.balances_fen = self.balances_fen - old + balance;
-        w.dirty_wallets.insert(user.clone());
+        w.dirty_wallets.insert(user.clone(), balance);
+    }
+
+    /// Adds `fen` to the wallet of `user` (making it if need be): one lookup.
+    fn credit_wallet(&mut self, user: &UserId, fen: i64, w: &mut Work) {
+        let balance = self.wallets.credit(user, fen);
+        self.balances_fen += fen;
+        w.dirty_wallets.insert(user.clone(), balance);
     }
 
     fn entry(
@@ -802,8 +812,7 @@ impl SetState {
         let expires_at = p.header().expires_at_ms;
         self.expiries.remove(&(expires_at, id));
         self.escrow_fen -= refund;
-        let balance = self.balance(&sender).checked_add(refund).expect("refund overflows a balance");
-        self.set_balance(&sender, balance, w);
+        self.credit_wallet(&sender, refund, w);
         self.entry(&sender, EntryKind::Refund, refund, Some(id), now_ms, w);
         w.dirty_packets.insert(id);
         w.closed.push(id);
@@ -892,8 +901,7 @@ impl SetState {
         w.dirty_packets.insert(id);
         let target = set_of_user(user, ctx.sets);
         if target == ctx.set {
-            let balance = self.balance(user).checked_add(c.amount_fen).expect("credit overflows a balance");
-            self.set_balance(user, balance, w);
+            self.credit_wallet(user, c.amount_fen, w);
             self.entry(user, EntryKind::Claim, c.amount_fen, Some(id), c.at_ms, w);
         } else {
             let seq = self.outbox_last_seq.entry(target).or_insert(0);
@@ -930,9 +938,7 @@ impl SetState {
             if item.seq != mark + 1 {
                 break;
             }
-            let balance =
-                self.balance(&item.user).checked_add(item.amount_fen).expect("credit overflows a balance");
-            self.set_balance(&item.user, balance, w);
+            self.credit_wallet(&item.user, item.amount_fen, w);
             self.entry(&item.user, EntryKind::Claim, item.amount_fen, Some(item.packet_id), item.at_ms, w);
             w.credits_in_fen += item.amount_fen;
             mark = item.seq;
@@ -964,10 +970,7 @@ impl SetState {
     /// Writes the batch, checks the books, and sends replies, credits and acks. Returns false
     /// when the commit failed: the caller must reload the set from its store.
     fn finish(&mut self, ctx: &SetContext, store: &mut dyn Store, w: &mut Work, now_ms: Millis) -> bool {
-        for user in w.dirty_wallets.drain() {
-            let balance = self.wallets[&user];
-            w.batch.wallets.push((user, balance));
-        }
+        w.batch.wallets.extend(w.dirty_wallets.drain());
         for id in w.dirty_packets.drain() {
             let p = &self.packets[&id];
             w.batch.packet_updates.push(PacketUpdate {
@@ -1057,7 +1060,7 @@ impl SetState {
             ctx.set
         );
         if cfg!(debug_assertions) {
-            let balances: i64 = self.wallets.values().sum();
+            let balances: i64 = self.wallets.balances().sum();
             let escrow: i64 = self.packets.values().map(|p| p.escrow_fen()).sum();
             assert_eq!(balances, self.balances_fen, "set {}: balance sum drifted", ctx.set);
             // Closed packets hold no escrow, so evicting them never changes the sum.

@@ -1,0 +1,153 @@
+//! A set's wallet balances: a hash map split into [`SHARDS`] tables by the user's hash.
+//!
+//! One table of millions of wallets grows by doubling: every doubling moves each wallet into a
+//! fresh table that is faulted in page by page, all within one batch. In the in-process
+//! festival (every claimer a new user) that was a quarter of a set thread's time, and each
+//! doubling held every claim of its set for as long as it took (BENCHMARKS.md, 2026-12-04,
+//! tenth session). Split, each table is a sixty-fourth of the whole: it doubles in cache, the
+//! table it leaves is small enough for the allocator to hand out again, and a doubling holds a
+//! batch a sixty-fourth as long. Each user's hash is computed once and picks both the table and
+//! the place in it.
+
+use std::hash::BuildHasher;
+
+use hashbrown::HashTable;
+use hongbao_core::{FastHash, UserId};
+
+/// Tables; a power of two.
+const SHARDS: usize = 64;
+/// The hash bits that pick a table: above the bits a table uses for a place (the low ones, as
+/// many as it has places in powers of two) and below its tag (the top seven).
+const SHARD_SHIFT: u32 = 40;
+
+#[derive(Debug)]
+pub(crate) struct Wallets {
+    shards: Box<[HashTable<(UserId, i64)>]>,
+    len: usize,
+}
+
+impl Default for Wallets {
+    fn default() -> Wallets {
+        Wallets { shards: (0..SHARDS).map(|_| HashTable::new()).collect(), len: 0 }
+    }
+}
+
+fn hash(user: &str) -> u64 {
+    FastHash.hash_one(user)
+}
+
+fn shard(hash: u64) -> usize {
+    (hash >> SHARD_SHIFT) as usize & (SHARDS - 1)
+}
+
+impl Wallets {
+    /// Room for `wallets` spread evenly, so a start with a million wallets does not double
+    /// its tables on the way.
+    pub(crate) fn with_capacity(wallets: usize) -> Wallets {
+        let each = wallets.div_ceil(SHARDS);
+        Wallets { shards: (0..SHARDS).map(|_| HashTable::with_capacity(each)).collect(), len: 0 }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The balance of `user`; `None` when the set holds no wallet for them.
+    pub(crate) fn get(&self, user: &str) -> Option<i64> {
+        let h = hash(user);
+        self.shards[shard(h)].find(h, |(u, _)| u.as_str() == user).map(|(_, fen)| *fen)
+    }
+
+    /// Sets the balance of `user` and returns the one before (`None`: a new wallet). The
+    /// user is cloned only for a new wallet.
+    pub(crate) fn set(&mut self, user: &UserId, fen: i64) -> Option<i64> {
+        let h = hash(user.as_str());
+        let table = &mut self.shards[shard(h)];
+        match table.find_mut(h, |(u, _)| u == user) {
+            Some((_, old)) => Some(std::mem::replace(old, fen)),
+            None => {
+                table.insert_unique(h, (user.clone(), fen), |(u, _)| hash(u.as_str()));
+                self.len += 1;
+                None
+            }
+        }
+    }
+
+    /// Adds `fen` to the balance of `user`, making the wallet if there is none, and returns
+    /// the balance now. Panics if the balance would overflow: the limits keep every balance
+    /// far below it, so that is a bug.
+    pub(crate) fn credit(&mut self, user: &UserId, fen: i64) -> i64 {
+        let h = hash(user.as_str());
+        let table = &mut self.shards[shard(h)];
+        match table.find_mut(h, |(u, _)| u == user) {
+            Some((_, balance)) => {
+                *balance = balance.checked_add(fen).expect("credit overflows a balance");
+                *balance
+            }
+            None => {
+                table.insert_unique(h, (user.clone(), fen), |(u, _)| hash(u.as_str()));
+                self.len += 1;
+                fen
+            }
+        }
+    }
+
+    /// Every balance, in no particular order.
+    pub(crate) fn balances(&self) -> impl Iterator<Item = i64> + '_ {
+        self.shards.iter().flat_map(|t| t.iter().map(|(_, fen)| *fen))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(s: &str) -> UserId {
+        UserId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn a_balance_set_is_the_balance_read_and_each_user_is_one_wallet() {
+        let mut w = Wallets::default();
+        assert_eq!(w.get("alice"), None);
+        assert_eq!(w.set(&user("alice"), 100), None);
+        assert_eq!(w.set(&user("bob"), 5), None);
+        assert_eq!(w.set(&user("alice"), 70), Some(100));
+        assert_eq!(w.credit(&user("bob"), 3), 8);
+        assert_eq!(w.credit(&user("dave"), 2), 2);
+        assert_eq!(w.set(&user("dave"), 0), Some(2));
+        assert_eq!(w.get("alice"), Some(70));
+        assert_eq!(w.get("bob"), Some(8));
+        assert_eq!(w.get("carol"), None);
+        assert_eq!(w.get("dave"), Some(0));
+        assert_eq!(w.len(), 3);
+        assert_eq!(w.balances().sum::<i64>(), 78);
+    }
+
+    #[test]
+    fn many_wallets_spread_over_every_table_and_each_is_found_again() {
+        let mut w = Wallets::with_capacity(1_000);
+        let n = 50_000;
+        for i in 0..n {
+            assert_eq!(w.set(&user(&format!("u{i}")), i), None);
+        }
+        for i in (0..n).step_by(7) {
+            assert_eq!(w.set(&user(&format!("u{i}")), i + 1), Some(i));
+        }
+        assert_eq!(w.len(), n as usize);
+        for i in 0..n {
+            let want = if i % 7 == 0 { i + 1 } else { i };
+            assert_eq!(w.get(&format!("u{i}")), Some(want), "u{i}");
+        }
+        assert_eq!(w.balances().count(), n as usize);
+        // Evenly spread: no table holds twice its share, none is empty.
+        let share = n as usize / SHARDS;
+        for t in w.shards.iter() {
+            assert!(
+                t.len() > share / 2 && t.len() < share * 2,
+                "{} wallets against a share of {share}",
+                t.len()
+            );
+        }
+    }
+}
