@@ -2,7 +2,7 @@
 //!
 //! One table of millions of wallets grows by doubling: every doubling moves each wallet into a
 //! fresh table that is faulted in page by page, all within one batch. In the in-process
-//! festival (every claimer a new user) that was a quarter of a set thread's time, and each
+//! festival (every claimer a new user) that was a fifth of a set thread's time, and each
 //! doubling held every claim of its set for as long as it took (BENCHMARKS.md, 2026-12-04,
 //! tenth session). Split, each table is a sixty-fourth of the whole: it doubles in cache, the
 //! table it leaves is small enough for the allocator to hand out again, and a doubling holds a
@@ -11,6 +11,7 @@
 
 use std::hash::BuildHasher;
 
+use hashbrown::hash_table::Entry;
 use hashbrown::HashTable;
 use hongbao_core::{FastHash, UserId};
 
@@ -58,38 +59,33 @@ impl Wallets {
         self.shards[shard(h)].find(h, |(u, _)| u.as_str() == user).map(|(_, fen)| *fen)
     }
 
-    /// Sets the balance of `user` and returns the one before (`None`: a new wallet). The
+    /// The balance of `user`, found or made at 0 in one lookup, and whether it was made. The
     /// user is cloned only for a new wallet.
-    pub(crate) fn set(&mut self, user: &UserId, fen: i64) -> Option<i64> {
+    fn slot(&mut self, user: &UserId) -> (&mut i64, bool) {
         let h = hash(user.as_str());
-        let table = &mut self.shards[shard(h)];
-        match table.find_mut(h, |(u, _)| u == user) {
-            Some((_, old)) => Some(std::mem::replace(old, fen)),
-            None => {
-                table.insert_unique(h, (user.clone(), fen), |(u, _)| hash(u.as_str()));
+        match self.shards[shard(h)].entry(h, |(u, _)| u == user, |(u, _)| hash(u.as_str())) {
+            Entry::Occupied(e) => (&mut e.into_mut().1, false),
+            Entry::Vacant(e) => {
                 self.len += 1;
-                None
+                (&mut e.insert((user.clone(), 0)).into_mut().1, true)
             }
         }
+    }
+
+    /// Sets the balance of `user` and returns the one before (`None`: a new wallet).
+    pub(crate) fn set(&mut self, user: &UserId, fen: i64) -> Option<i64> {
+        let (balance, made) = self.slot(user);
+        let old = std::mem::replace(balance, fen);
+        (!made).then_some(old)
     }
 
     /// Adds `fen` to the balance of `user`, making the wallet if there is none, and returns
     /// the balance now. Panics if the balance would overflow: the limits keep every balance
     /// far below it, so that is a bug.
     pub(crate) fn credit(&mut self, user: &UserId, fen: i64) -> i64 {
-        let h = hash(user.as_str());
-        let table = &mut self.shards[shard(h)];
-        match table.find_mut(h, |(u, _)| u == user) {
-            Some((_, balance)) => {
-                *balance = balance.checked_add(fen).expect("credit overflows a balance");
-                *balance
-            }
-            None => {
-                table.insert_unique(h, (user.clone(), fen), |(u, _)| hash(u.as_str()));
-                self.len += 1;
-                fen
-            }
-        }
+        let (balance, _) = self.slot(user);
+        *balance = balance.checked_add(fen).expect("credit overflows a balance");
+        *balance
     }
 
     /// Every balance, in no particular order.
