@@ -24,12 +24,11 @@ const SHARD_SHIFT: u32 = 40;
 #[derive(Debug)]
 pub(crate) struct Wallets {
     shards: Box<[HashTable<(UserId, i64)>]>,
-    len: usize,
 }
 
 impl Default for Wallets {
     fn default() -> Wallets {
-        Wallets { shards: (0..SHARDS).map(|_| HashTable::new()).collect(), len: 0 }
+        Wallets::with_capacity(0)
     }
 }
 
@@ -46,11 +45,12 @@ impl Wallets {
     /// its tables on the way.
     pub(crate) fn with_capacity(wallets: usize) -> Wallets {
         let each = wallets.div_ceil(SHARDS);
-        Wallets { shards: (0..SHARDS).map(|_| HashTable::with_capacity(each)).collect(), len: 0 }
+        Wallets { shards: (0..SHARDS).map(|_| HashTable::with_capacity(each)).collect() }
     }
 
+    /// Wallets held; counted table by table (it is read once, when the set starts).
     pub(crate) fn len(&self) -> usize {
-        self.len
+        self.shards.iter().map(HashTable::len).sum()
     }
 
     /// The balance of `user`; `None` when the set holds no wallet for them.
@@ -65,10 +65,7 @@ impl Wallets {
         let h = hash(user.as_str());
         match self.shards[shard(h)].entry(h, |(u, _)| u == user, |(u, _)| hash(u.as_str())) {
             Entry::Occupied(e) => (&mut e.into_mut().1, false),
-            Entry::Vacant(e) => {
-                self.len += 1;
-                (&mut e.insert((user.clone(), 0)).into_mut().1, true)
-            }
+            Entry::Vacant(e) => (&mut e.insert((user.clone(), 0)).into_mut().1, true),
         }
     }
 
