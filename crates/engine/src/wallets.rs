@@ -8,8 +8,8 @@
 //! table it leaves is small enough for the allocator to hand out again, and a doubling holds a
 //! batch a sixty-fourth as long. Each user's hash is computed once and picks both the table and
 //! the place in it; it is kept beside the wallet, so a doubling moves wallets without reading a
-//! user's name again (one cache miss a wallet, in memory the set touches nowhere else: a
-//! third of the doubling's time in the in-process festival, tenth session's profile).
+//! user's name again (a cache miss a wallet, in memory the set touches nowhere else: two
+//! fifths of the doubling's time in the in-process festival, BENCHMARKS.md, eleventh session).
 
 use std::hash::BuildHasher;
 
