@@ -36,6 +36,14 @@ struct Wallet {
     fen: i64,
 }
 
+impl Wallet {
+    /// Whether this is `user`'s wallet (`hash` being theirs): the hashes first, so another
+    /// user's name is read only when the two hashes are equal.
+    fn is(&self, hash: u64, user: &str) -> bool {
+        self.hash == hash && self.user.as_str() == user
+    }
+}
+
 impl Default for Wallets {
     fn default() -> Wallets {
         Wallets::with_capacity(0)
@@ -66,14 +74,14 @@ impl Wallets {
     /// The balance of `user`; `None` when the set holds no wallet for them.
     pub(crate) fn get(&self, user: &str) -> Option<i64> {
         let h = hash(user);
-        self.shards[shard(h)].find(h, |w| w.hash == h && w.user.as_str() == user).map(|w| w.fen)
+        self.shards[shard(h)].find(h, |w| w.is(h, user)).map(|w| w.fen)
     }
 
     /// The balance of `user`, found or made at 0 in one lookup, and whether it was made. The
     /// user is cloned only for a new wallet.
     fn slot(&mut self, user: &UserId) -> (&mut i64, bool) {
         let h = hash(user.as_str());
-        match self.shards[shard(h)].entry(h, |w| w.hash == h && w.user == *user, |w| w.hash) {
+        match self.shards[shard(h)].entry(h, |w| w.is(h, user.as_str()), |w| w.hash) {
             Entry::Occupied(e) => (&mut e.into_mut().fen, false),
             Entry::Vacant(e) => {
                 (&mut e.insert(Wallet { hash: h, user: user.clone(), fen: 0 }).into_mut().fen, true)
