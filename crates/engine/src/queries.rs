@@ -24,7 +24,7 @@ async fn read<T: Send + 'static>(
     if let Some(catch_up) = reader.catch_up() {
         catch_up.wait().await.map_err(EngineError::from)?;
     }
-    read_now(engine, reader, f).await
+    read_now(engine, reader, |r: &Arc<dyn Reader>| f(r.as_ref())).await
 }
 
 /// Waits for every set's store at once (see `CatchUp::wait_all`), for a query that reads them
@@ -36,11 +36,13 @@ async fn catch_up_all(readers: &[Arc<dyn Reader>]) -> Result<(), EngineError> {
     Ok(())
 }
 
-/// As [`read`], for a query that has already waited for its store.
-async fn read_now<T: Send + 'static>(
+/// As [`read`], for a query that has already waited for its stores: `from` is what `f`
+/// reads, one set's reader or all of them. Whatever `f` reads, it takes one query slot and one
+/// trip to the blocking pool.
+async fn read_now<R: Send + 'static, T: Send + 'static>(
     engine: &Engine,
-    reader: Arc<dyn Reader>,
-    f: impl FnOnce(&dyn Reader) -> Result<T, StoreError> + Send + 'static,
+    from: R,
+    f: impl FnOnce(&R) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, EngineError> {
     let permits = engine.query_permits();
     let permit = tokio::time::timeout(QUERY_WAIT_MAX, permits.acquire_owned())
@@ -53,7 +55,7 @@ async fn read_now<T: Send + 'static>(
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
         name_query_thread();
-        f(reader.as_ref())
+        f(&from)
     })
     .await
     .map_err(|e| EngineError::Store(format!("read task failed: {e}")))?
@@ -236,20 +238,22 @@ impl Engine {
         limit: u32,
     ) -> Result<ReceivedHistory, EngineError> {
         let (from, to) = year_range(year);
-        // It reads every set (best lucks are counted where the packets live).
+        // It reads every set (best lucks are counted where the packets live), all in one trip
+        // to the blocking pool: a trip per set cost a thread's wake-up and sleep each.
         catch_up_all(self.readers()).await?;
-        let reader = self.reader(self.user_set(&user));
-        let u = user.clone();
-        let (page, archived_before_ms) = read_now(self, reader, move |r| {
-            Ok((r.received(&u, from, to, cursor, limit + 1)?, r.archived_before()?))
-        })
-        .await?;
-        let mut best_luck_count = 0;
-        for reader in self.readers() {
-            let u = user.clone();
-            best_luck_count +=
-                read_now(self, reader.clone(), move |r| r.best_luck_count(&u, from, to)).await?;
-        }
+        let mine = self.user_set(&user) as usize;
+        let (page, archived_before_ms, best_luck_count) =
+            read_now(self, self.readers().to_vec(), move |readers: &Vec<Arc<dyn Reader>>| {
+                let r = &readers[mine];
+                let page = r.received(&user, from, to, cursor, limit + 1)?;
+                let archived_before_ms = r.archived_before()?;
+                let mut best_luck_count = 0;
+                for r in readers {
+                    best_luck_count += r.best_luck_count(&user, from, to)?;
+                }
+                Ok((page, archived_before_ms, best_luck_count))
+            })
+            .await?;
         let more = page.items.len() > limit as usize;
         let items: Vec<ReceivedItem> = page
             .items
