@@ -4,6 +4,7 @@
 //! commits each batch in one store transaction, and only then replies (DESIGN.md §3). The
 //! engine never parses HTTP or JSON and never blocks an async task: callers await a reply.
 
+pub mod allocator;
 mod closed;
 mod engine;
 mod queries;

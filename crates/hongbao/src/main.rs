@@ -37,6 +37,10 @@ enum Command {
 const RATE_LIMIT_PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn main() -> std::process::ExitCode {
+    // Before any other thread: see `hongbao_engine::allocator`.
+    if hongbao_engine::allocator::keep_freed_pages().is_none() {
+        eprintln!("warning: mimalloc numbers its options otherwise than expected; its purge delay stays at its default");
+    }
     let cli = Cli::parse();
     let done = match cli.command {
         Command::Serve(args) => serve(args),
