@@ -211,7 +211,8 @@ mod tests {
 
     /// Each query runs from the statement cache as it was compiled, whatever is bound: none is
     /// compiled again because a bound value may change its plan (see the note on the queries).
-    /// The audience query is the writer's, shared with the reads.
+    /// The audience query the reads share with the writer (`write::read_group`) takes no page
+    /// size and is not listed.
     #[test]
     fn a_cached_query_is_not_compiled_again() {
         let mut conn = Connection::open_in_memory().unwrap();
