@@ -24,7 +24,7 @@ async fn read<T: Send + 'static>(
     if let Some(catch_up) = reader.catch_up() {
         catch_up.wait().await.map_err(EngineError::from)?;
     }
-    read_now(engine, reader, |r: &Arc<dyn Reader>| f(r.as_ref())).await
+    read_now(engine, move || f(reader.as_ref())).await
 }
 
 /// Waits for every set's store at once (see `CatchUp::wait_all`), for a query that reads them
@@ -36,13 +36,12 @@ async fn catch_up_all(readers: &[Arc<dyn Reader>]) -> Result<(), EngineError> {
     Ok(())
 }
 
-/// As [`read`], for a query that has already waited for its stores: `from` is what `f`
-/// reads, one set's reader or all of them. Whatever `f` reads, it takes one query slot and one
-/// trip to the blocking pool.
-async fn read_now<R: Send + 'static, T: Send + 'static>(
+/// As [`read`], for a query that has already waited for its stores. Whatever `f` reads (one
+/// set's reader or all of them, owned by the closure), it takes one query slot and one trip to
+/// the blocking pool.
+async fn read_now<T: Send + 'static>(
     engine: &Engine,
-    from: R,
-    f: impl FnOnce(&R) -> Result<T, StoreError> + Send + 'static,
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, EngineError> {
     let permits = engine.query_permits();
     let permit = tokio::time::timeout(QUERY_WAIT_MAX, permits.acquire_owned())
@@ -55,7 +54,7 @@ async fn read_now<R: Send + 'static, T: Send + 'static>(
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
         name_query_thread();
-        f(&from)
+        f()
     })
     .await
     .map_err(|e| EngineError::Store(format!("read task failed: {e}")))?
@@ -242,18 +241,18 @@ impl Engine {
         // to the blocking pool: a trip per set cost a thread's wake-up and sleep each.
         catch_up_all(self.readers()).await?;
         let mine = self.user_set(&user) as usize;
-        let (page, archived_before_ms, best_luck_count) =
-            read_now(self, self.readers().to_vec(), move |readers: &Vec<Arc<dyn Reader>>| {
-                let r = &readers[mine];
-                let page = r.received(&user, from, to, cursor, limit + 1)?;
-                let archived_before_ms = r.archived_before()?;
-                let mut best_luck_count = 0;
-                for r in readers {
-                    best_luck_count += r.best_luck_count(&user, from, to)?;
-                }
-                Ok((page, archived_before_ms, best_luck_count))
-            })
-            .await?;
+        let readers = self.readers().to_vec();
+        let (page, archived_before_ms, best_luck_count) = read_now(self, move || {
+            let r = &readers[mine];
+            let page = r.received(&user, from, to, cursor, limit + 1)?;
+            let archived_before_ms = r.archived_before()?;
+            let mut best_luck_count = 0;
+            for r in &readers {
+                best_luck_count += r.best_luck_count(&user, from, to)?;
+            }
+            Ok((page, archived_before_ms, best_luck_count))
+        })
+        .await?;
         let more = page.items.len() > limit as usize;
         let items: Vec<ReceivedItem> = page
             .items
