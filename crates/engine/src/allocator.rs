@@ -1,5 +1,6 @@
-//! What the engine asks of the allocator the binaries install (mimalloc): keep freed pages a
-//! while before handing them back to the kernel.
+//! What the engine asks of the memory the binaries run on (mimalloc's, the kernel's): keep
+//! freed pages a while before handing them back to the kernel, and take memory from the
+//! kernel in small pages, not huge ones. Both binaries call [`configure`] first in `main`.
 //!
 //! mimalloc returns a free page to the kernel 1 s after it was freed (`purge_delay`). The
 //! engine frees memory in bursts and takes as much again soon after: a packet's claims map
@@ -14,6 +15,51 @@
 //! 1,000,000 resident packets at 1,252 MiB instead of 908; 10 s leaves them at 926–947 MiB.
 
 use std::os::raw::c_long;
+
+/// Applies [`keep_freed_pages`] and [`no_huge_pages`]. Returns what could not be applied, one
+/// line each, for `main` to warn about (the process runs either way). Call it at the start of
+/// `main`, before other threads.
+pub fn configure() -> Vec<String> {
+    let mut warnings = Vec::new();
+    if keep_freed_pages().is_none() {
+        warnings.push(
+            "mimalloc numbers its options otherwise than expected; its purge delay stays at its default"
+                .into(),
+        );
+    }
+    if let Err(e) = no_huge_pages() {
+        warnings.push(format!("transparent huge pages stay on for this process: {e}"));
+    }
+    warnings
+}
+
+/// The environment variable with which an operator lets mimalloc (and the kernel) use
+/// transparent huge pages, or not; mimalloc reads it at its start.
+const ALLOW_THP_ENV: &str = "MIMALLOC_ALLOW_THP";
+
+/// Asks the kernel for no transparent huge pages in this process (`PR_SET_THP_DISABLE`),
+/// unless `MIMALLOC_ALLOW_THP` says otherwise (mimalloc then did what it says at its start).
+///
+/// mimalloc asks for huge pages (`MADV_HUGEPAGE`) on the memory it maps, so where the kernel
+/// gives them a first touch faults in and zeroes 2 MiB at once, about half a millisecond here,
+/// on whichever thread touched it: a set thread in the middle of a batch, with every claim in
+/// it waiting, or a worker. Small pages fault more often and each costs microseconds. In
+/// rounds run as `scripts/bench` runs them, the claim p99 at half rate was 3.9–5.0 ms with
+/// small pages against 7.9–10.9 ms with huge ones (the first second's 3.4–14.9 against
+/// 20.0–27.9 ms), while the full-rate festival, the in-process festivals and the resident
+/// memory of 1,000,000 packets did not move beyond the noise (BENCHMARKS.md, 2026-12-04,
+/// thirteenth session).
+pub fn no_huge_pages() -> std::io::Result<()> {
+    if std::env::var_os(ALLOW_THP_ENV).is_some() {
+        return Ok(());
+    }
+    // SAFETY: PR_SET_THP_DISABLE takes an integer and changes a flag of this process's memory
+    // map; no pointer is passed.
+    if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
 
 /// How long mimalloc keeps a freed page before it goes back to the kernel.
 pub const PURGE_DELAY_MS: c_long = 10_000;
@@ -55,6 +101,19 @@ pub fn keep_freed_pages() -> Option<c_long> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// After `no_huge_pages` the kernel says this process takes no transparent huge pages.
+    #[test]
+    fn no_huge_pages_is_what_the_kernel_says() {
+        if std::env::var_os(ALLOW_THP_ENV).is_some() {
+            panic!("unset {ALLOW_THP_ENV} to run this test: it checks what the process asks for itself");
+        }
+        no_huge_pages().expect("prctl");
+        // SAFETY: PR_GET_THP_DISABLE reads a flag of this process; no pointer is passed.
+        assert_eq!(unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) }, 1);
+        let status = std::fs::read_to_string("/proc/self/status").expect("status");
+        assert!(status.lines().any(|l| l.split_whitespace().eq(["THP_enabled:", "0"])), "{status}");
+    }
 
     /// The option number still names the purge delay: its default is mimalloc's documented
     /// one, and setting it takes.

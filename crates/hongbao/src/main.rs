@@ -38,8 +38,8 @@ const RATE_LIMIT_PRUNE_EVERY: std::time::Duration = std::time::Duration::from_se
 
 fn main() -> std::process::ExitCode {
     // Before any other thread: see `hongbao_engine::allocator`.
-    if hongbao_engine::allocator::keep_freed_pages().is_none() {
-        eprintln!("warning: mimalloc numbers its options otherwise than expected; its purge delay stays at its default");
+    for warning in hongbao_engine::allocator::configure() {
+        eprintln!("warning: {warning}");
     }
     let cli = Cli::parse();
     let done = match cli.command {

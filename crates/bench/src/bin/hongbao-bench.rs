@@ -19,8 +19,8 @@ struct Cli {
 
 fn main() -> std::process::ExitCode {
     // Before any other thread: see `hongbao_engine::allocator`.
-    if hongbao_engine::allocator::keep_freed_pages().is_none() {
-        eprintln!("warning: mimalloc numbers its options otherwise than expected; its purge delay stays at its default");
+    for warning in hongbao_engine::allocator::configure() {
+        eprintln!("warning: {warning}");
     }
     match hongbao_bench::run(Cli::parse().bench) {
         Ok(()) => std::process::ExitCode::SUCCESS,
