@@ -4,8 +4,8 @@
 //! Per request it allocates only what hyper's request and response types need: the header
 //! values are built once and shared, claim paths are cached per packet (one cache per load
 //! thread, shared by its connections), request bodies are formatted into a reused buffer and
-//! responses are read into another. It never parses a
-//! claim's JSON: the status says what happened and the amount is scanned from the bytes.
+//! responses are read into another. It never parses a claim's JSON: the status says what
+//! happened and the amount is scanned from the bytes.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
@@ -32,6 +32,8 @@ const RECONNECT_PAUSE: Duration = Duration::from_millis(20);
 /// Claim paths cached per load thread: a festival's hot packets stay cached, and the cache
 /// is dropped whole when it reaches this size.
 const CLAIM_PATHS_CACHED_MAX: usize = 4096;
+/// The first bytes of an unexpected answer kept in an error message.
+const ERROR_BODY_CHARS_MAX: usize = 200;
 
 thread_local! {
     /// The claim paths of the packets this load thread's connections claimed from. One cache
@@ -55,8 +57,6 @@ fn claim_path(packet: u64) -> Uri {
             .clone()
     })
 }
-/// The first bytes of an unexpected answer kept in an error message.
-const ERROR_BODY_CHARS_MAX: usize = 200;
 
 /// Where the server is and the keys to show it. Built once, shared by every connection.
 #[derive(Debug)]

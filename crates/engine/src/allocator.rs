@@ -43,12 +43,12 @@ const ALLOW_THP_ENV: &str = "MIMALLOC_ALLOW_THP";
 /// mimalloc asks for huge pages (`MADV_HUGEPAGE`) on the memory it maps, so where the kernel
 /// gives them a first touch faults in and zeroes 2 MiB at once, about half a millisecond here,
 /// on whichever thread touched it: a set thread in the middle of a batch, with every claim in
-/// it waiting, or a worker. Small pages fault more often and each costs microseconds. In
-/// rounds run as `scripts/bench` runs them, the claim p99 at half rate was 3.9–5.0 ms with
-/// small pages against 7.9–10.9 ms with huge ones (the first second's 3.4–14.9 against
-/// 20.0–27.9 ms), while the full-rate festival, the in-process festivals and the resident
-/// memory of 1,000,000 packets did not move beyond the noise (BENCHMARKS.md, 2026-12-04,
-/// thirteenth session).
+/// it waiting, or a worker. Small pages fault more often and each costs microseconds. In nine
+/// pairs of rounds run as `scripts/bench` runs them, the server's own claim p99 at half rate
+/// was lower with small pages in eight (2.1–4.3 ms against 3.4–6.1), its first second's in
+/// all nine (2.4–7.3 against 7.0–17.2 ms); the full-rate festival was 2 % lower on the means,
+/// within this host's noise, and the in-process festivals and the resident memory of
+/// 1,000,000 packets did not move beyond it (BENCHMARKS.md, 2026-12-04, thirteenth session).
 pub fn no_huge_pages() -> std::io::Result<()> {
     if std::env::var_os(ALLOW_THP_ENV).is_some() {
         return Ok(());
