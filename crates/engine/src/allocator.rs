@@ -33,34 +33,6 @@ pub fn configure() -> Vec<String> {
     warnings
 }
 
-/// The environment variable with which an operator lets mimalloc (and the kernel) use
-/// transparent huge pages, or not; mimalloc reads it at its start.
-const ALLOW_THP_ENV: &str = "MIMALLOC_ALLOW_THP";
-
-/// Asks the kernel for no transparent huge pages in this process (`PR_SET_THP_DISABLE`),
-/// unless `MIMALLOC_ALLOW_THP` says otherwise (mimalloc then did what it says at its start).
-///
-/// mimalloc asks for huge pages (`MADV_HUGEPAGE`) on the memory it maps, so where the kernel
-/// gives them a first touch faults in and zeroes 2 MiB at once, about half a millisecond here,
-/// on whichever thread touched it: a set thread in the middle of a batch, with every claim in
-/// it waiting, or a worker. Small pages fault more often and each costs microseconds. In nine
-/// pairs of rounds run as `scripts/bench` runs them, the server's own claim p99 at half rate
-/// was lower with small pages in eight (2.1–4.3 ms against 3.4–6.1), its first second's in
-/// all nine (2.4–7.3 against 7.0–17.2 ms); the full-rate festival was 2 % lower on the means,
-/// within this host's noise, and the in-process festivals and the resident memory of
-/// 1,000,000 packets did not move beyond it (BENCHMARKS.md, 2026-12-04, thirteenth session).
-pub fn no_huge_pages() -> std::io::Result<()> {
-    if std::env::var_os(ALLOW_THP_ENV).is_some() {
-        return Ok(());
-    }
-    // SAFETY: PR_SET_THP_DISABLE takes an integer and changes a flag of this process's memory
-    // map; no pointer is passed.
-    if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// How long mimalloc keeps a freed page before it goes back to the kernel.
 pub const PURGE_DELAY_MS: c_long = 10_000;
 
@@ -96,6 +68,34 @@ pub fn keep_freed_pages() -> Option<c_long> {
     unsafe { libmimalloc_sys::mi_option_set_default(PURGE_DELAY_OPTION, PURGE_DELAY_MS) };
     // SAFETY: as above.
     Some(unsafe { libmimalloc_sys::mi_option_get(PURGE_DELAY_OPTION) })
+}
+
+/// The environment variable with which an operator lets mimalloc (and the kernel) use
+/// transparent huge pages, or not; mimalloc reads it at its start.
+const ALLOW_THP_ENV: &str = "MIMALLOC_ALLOW_THP";
+
+/// Asks the kernel for no transparent huge pages in this process (`PR_SET_THP_DISABLE`),
+/// unless `MIMALLOC_ALLOW_THP` says otherwise (mimalloc then did what it says at its start).
+///
+/// mimalloc asks for huge pages (`MADV_HUGEPAGE`) on the memory it maps, so where the kernel
+/// gives them, a first touch faults in and zeroes 2 MiB at once, about half a millisecond here,
+/// on whichever thread touched it: a set thread in the middle of a batch, with every claim in
+/// it waiting, or a worker. Small pages fault more often and each costs microseconds. In nine
+/// pairs of rounds run as `scripts/bench` runs them, the server's own claim p99 at half rate
+/// was lower with small pages in eight (2.1–4.3 ms against 3.4–6.1), its first second's in
+/// all nine (2.4–7.3 against 7.0–17.2 ms); the full-rate festival was 2 % lower on the means,
+/// within this host's noise, and the in-process festivals and the resident memory of
+/// 1,000,000 packets did not move beyond it (BENCHMARKS.md, 2026-12-04, thirteenth session).
+pub fn no_huge_pages() -> std::io::Result<()> {
+    if std::env::var_os(ALLOW_THP_ENV).is_some() {
+        return Ok(());
+    }
+    // SAFETY: PR_SET_THP_DISABLE takes an integer and changes a flag of this process's memory
+    // map; no pointer is passed.
+    if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
