@@ -4,7 +4,8 @@
 //! few MB of random B-tree pages a SQLite transaction of the same batch writes. A fold thread
 //! per set then applies the records to the SQLite file in large transactions, in order, and
 //! records in the same transaction how far it got (`meta.journal_seq`); a segment wholly
-//! folded becomes the spare for the next rotation, or is deleted.
+//! folded is kept to be a next segment ([`POOL_MAX`] of them), becomes the spare, or is
+//! deleted.
 //!
 //! - **Crash.** On open, whatever the journal holds past `journal_seq` is folded before the
 //!   set loads, so a restart sees every acknowledged batch. A record torn by the crash (short,
@@ -77,10 +78,19 @@ const RECORD_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// segment; one larger than a whole segment grows it.
 const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
 
-/// A made (zero-filled, or folded and recycled) segment file waiting to be the next segment,
-/// so a rotation is a rename, not 16 MiB of writes on the commit path. The fold thread makes
-/// one when there is none.
+/// A made (zero-filled, or folded and recycled) segment file waiting to be the next segment
+/// when no folded one is kept, so a rotation is a rename, not 16 MiB of writes on the commit
+/// path: made there, a segment held every claim of the set for about 50 ms (BENCHMARKS.md,
+/// fourteenth session). The fold thread makes one when the journal opens and whenever a
+/// rotation leaves neither a folded segment nor the spare, even while it gives way to the
+/// claims, a MiB at a time ([`Pace::Gentle`]).
 const SPARE: &str = "spare";
+
+/// Folded segments a set keeps, under their own names, to be the next segments before the
+/// spare is taken: the fold gives way for up to [`YIELD_LAG_BYTES`] (two segments), so with
+/// one spare alone a sustained load took it at one rotation and found none at the next. A
+/// restart folds nothing from them and recycles them like any folded segment.
+const POOL_MAX: usize = 4;
 
 /// Journal bytes waiting for the fold, per set, before commits wait for it: tens of millions
 /// of claims, a burst of minutes at full speed, and a bound on the disk the journal takes and
@@ -192,12 +202,13 @@ pub fn open_journaled_sqlite(dir: &Path, set: u32, sets: u32) -> Result<(Journal
             busy_override: None,
             stop: false,
             halt: false,
+            spare_wanted: true,
         }),
         changed: Condvar::new(),
         progress: tokio::sync::watch::Sender::new(Progress { folded_seq: last_seq, failing: false }),
         store: Mutex::new(sqlite),
     });
-    let segment = Segment::create(&journal_dir, last_seq + 1)?;
+    let segment = Segment::create(&journal_dir, last_seq + 1, &journal_dir.join(SPARE))?;
     let fold = {
         let shared = shared.clone();
         std::thread::Builder::new()
@@ -216,6 +227,8 @@ pub fn open_journaled_sqlite(dir: &Path, set: u32, sets: u32) -> Result<(Journal
         dir: journal_dir,
         segment,
         closed: VecDeque::new(),
+        pool: VecDeque::new(),
+        segments_made: 0,
         last_seq,
         buf: Vec::new(),
         poisoned: None,
@@ -278,6 +291,9 @@ struct FoldState {
     stop: bool,
     /// Stop at once, folding nothing more: what `kill -9` would do, for tests.
     halt: bool,
+    /// A rotation took the spare segment (or the journal just opened): the fold thread makes
+    /// the next one before anything else it waits for.
+    spare_wanted: bool,
 }
 
 /// What the fold last reported, as queries see it.
@@ -348,6 +364,24 @@ impl Shared {
     }
 }
 
+/// Makes the spare segment when a rotation asked for one, without the lock (16 MiB written
+/// and synced), and returns the lock taken again; the caller checks its conditions afresh.
+fn spare_if_wanted<'a>(
+    set: u32,
+    shared: &'a Shared,
+    mut s: MutexGuard<'a, FoldState>,
+) -> MutexGuard<'a, FoldState> {
+    while s.spare_wanted && !s.halt {
+        s.spare_wanted = false;
+        drop(s);
+        if let Err(e) = make_spare(&shared.dir) {
+            tracing::warn!(set, error = %e, "cannot make a spare journal segment");
+        }
+        s = lock(&shared.state);
+    }
+    s
+}
+
 /// The fold thread: applies queued records to SQLite in order, many per transaction.
 fn fold_loop(set: u32, shared: &Shared) {
     // When a query may start the next fold: QUERY_FOLD_PACE times as long after the last
@@ -359,12 +393,13 @@ fn fold_loop(set: u32, shared: &Shared) {
         // Take what is queued, up to a transaction's worth; the items stay queued until they
         // are folded, so a failed transaction is simply tried again.
         let (first_seq, records) = {
-            let mut s = lock(&shared.state);
+            let mut s = spare_if_wanted(set, shared, lock(&shared.state));
             while s.queue.is_empty() && !s.stop && !s.halt {
                 s.fold_idle = true;
                 // Nothing is held back.
                 s.giving_way = false;
                 s = shared.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+                s = spare_if_wanted(set, shared, s);
             }
             s.fold_idle = false;
             // Let batches gather: not at all for the set itself; while the claims want the CPU,
@@ -396,6 +431,7 @@ fn fold_loop(set: u32, shared: &Shared) {
                 };
                 let until = until.min(load.next_tick());
                 s = shared.changed.wait_timeout(s, until - now).unwrap_or_else(|p| p.into_inner()).0;
+                s = spare_if_wanted(set, shared, s);
             }
             if s.halt || s.queue.is_empty() {
                 return;
@@ -646,6 +682,10 @@ pub struct JournalStore {
     segment: Segment,
     /// Closed segments, oldest first: (path, last seq in it).
     closed: VecDeque<(PathBuf, u64)>,
+    /// Folded segments kept for the next rotations, oldest first (at most [`POOL_MAX`]).
+    pool: VecDeque<PathBuf>,
+    /// Rotations that made their segment on the commit path.
+    segments_made: u64,
     /// The last seq written and synced.
     last_seq: u64,
     /// Reused encoding buffer for records.
@@ -689,13 +729,36 @@ impl JournalStore {
             if *last > folded {
                 break;
             }
-            if let Err(e) = recycle(&self.dir, path) {
+            if self.pool.len() < POOL_MAX {
+                self.pool.push_back(path.clone());
+            } else if let Err(e) = recycle(&self.dir, path) {
                 // Harmless: a later start folds nothing from it (its records are folded) and
                 // removes it then.
                 tracing::warn!(set = self.set, path = %path.display(), error = %e, "cannot remove a folded segment");
             }
             self.closed.pop_front();
         }
+    }
+
+    /// The segment whose first record will be `first_seq`: the oldest folded segment kept,
+    /// else the spare, renamed; 16 MiB written and synced here only when there is neither.
+    /// When this leaves neither for the next rotation, the fold thread makes a spare.
+    fn next_segment(&mut self, first_seq: u64) -> Result<Segment> {
+        let spare = self.dir.join(SPARE);
+        let from = self.pool.pop_front().unwrap_or_else(|| spare.clone());
+        let next = Segment::create(&self.dir, first_seq, &from)?;
+        if next.made {
+            self.segments_made += 1;
+            tracing::info!(
+                set = self.set,
+                "a journal segment was made on the commit path: no folded segment or spare was ready"
+            );
+        }
+        if self.pool.is_empty() && !spare.exists() {
+            lock(&self.shared.state).spare_wanted = true;
+            self.shared.changed.notify_all();
+        }
+        Ok(next)
     }
 }
 
@@ -726,7 +789,7 @@ impl Store for JournalStore {
         self.buf.clear();
         encode_record(&mut self.buf, seq, batch)?;
         if !self.segment.fits(self.buf.len()) {
-            let next = Segment::create(&self.dir, seq)?;
+            let next = self.next_segment(seq)?;
             let old = std::mem::replace(&mut self.segment, next);
             self.closed.push_back((old.path, self.last_seq));
         }
@@ -1070,18 +1133,25 @@ struct Segment {
     bytes: u64,
     /// The file's made size.
     capacity: u64,
+    /// Made on the spot (16 MiB written and synced by the caller), not reused.
+    made: bool,
 }
 
 impl Segment {
-    /// The segment whose first record will be `first_seq`: the spare, renamed, or a new file
-    /// made on the spot; its directory entry is synced so it survives a crash.
-    fn create(dir: &Path, first_seq: u64) -> Result<Segment> {
+    /// The segment whose first record will be `first_seq`: `from` (the spare or a folded
+    /// segment), renamed, or a new file made on the spot when `from` is not there; its
+    /// directory entry is synced so it survives a crash. Records `from` held are told apart
+    /// from the new ones by their seqs.
+    fn create(dir: &Path, first_seq: u64, from: &Path) -> Result<Segment> {
         let path = dir.join(segment_name(first_seq));
-        match std::fs::rename(dir.join(SPARE), &path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => make_zeroed(&path)?,
-            Err(e) => return Err(io(format!("cannot take the spare segment in {}", dir.display()), e)),
-        }
+        let made = match std::fs::rename(from, &path) {
+            Ok(()) => false,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                make_zeroed(&path, Pace::Full)?;
+                true
+            }
+            Err(e) => return Err(io(format!("cannot reuse {} as a journal segment", from.display()), e)),
+        };
         sync_dir(dir)?;
         let file = OpenOptions::new()
             .write(true)
@@ -1090,7 +1160,7 @@ impl Segment {
         let capacity = file.metadata().map_err(|e| io(format!("cannot stat {}", path.display()), e))?.len();
         let reader =
             Arc::new(File::open(&path).map_err(|e| io(format!("cannot open {}", path.display()), e))?);
-        Ok(Segment { path, file, reader, bytes: 0, capacity })
+        Ok(Segment { path, file, reader, bytes: 0, capacity, made })
     }
 
     /// Whether a record of `len` bytes goes in this segment. A record too large for any
@@ -1120,9 +1190,23 @@ impl Segment {
     }
 }
 
+/// How a segment's zeros go to the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pace {
+    /// All written, then synced: the fastest, for a segment the set waits for.
+    Full,
+    /// Each MiB written back before the next is written, for a spare made beside the claims:
+    /// every `fdatasync` of the set's appends flushes the disk's cache, and so waited for
+    /// whatever of the 16 MiB was written before it (the half-rate festival's p99 went from
+    /// about 2.5 to 6 ms while spares were made whole). One MiB at a time, an append waits
+    /// for one at most.
+    Gentle,
+}
+
 /// Makes a segment file of [`SEGMENT_BYTES`] zeros at `path`, under a temporary name first, so
 /// a crash never leaves a short one.
-fn make_zeroed(path: &Path) -> Result<()> {
+fn make_zeroed(path: &Path, pace: Pace) -> Result<()> {
+    use std::os::fd::AsRawFd;
     let tmp = path.with_extension("tmp");
     let mut f = OpenOptions::new()
         .create(true)
@@ -1131,8 +1215,20 @@ fn make_zeroed(path: &Path) -> Result<()> {
         .open(&tmp)
         .map_err(|e| io(format!("cannot create {}", tmp.display()), e))?;
     let zeros = vec![0u8; 1 << 20];
-    for _ in 0..SEGMENT_BYTES / zeros.len() as u64 {
+    let chunk = zeros.len() as i64;
+    for k in 0..SEGMENT_BYTES as i64 / chunk {
         f.write_all(&zeros).map_err(|e| io(format!("cannot write {}", tmp.display()), e))?;
+        if pace == Pace::Gentle {
+            // Data only: no metadata and no cache flush, so no filesystem journal commit.
+            let how = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                | libc::SYNC_FILE_RANGE_WRITE
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+            // SAFETY: a plain syscall on a descriptor this function owns; no memory is passed.
+            if unsafe { libc::sync_file_range(f.as_raw_fd(), k * chunk, chunk, how) } != 0 {
+                let e = std::io::Error::last_os_error();
+                return Err(io(format!("cannot write back {}", tmp.display()), e));
+            }
+        }
     }
     f.sync_all().map_err(|e| io(format!("cannot sync {}", tmp.display()), e))?;
     std::fs::rename(&tmp, path).map_err(|e| io(format!("cannot rename {}", tmp.display()), e))
@@ -1144,7 +1240,7 @@ fn make_spare(dir: &Path) -> Result<()> {
     if spare.exists() {
         return Ok(());
     }
-    make_zeroed(&spare)?;
+    make_zeroed(&spare, Pace::Gentle)?;
     sync_dir(dir)
 }
 
@@ -1467,10 +1563,10 @@ mod tests {
             assert_eq!(reader.balance(&UserId::parse(&name(200)).unwrap()).unwrap(), Some(200));
             store.kill();
         }
-        // Folded segments were recycled into the spare or removed: a few files, not one per
-        // 16 MiB written.
+        // Folded segments were kept for reuse, recycled into the spare or removed: a few files
+        // (the pool, the spare, the segment, one being made), not one per 16 MiB written.
         let files = std::fs::read_dir(&jdir).unwrap().count();
-        assert!(files <= 4, "{files} files in the journal");
+        assert!(files <= POOL_MAX + 3, "{files} files in the journal");
         let (mut store, reader) = open_journaled_sqlite(dir.path(), 0, 1).unwrap();
         assert_eq!(store.load(0).unwrap().wallets.len(), 200);
         let u7 = UserId::parse(&name(7)).unwrap();
@@ -1486,10 +1582,92 @@ mod tests {
         assert_eq!(store.sums().unwrap().balances_fen, (1..=200).sum::<i64>() + 1);
     }
 
+    /// Batches of ~130 KB: about 130 fill a segment.
+    fn big_batch(i: i64) -> Batch {
+        let user = UserId::parse(&format!("u{i:0>59}")).unwrap();
+        let mut b = batch(user.as_str(), i);
+        b.entries = (0..2_000)
+            .map(|k| Entry {
+                user: user.clone(),
+                kind: EntryKind::Deposit,
+                amount_fen: 1,
+                packet_id: None,
+                at_ms: k,
+            })
+            .collect();
+        b
+    }
+
+    /// Commits big batches from `*i` on until the journal moves to its next segment.
+    fn rotate(store: &mut JournalStore, i: &mut i64) {
+        let before = store.segment.path.clone();
+        while store.segment.path == before {
+            *i += 1;
+            store.commit(&big_batch(*i)).unwrap();
+        }
+    }
+
+    fn wait_for_spare(jdir: &Path, why: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !jdir.join(SPARE).exists() {
+            assert!(Instant::now() < deadline, "no spare: {why}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn a_rotation_that_takes_the_spare_has_the_fold_make_another_while_it_gives_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let jdir = dir.path().join("set-0.journal");
+        let (mut store, _reader) = open_journaled_sqlite(dir.path(), 0, 1).unwrap();
+        wait_for_spare(&jdir, "the fold makes one when the journal opens");
+        // The claims want the CPU: the fold folds nothing (the lag bounds are far off).
+        lock(&store.shared.state).busy_override = Some(true);
+        let mut i = 0;
+        rotate(&mut store, &mut i);
+        assert!(store.pool.is_empty() && !store.segment.made, "the rotation took the spare");
+        wait_for_spare(&jdir, "the fold makes the next one while it gives way");
+        assert!(lock(&store.shared.state).folded_seq < store.last_seq, "and folded nothing meanwhile");
+        rotate(&mut store, &mut i);
+        assert_eq!(store.segments_made, 0, "no segment was made on the commit path");
+    }
+
+    #[test]
+    fn rotations_take_folded_segments_before_the_spare() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let jdir = dir.path().join("set-0.journal");
+        let (mut store, _reader) = open_journaled_sqlite(dir.path(), 0, 1).unwrap();
+        wait_for_spare(&jdir, "the fold makes one when the journal opens");
+        let first = std::fs::metadata(&store.segment.path).unwrap().ino();
+        let mut i = 0;
+        rotate(&mut store, &mut i);
+        wait_for_spare(&jdir, "the fold makes the next one");
+        // Everything folded; the next commit keeps the first segment for reuse.
+        store.sums().unwrap();
+        i += 1;
+        store.commit(&big_batch(i)).unwrap();
+        assert_eq!(store.pool.len(), 1, "the folded segment is kept");
+        rotate(&mut store, &mut i);
+        assert_eq!(
+            std::fs::metadata(&store.segment.path).unwrap().ino(),
+            first,
+            "the folded segment is reused"
+        );
+        assert!(jdir.join(SPARE).exists(), "the spare is left for when none is folded");
+        assert_eq!(store.segments_made, 0);
+        // Its old records are told apart from the new ones: a restart folds every batch.
+        let last = i;
+        store.kill();
+        let (mut store, reader) = open_journaled_sqlite(dir.path(), 0, 1).unwrap();
+        assert_eq!(store.load(0).unwrap().wallets.len(), last as usize);
+        assert_eq!(reader.balance(&UserId::parse(&format!("u{last:0>59}")).unwrap()).unwrap(), Some(last));
+    }
+
     #[test]
     fn a_failed_append_is_wiped_back_off_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        let mut seg = Segment::create(dir.path(), 1).unwrap();
+        let mut seg = Segment::create(dir.path(), 1, &dir.path().join(SPARE)).unwrap();
         assert_eq!(seg.capacity, SEGMENT_BYTES, "a segment is made at its full size");
         let mut rec = Vec::new();
         encode_record(&mut rec, 1, &batch("alice", 100)).unwrap();
