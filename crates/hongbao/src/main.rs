@@ -6,6 +6,7 @@ mod config;
 use std::io::Write;
 use std::sync::Arc;
 
+use axum::serve::ListenerExt;
 use clap::{Parser, Subcommand};
 use hongbao_api::{AppState, Keys, Tokens};
 use hongbao_core::SystemClock;
@@ -123,6 +124,14 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         // Tests and scripts read this line to learn the port.
         println!("hongbao listening on http://{addr}");
         let _ = std::io::stdout().flush();
+        // Answers go out as soon as they are written: without TCP_NODELAY, Nagle's algorithm
+        // holds a small segment while one before it waits for an acknowledgement, and a client
+        // that delays its acknowledgements (Linux: 40 ms) stalls every answer on that connection.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::warn!(error = %e, "cannot set TCP_NODELAY on a connection");
+            }
+        });
         axum::serve(listener, hongbao_api::router(state))
             .with_graceful_shutdown(shutdown_signal())
             .await
