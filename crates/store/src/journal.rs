@@ -1606,12 +1606,28 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_rotation_that_takes_the_spare_has_the_fold_make_another_while_it_gives_way() {
+    /// A journal in a fresh data dir, once the fold has made its first spare; with the dir
+    /// and the journal's directory.
+    fn fresh_journal() -> (tempfile::TempDir, PathBuf, JournalStore) {
         let dir = tempfile::tempdir().unwrap();
         let jdir = dir.path().join("set-0.journal");
-        let (mut store, _reader) = open_journaled_sqlite(dir.path(), 0, 1).unwrap();
+        let (store, _reader) = open_journaled_sqlite(dir.path(), 0, 1).unwrap();
         wait_for_spare(&jdir, "the fold makes one when the journal opens");
+        (dir, jdir, store)
+    }
+
+    /// Stops `store` as `kill -9` would and opens the data dir again: every batch up to the
+    /// `last`th big one is back.
+    fn restart_has_every_big_batch(store: JournalStore, dir: &Path, last: i64) {
+        store.kill();
+        let (mut store, reader) = open_journaled_sqlite(dir, 0, 1).unwrap();
+        assert_eq!(store.load(0).unwrap().wallets.len(), last as usize);
+        assert_eq!(reader.balance(&UserId::parse(&format!("u{last:0>59}")).unwrap()).unwrap(), Some(last));
+    }
+
+    #[test]
+    fn a_rotation_that_takes_the_spare_has_the_fold_make_another_while_it_gives_way() {
+        let (_dir, jdir, mut store) = fresh_journal();
         // The claims want the CPU: the fold folds nothing (the lag bounds are far off).
         lock(&store.shared.state).busy_override = Some(true);
         let mut i = 0;
@@ -1626,10 +1642,7 @@ mod tests {
     #[test]
     fn rotations_take_folded_segments_before_the_spare() {
         use std::os::unix::fs::MetadataExt;
-        let dir = tempfile::tempdir().unwrap();
-        let jdir = dir.path().join("set-0.journal");
-        let (mut store, _reader) = open_journaled_sqlite(dir.path(), 0, 1).unwrap();
-        wait_for_spare(&jdir, "the fold makes one when the journal opens");
+        let (dir, jdir, mut store) = fresh_journal();
         let first = std::fs::metadata(&store.segment.path).unwrap().ino();
         let mut i = 0;
         rotate(&mut store, &mut i);
@@ -1648,18 +1661,12 @@ mod tests {
         assert!(jdir.join(SPARE).exists(), "the spare is left for when none is folded");
         assert_eq!(store.segments_made, 0);
         // Its old records are told apart from the new ones: a restart folds every batch.
-        let last = i;
-        store.kill();
-        let (mut store, reader) = open_journaled_sqlite(dir.path(), 0, 1).unwrap();
-        assert_eq!(store.load(0).unwrap().wallets.len(), last as usize);
-        assert_eq!(reader.balance(&UserId::parse(&format!("u{last:0>59}")).unwrap()).unwrap(), Some(last));
+        restart_has_every_big_batch(store, dir.path(), i);
     }
 
     #[test]
     fn a_full_pool_keeps_the_newest_folded_segments_and_a_restart_reads_them_all() {
-        let dir = tempfile::tempdir().unwrap();
-        let jdir = dir.path().join("set-0.journal");
-        let (mut store, _reader) = open_journaled_sqlite(dir.path(), 0, 1).unwrap();
+        let (dir, jdir, mut store) = fresh_journal();
         // The fold gives way with no bound in sight: segments close unfolded, then one fold
         // takes them all.
         {
@@ -1683,11 +1690,7 @@ mod tests {
         let on_disk: Vec<&PathBuf> = segments.iter().filter(|p| p.exists()).collect();
         assert_eq!(on_disk.len(), POOL_MAX + 1, "{on_disk:?}");
         assert_eq!(on_disk[..POOL_MAX], store.pool.iter().collect::<Vec<_>>()[..]);
-        let last = i;
-        store.kill();
-        let (mut store, reader) = open_journaled_sqlite(dir.path(), 0, 1).unwrap();
-        assert_eq!(store.load(0).unwrap().wallets.len(), last as usize);
-        assert_eq!(reader.balance(&UserId::parse(&format!("u{last:0>59}")).unwrap()).unwrap(), Some(last));
+        restart_has_every_big_batch(store, dir.path(), i);
         assert!(std::fs::read_dir(&jdir).unwrap().count() <= POOL_MAX + 3);
     }
 
