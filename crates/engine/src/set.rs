@@ -181,8 +181,13 @@ impl Pending {
 /// The set's memory. Owned by the set thread alone.
 struct SetState {
     wallets: Wallets,
-    /// Active packets, and closed ones still in the closed cache.
-    packets: FastMap<PacketId, Packet>,
+    /// Active packets, and closed ones still in the closed cache. Boxed: a bucket is 16 bytes
+    /// instead of a packet's 216, so the half of a table that is empty after a doubling costs
+    /// little, and a doubling moves pointers. Inline, 1,000,000 resident packets took two
+    /// tables of 2^20 buckets, 434 MiB for 198 MiB of packets, and each doubling freed the
+    /// old table beside the new: the process read 910–1,205 MiB after creating them, boxed
+    /// 690–787 (BENCHMARKS.md, fifteenth session).
+    packets: FastMap<PacketId, Box<Packet>>,
     expiries: BTreeSet<(Millis, PacketId)>,
     closed: VecDeque<PacketId>,
     closed_claims: usize,
@@ -774,7 +779,7 @@ impl SetState {
         w.batch.new_packets.push(packet.header().clone());
         self.expiries.insert((packet.header().expires_at_ms, id));
         let s = PacketSummary::of(packet.header());
-        self.packets.insert(id, packet);
+        self.packets.insert(id, Box::new(packet));
         Ok(s)
     }
 
@@ -799,7 +804,7 @@ impl SetState {
         }
         // Read back from the store, its closing is durable.
         ctx.closed.publish(&p);
-        self.packets.insert(id, p);
+        self.packets.insert(id, Box::new(p));
         self.note_closed(ctx, id);
         Ok(())
     }

@@ -221,8 +221,9 @@ impl Batch {
 #[derive(Debug, Default)]
 pub struct Loaded {
     pub wallets: Vec<(UserId, i64)>,
-    /// Packets still `active`, with their claims.
-    pub active_packets: Vec<Packet>,
+    /// Packets still `active`, with their claims; boxed as the set keeps them, so a restart
+    /// moves pointers instead of copying each packet out of a vector as large as all of them.
+    pub active_packets: Vec<Box<Packet>>,
     /// The largest packet id this set has issued.
     pub max_packet_id: Option<PacketId>,
     /// Idempotency records at or after the retention cut-off given to `load`.

@@ -313,7 +313,7 @@ fn load_active_packets(
     st: &mut Statements,
     set: u32,
     users: &mut Users,
-) -> Result<Vec<Packet>> {
+) -> Result<Vec<Box<Packet>>> {
     let mut packets: Vec<PacketRow> = Vec::new();
     {
         let s = st.get(tx, SELECT_ACTIVE_PACKETS)?;
@@ -359,7 +359,7 @@ fn load_active_packets(
     for ((mut row, group), claims) in packets.into_iter().zip(groups).zip(claims) {
         rows::set_audience(&mut row, group)?;
         rows::check_claims(&row, &claims)?;
-        out.push(Packet::restore(row.header, row.status, row.refunded_fen, claims));
+        out.push(Box::new(Packet::restore(row.header, row.status, row.refunded_fen, claims)));
     }
     Ok(out)
 }

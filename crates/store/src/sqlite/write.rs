@@ -216,7 +216,7 @@ fn load_in(tx: &Transaction<'_>, set: u32, since_ms: Millis, users: &mut Users) 
 
 /// Three streaming queries in packet order (packets, audience rows, claims), joined in one
 /// pass: a restart with a million active packets and ten million claims stays a few scans.
-fn load_active_packets(tx: &Transaction<'_>, set: u32, users: &mut Users) -> Result<Vec<Packet>> {
+fn load_active_packets(tx: &Transaction<'_>, set: u32, users: &mut Users) -> Result<Vec<Box<Packet>>> {
     let mut packets: Vec<PacketRow> = Vec::new();
     {
         let mut stmt = tx.prepare(SELECT_ACTIVE_PACKETS)?;
@@ -261,7 +261,7 @@ fn load_active_packets(tx: &Transaction<'_>, set: u32, users: &mut Users) -> Res
     for ((mut row, group), claims) in packets.into_iter().zip(groups).zip(claims) {
         rows::set_audience(&mut row, group)?;
         rows::check_claims(&row, &claims)?;
-        out.push(Packet::restore(row.header, row.status, row.refunded_fen, claims));
+        out.push(Box::new(Packet::restore(row.header, row.status, row.refunded_fen, claims)));
     }
     Ok(out)
 }
