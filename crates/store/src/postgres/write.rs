@@ -308,6 +308,7 @@ fn load_in(
 
 /// Three streaming queries in packet order (packets, audience rows, claims), joined in one
 /// pass: a restart with a million active packets and ten million claims stays a few scans.
+#[expect(clippy::vec_box, reason = "the set keeps packets boxed; see `Loaded::active_packets`")]
 fn load_active_packets(
     tx: &mut Transaction<'_>,
     st: &mut Statements,

@@ -216,6 +216,7 @@ fn load_in(tx: &Transaction<'_>, set: u32, since_ms: Millis, users: &mut Users) 
 
 /// Three streaming queries in packet order (packets, audience rows, claims), joined in one
 /// pass: a restart with a million active packets and ten million claims stays a few scans.
+#[expect(clippy::vec_box, reason = "the set keeps packets boxed; see `Loaded::active_packets`")]
 fn load_active_packets(tx: &Transaction<'_>, set: u32, users: &mut Users) -> Result<Vec<Box<Packet>>> {
     let mut packets: Vec<PacketRow> = Vec::new();
     {
