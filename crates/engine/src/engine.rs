@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{Sender, TrySendError};
-use hongbao_core::{set_of_user, Amount, Clock, Limits, PacketId, RequestId, UserId, ValidSend};
+use hongbao_core::{set_of_user, Amount, Clock, Limits, Millis, PacketId, RequestId, UserId, ValidSend};
 use hongbao_store::{Reader, Store};
 use tokio::sync::oneshot;
 
@@ -386,10 +386,11 @@ impl Engine {
 
     /// The set to ask for `user`'s share of `packet`, or the answer it would give when the
     /// packet is closed and `user` holds no share of it (see `closed`): the crowd that keeps
-    /// asking for a packet that is gone is turned away here, without a queue slot.
-    fn route(&self, packet: PacketId, user: &UserId) -> Result<u32, EngineError> {
+    /// asking for a packet that is gone is turned away here, without a queue slot. `now_ms` is
+    /// the caller's reading of the clock, read once for many claims: reading it per claim was
+    /// a tenth of the caller's time in the batched in-process festival.
+    fn route(&self, packet: PacketId, user: &UserId, now_ms: Millis) -> Result<u32, EngineError> {
         let set = self.packet_set(packet)?;
-        let now_ms = self.inner.clock.now_ms();
         match self.inner.closed[set as usize].refusal(packet, user, now_ms) {
             Some(refused) => {
                 self.inner.closed_refusals.fetch_add(1, Ordering::Relaxed);
@@ -403,7 +404,7 @@ impl Engine {
     /// cooperative budget, as awaiting the set's reply would: a caller looping on refused
     /// claims still yields to its other tasks.
     async fn share_set(&self, packet: PacketId, user: &UserId) -> Result<u32, EngineError> {
-        let routed = self.route(packet, user);
+        let routed = self.route(packet, user, self.inner.clock.now_ms());
         if routed.is_err() {
             tokio::task::consume_budget().await;
         }
@@ -420,8 +421,9 @@ impl Engine {
         let chunk = self.inner.config.batch_max.max(1);
         let mut results: Vec<Option<Result<ClaimReply, EngineError>>> = Vec::with_capacity(claims.len());
         let mut routed: Vec<Routed> = (0..sets).map(|_| (Vec::new(), Vec::new())).collect();
+        let now_ms = self.inner.clock.now_ms();
         for (i, (packet, user)) in claims.into_iter().enumerate() {
-            match self.route(packet, &user) {
+            match self.route(packet, &user, now_ms) {
                 Ok(set) => {
                     results.push(None);
                     let (at, mine) = &mut routed[set as usize];
