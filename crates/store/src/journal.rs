@@ -1327,7 +1327,18 @@ fn recover(dir: &Path, sqlite: &mut SqliteStore) -> Result<u64> {
             .and_then(|mut f| f.read_to_end(&mut bytes))
             .map_err(|e| io(format!("cannot read {}", path.display()), e))?;
         if let Some(want) = expected {
-            if *first != want {
+            // A gap is harmless when every record missing from it was folded already: a
+            // folded segment that could not be recycled (a failed rename or remove) stays
+            // behind while newer folded ones go.
+            let folded_gap = *first > want && *first - 1 <= folded;
+            if folded_gap {
+                tracing::warn!(
+                    path = %path.display(),
+                    missing = %format_args!("{want}..={}", *first - 1),
+                    folded,
+                    "journal segments skip records the store already holds"
+                );
+            } else if *first != want {
                 return Err(StoreError::Corrupt(format!(
                     "{} starts at record {first} where {want} was due: the segment before it is \
                      damaged or records are missing",
@@ -1692,6 +1703,55 @@ mod tests {
         assert_eq!(on_disk[..POOL_MAX], store.pool.iter().collect::<Vec<_>>()[..]);
         restart_has_every_big_batch(store, dir.path(), i);
         assert!(std::fs::read_dir(&jdir).unwrap().count() <= POOL_MAX + 3);
+    }
+
+    #[test]
+    fn a_gap_of_folded_records_between_segments_does_not_stop_a_restart() {
+        let (dir, jdir, mut store) = fresh_journal();
+        let mut i = 0;
+        for _ in 0..3 {
+            rotate(&mut store, &mut i);
+        }
+        store.sums().unwrap();
+        i += 1;
+        store.commit(&big_batch(i)).unwrap();
+        assert_eq!(store.pool.len(), 3, "three folded segments kept: {:?}", store.pool);
+        // The middle one goes while the oldest stays, as a failed recycle of the oldest
+        // would leave them; the records between are all folded.
+        std::fs::remove_file(&store.pool[1]).unwrap();
+        // Batches after the fold are in the segment in use only.
+        for _ in 0..3 {
+            i += 1;
+            store.commit(&big_batch(i)).unwrap();
+        }
+        restart_has_every_big_batch(store, dir.path(), i);
+        assert!(std::fs::read_dir(&jdir).unwrap().count() <= POOL_MAX + 3);
+    }
+
+    #[test]
+    fn a_gap_of_unfolded_records_refuses_to_open() {
+        let (dir, jdir, mut store) = fresh_journal();
+        // Nothing folds: the segment that goes missing holds records the store never got.
+        {
+            let mut s = lock(&store.shared.state);
+            s.busy_override = Some(true);
+            s.lag_max = Duration::from_secs(3600);
+            s.lag_bytes_max = usize::MAX;
+        }
+        let mut i = 0;
+        let middle = {
+            rotate(&mut store, &mut i);
+            let middle = store.segment.path.clone();
+            rotate(&mut store, &mut i);
+            middle
+        };
+        store.kill();
+        std::fs::remove_file(&middle).unwrap();
+        match open_journaled_sqlite(dir.path(), 0, 1) {
+            Err(StoreError::Corrupt(msg)) => assert!(msg.contains("was due"), "{msg}"),
+            other => panic!("expected Corrupt, got {:?}", other.map(|_| ())),
+        }
+        assert!(jdir.exists());
     }
 
     #[test]
