@@ -1627,6 +1627,15 @@ mod tests {
         (dir, jdir, store)
     }
 
+    /// Has the fold give way with no bound in sight: it folds only when the set waits for it
+    /// (`sums`, `load`).
+    fn hold_the_fold(store: &JournalStore) {
+        let mut s = lock(&store.shared.state);
+        s.busy_override = Some(true);
+        s.lag_max = Duration::from_secs(3600);
+        s.lag_bytes_max = usize::MAX;
+    }
+
     /// Stops `store` as `kill -9` would and opens the data dir again: every batch up to the
     /// `last`th big one is back.
     fn restart_has_every_big_batch(store: JournalStore, dir: &Path, last: i64) {
@@ -1678,14 +1687,8 @@ mod tests {
     #[test]
     fn a_full_pool_keeps_the_newest_folded_segments_and_a_restart_reads_them_all() {
         let (dir, jdir, mut store) = fresh_journal();
-        // The fold gives way with no bound in sight: segments close unfolded, then one fold
-        // takes them all.
-        {
-            let mut s = lock(&store.shared.state);
-            s.busy_override = Some(true);
-            s.lag_max = Duration::from_secs(3600);
-            s.lag_bytes_max = usize::MAX;
-        }
+        // Segments close unfolded, then one fold takes them all.
+        hold_the_fold(&store);
         let mut i = 0;
         let mut segments = vec![store.segment.path.clone()];
         for _ in 0..POOL_MAX + 2 {
@@ -1732,12 +1735,7 @@ mod tests {
     fn a_gap_of_unfolded_records_refuses_to_open() {
         let (dir, jdir, mut store) = fresh_journal();
         // Nothing folds: the segment that goes missing holds records the store never got.
-        {
-            let mut s = lock(&store.shared.state);
-            s.busy_override = Some(true);
-            s.lag_max = Duration::from_secs(3600);
-            s.lag_bytes_max = usize::MAX;
-        }
+        hold_the_fold(&store);
         let mut i = 0;
         let middle = {
             rotate(&mut store, &mut i);
