@@ -1737,12 +1737,9 @@ mod tests {
         // Nothing folds: the segment that goes missing holds records the store never got.
         hold_the_fold(&store);
         let mut i = 0;
-        let middle = {
-            rotate(&mut store, &mut i);
-            let middle = store.segment.path.clone();
-            rotate(&mut store, &mut i);
-            middle
-        };
+        rotate(&mut store, &mut i);
+        let middle = store.segment.path.clone();
+        rotate(&mut store, &mut i);
         store.kill();
         std::fs::remove_file(&middle).unwrap();
         match open_journaled_sqlite(dir.path(), 0, 1) {
