@@ -725,7 +725,8 @@ impl JournalStore {
 
     /// Keeps closed segments whose every record is folded for reuse, the newest
     /// [`POOL_MAX`], and recycles the older ones: the segments left on disk stay one unbroken
-    /// run of seqs, which a start requires (it refuses a gap between segments).
+    /// run of seqs, so a start has no gap to check (it skips one only when every record in it
+    /// is folded, and refuses any other).
     fn drop_folded_segments(&mut self) {
         let folded = lock(&self.shared.state).folded_seq;
         while let Some((path, last)) = self.closed.front() {
