@@ -1025,15 +1025,26 @@ async fn progress(
         let ok = total.count(main, record::Outcome::Ok);
         let away = total.count(main, record::Outcome::Away);
         let refused = total.count(main, record::Outcome::Overloaded);
-        let errors = total.requests() - ok - away - refused;
+        // The main kind's errors; the other kinds (a festival's sends and history queries)
+        // are counted apart, with their errors. Counted together, as "other/errors", a
+        // festival without a single error read as tens of thousands of them.
+        let errors = total.op_total(main) - ok - away - refused;
+        let others = total.requests() - total.op_total(main);
+        let others_failed: u64 = [Op::Claim, Op::Send, Op::History, Op::Health]
+            .into_iter()
+            .filter(|&op| op != main)
+            .map(|op| total.count(op, record::Outcome::Error))
+            .sum();
         let rate =
             last.map_or(0, |s| s.count(main, record::Outcome::Ok) + s.count(main, record::Outcome::Away));
         let msg = format!(
-            "ok {} away {} refused {} other/errors {} | {}/s",
+            "ok {} away {} refused {} errors {} | other requests {} (errors {}) | {}/s",
             report::thousands(ok as f64),
             report::thousands(away as f64),
             report::thousands(refused as f64),
             report::thousands(errors as f64),
+            report::thousands(others as f64),
+            report::thousands(others_failed as f64),
             report::thousands(rate as f64)
         );
         pb.set_position(recorder.start.elapsed().as_millis().min(u128::from(length_ms)) as u64);
