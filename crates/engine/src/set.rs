@@ -327,9 +327,9 @@ impl SetRunner {
 
     /// Applies one batch: waits up to `wait` for a first command (`None`: do not wait), drains
     /// up to `batch_max`, runs timers when due, commits, replies. Returns false once stopped.
-    /// While the last commit began less than `commit_spacing` ago, an empty queue does not end
-    /// the batch: the thread sleeps out the spacing and takes what came meanwhile; a step that
-    /// does not wait for its first command (the simulation's) does not wait for more either.
+    /// While the last commit began less than `commit_spacing` ago, an empty queue is waited
+    /// on for more commands instead of ending the batch; a step that does not wait for its
+    /// first command (the simulation's) does not wait for more either.
     pub(crate) fn step(&mut self, wait: Option<Duration>) -> bool {
         let first = match wait {
             Some(d) => match self.rx.recv_timeout(d) {
@@ -368,13 +368,7 @@ impl SetRunner {
                 if let Some(left) =
                     self.last_commit.and_then(|at| (at + self.ctx.commit_spacing).checked_duration_since(now))
                 {
-                    // Sleep out the spacing, then take what came: one wake for the whole
-                    // wait. Waiting on the queue instead, each command that came woke the
-                    // thread, and the channel's wait spun and yielded the core before it
-                    // slept: the set threads were switched out 2,800 times a second each in
-                    // the HTTP festival, 440 after (BENCHMARKS.md, sixteenth session).
-                    std::thread::sleep(left);
-                    next = self.rx.try_recv().ok();
+                    next = self.rx.recv_timeout(left).ok();
                 }
             }
         }
