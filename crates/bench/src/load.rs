@@ -1030,7 +1030,7 @@ async fn progress(
         // festival without a single error read as tens of thousands of them.
         let errors = total.op_total(main) - ok - away - refused;
         let others = total.requests() - total.op_total(main);
-        let others_failed: u64 = [Op::Claim, Op::Send, Op::History, Op::Health]
+        let others_failed: u64 = record::ALL_OPS
             .into_iter()
             .filter(|&op| op != main)
             .map(|op| total.count(op, record::Outcome::Error))

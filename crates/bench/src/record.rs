@@ -33,6 +33,8 @@ pub enum Op {
 }
 
 pub const OPS: usize = 4;
+/// Every kind, in the order of their numbers and of [`OP_NAMES`].
+pub const ALL_OPS: [Op; OPS] = [Op::Claim, Op::Send, Op::History, Op::Health];
 pub const OP_NAMES: [&str; OPS] = ["claim", "send", "history", "healthz"];
 
 /// How it ended. `Ok` is a paid claim, a created packet, a served query.

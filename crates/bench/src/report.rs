@@ -9,7 +9,7 @@ use anyhow::Context;
 use serde::Serialize;
 
 use crate::machine::{CpuUse, Machine};
-use crate::record::{Op, Outcome, Percentiles, Slot, OPS, OP_NAMES};
+use crate::record::{Op, Outcome, Percentiles, Slot, ALL_OPS, OP_NAMES};
 
 /// Everything one run measured. Serialized as the `--out` JSON file.
 #[derive(Debug, Clone, Serialize)]
@@ -182,8 +182,7 @@ pub fn figures(
     elapsed_s: f64,
 ) -> (BTreeMap<String, OpFigures>, Option<ClaimFigures>, Vec<Second>) {
     let mut ops = BTreeMap::new();
-    for (i, name) in OP_NAMES.iter().enumerate().take(OPS) {
-        let op = [Op::Claim, Op::Send, Op::History, Op::Health][i];
+    for (op, name) in ALL_OPS.into_iter().zip(OP_NAMES) {
         if total.op_total(op) > 0 {
             ops.insert(name.to_string(), OpFigures::of(total, op, elapsed_s));
         }
