@@ -1028,7 +1028,7 @@ async fn progress(
         // The main kind's errors; the other kinds (a festival's sends and history queries)
         // are counted apart, with their errors. Counted together, as "other/errors", a
         // festival without a single error read as tens of thousands of them.
-        let errors = total.op_total(main) - ok - away - refused;
+        let errors = total.count(main, record::Outcome::Error);
         let others = total.requests() - total.op_total(main);
         let others_failed: u64 = record::ALL_OPS
             .into_iter()

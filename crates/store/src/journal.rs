@@ -10,7 +10,9 @@
 //! - **Crash.** On open, whatever the journal holds past `journal_seq` is folded before the
 //!   set loads, so a restart sees every acknowledged batch. A record torn by the crash (short,
 //!   or failing its CRC) at the end of the last segment was never acknowledged (its fsync did
-//!   not return) and ends the log; a gap between segments is corruption and refuses to open.
+//!   not return) and ends the log. A gap between segments refuses to open, unless every
+//!   record missing from it is folded already (a folded segment left behind by a failed
+//!   recycle): that one is logged and skipped.
 //!   Damage inside the last segment cannot be told from a torn record.
 //! - **Reads.** A query first awaits its [`CatchUp`]: until the fold has applied every batch
 //!   committed when it arrived, so a reply that said money moved is visible to the next query
