@@ -325,6 +325,44 @@ fn a_failed_commit_leaves_nothing_and_the_next_commit_works() {
     assert_eq!(store.sums().unwrap().totals.deposits_fen, 1_010);
 }
 
+/// The store writes a batch's rows in key order; the ids still follow the order the entries
+/// were made in, across users, and a wallet listed twice keeps the later balance.
+#[test]
+fn entry_ids_follow_the_order_entries_were_made_whatever_order_they_are_written_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut store, reader) = open(dir.path());
+    let t = Y2026_MS;
+    let batch = Batch {
+        wallets: vec![(user("zed"), 5), (user("amy"), 2), (user("zed"), 7)],
+        entries: vec![
+            entry("zed", EntryKind::Deposit, 3, None, t),
+            entry("amy", EntryKind::Deposit, 2, None, t + 1),
+            entry("zed", EntryKind::Deposit, 4, None, t + 2),
+        ],
+        totals: Some(Totals { deposits_fen: 9, withdrawals_fen: 0 }),
+        ..Batch::default()
+    };
+    store.commit(&batch).unwrap();
+    let ids = |who: &str| -> Vec<(i64, i64)> {
+        reader.entries(&user(who), None, 10).unwrap().iter().map(|e| (e.id, e.amount_fen)).collect()
+    };
+    let zed = ids("zed");
+    let first = zed[1].0;
+    assert_eq!(zed, vec![(first + 2, 4), (first, 3)], "newest first");
+    assert_eq!(ids("amy"), vec![(first + 1, 2)]);
+    assert_eq!(reader.balance(&user("zed")).unwrap(), Some(7));
+
+    // The next batch continues after the last id issued, not after the last row written.
+    let more = Batch {
+        wallets: vec![(user("amy"), 3)],
+        entries: vec![entry("amy", EntryKind::Deposit, 1, None, t + 3)],
+        totals: Some(Totals { deposits_fen: 10, withdrawals_fen: 0 }),
+        ..Batch::default()
+    };
+    store.commit(&more).unwrap();
+    assert_eq!(ids("amy"), vec![(first + 3, 1), (first + 1, 2)]);
+}
+
 #[test]
 fn a_second_share_for_the_same_user_is_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -368,23 +368,33 @@ fn write_batch(tx: &Transaction<'_>, b: &Batch) -> Result<()> {
             "INSERT INTO wallets (user, balance_fen) VALUES (?1, ?2) \
              ON CONFLICT (user) DO UPDATE SET balance_fen = excluded.balance_fen",
         )?;
-        for (user, fen) in &b.wallets {
+        // In key order, here and for entries and claims: each insert then descends the B-tree
+        // along the path the last one took, through pages already in the CPU's cache (the
+        // fold's rows arrive in the order they were made, scattered over the whole table).
+        // Stable: should a user appear twice, the later balance is still written last.
+        let mut sorted: Vec<_> = b.wallets.iter().collect();
+        sorted.sort_by(|x: &&(_, i64), y| x.0.as_str().cmp(y.0.as_str()));
+        for (user, fen) in sorted {
             st.execute((user.as_str(), fen))?;
         }
     }
 
     if !b.entries.is_empty() {
-        // Ids in the order the entries were made, after the last one ever issued.
-        let mut id: i64 = tx
+        // Ids in the order the entries were made, after the last one ever issued; written in
+        // (user, id) order, the table's.
+        let issued: i64 = tx
             .prepare_cached("SELECT value FROM meta WHERE key = 'last_entry_id'")?
             .query_row([], |r| r.get(0))
             .optional()?
             .ok_or_else(|| corrupt("meta has no last_entry_id"))?;
+        let count = i64::try_from(b.entries.len()).map_err(|_| corrupt("too many entries"))?;
+        let last = issued.checked_add(count).ok_or_else(|| corrupt("entry ids are exhausted"))?;
+        let mut sorted: Vec<_> = b.entries.iter().zip(issued + 1..=last).collect();
+        sorted.sort_unstable_by(|(x, xi), (y, yi)| x.user.as_str().cmp(y.user.as_str()).then(xi.cmp(yi)));
         let mut st = tx.prepare_cached(
             "INSERT INTO entries (user, id, kind, amount_fen, packet_id, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
-        for e in &b.entries {
-            id = id.checked_add(1).ok_or_else(|| corrupt("entry ids are exhausted"))?;
+        for (e, id) in sorted {
             st.execute((
                 e.user.as_str(),
                 id,
@@ -394,7 +404,7 @@ fn write_batch(tx: &Transaction<'_>, b: &Batch) -> Result<()> {
                 e.at_ms,
             ))?;
         }
-        tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'last_entry_id'")?.execute([id])?;
+        tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'last_entry_id'")?.execute([last])?;
     }
 
     if !b.new_packets.is_empty() {
@@ -463,7 +473,10 @@ fn write_batch(tx: &Transaction<'_>, b: &Batch) -> Result<()> {
         let mut st = tx.prepare_cached(
             "INSERT INTO claims (packet_id, idx, user, amount_fen, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?;
-        for c in &b.claims {
+        // Packet by packet: the rows and the (packet, user) index pages of one packet together.
+        let mut sorted: Vec<_> = b.claims.iter().collect();
+        sorted.sort_unstable_by_key(|c| (c.packet_id, c.claim.index));
+        for c in sorted {
             let claim = &c.claim;
             st.execute((
                 c.packet_id.as_i64(),
