@@ -34,9 +34,36 @@ pub enum IdError {
 
 /// A user: 1 to 64 characters of `[A-Za-z0-9_.-]`. Cheap to clone: the engine keeps one
 /// allocation per user and shares it between wallets, claims and holds.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(into = "String", try_from = "String")]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct UserId(Arc<str>);
+
+/// Written as the bare string, without the copy into a `String` that `serde(into)` makes: a set
+/// journals three or four user ids a claim.
+impl Serialize for UserId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+/// Read from a string, borrowed where the format allows (the journal's postcard does), and
+/// checked like any other: a malformed id in stored data is an error, never a `UserId`.
+impl<'de> Deserialize<'de> for UserId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<UserId, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = UserId;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a user id: 1 to 64 characters of [A-Za-z0-9_.-]")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<UserId, E> {
+                UserId::parse(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(Visitor)
+    }
+}
 
 impl UserId {
     pub fn parse(s: &str) -> Result<UserId, IdError> {

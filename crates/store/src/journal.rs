@@ -1412,6 +1412,22 @@ mod tests {
         }
     }
 
+    /// A user id is journaled as a bare string: the bytes a `String` gives, which records
+    /// written by earlier builds hold. A stored id that is not a valid one does not decode.
+    #[test]
+    fn user_ids_are_journaled_as_plain_strings_and_checked_when_read() {
+        let as_id = postcard::to_allocvec(&(UserId::parse("alice").unwrap(), 7_i64)).unwrap();
+        let as_string = postcard::to_allocvec(&("alice".to_owned(), 7_i64)).unwrap();
+        assert_eq!(as_id, as_string);
+        let back: (UserId, i64) = postcard::from_bytes(&as_string).unwrap();
+        assert_eq!((back.0.as_str(), back.1), ("alice", 7));
+
+        let bad = postcard::to_allocvec(&("al ice".to_owned(), 7_i64)).unwrap();
+        assert!(postcard::from_bytes::<(UserId, i64)>(&bad).is_err());
+        let empty = postcard::to_allocvec(&(String::new(), 7_i64)).unwrap();
+        assert!(postcard::from_bytes::<(UserId, i64)>(&empty).is_err());
+    }
+
     #[test]
     fn records_round_trip_and_a_torn_tail_is_found() {
         let mut file = Vec::new();
