@@ -90,20 +90,6 @@ impl std::borrow::Borrow<str> for UserId {
     }
 }
 
-impl From<UserId> for String {
-    fn from(u: UserId) -> String {
-        u.0.as_ref().to_owned()
-    }
-}
-
-impl TryFrom<String> for UserId {
-    type Error = IdError;
-
-    fn try_from(s: String) -> Result<UserId, IdError> {
-        UserId::parse(&s)
-    }
-}
-
 impl fmt::Display for UserId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

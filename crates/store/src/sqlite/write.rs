@@ -373,7 +373,7 @@ fn write_batch(tx: &Transaction<'_>, b: &Batch) -> Result<()> {
         // fold's rows arrive in the order they were made, scattered over the whole table).
         // Stable: should a user appear twice, the later balance is still written last.
         let mut sorted: Vec<_> = b.wallets.iter().collect();
-        sorted.sort_by(|x: &&(_, i64), y| x.0.as_str().cmp(y.0.as_str()));
+        sorted.sort_by(|x, y| x.0.cmp(&y.0));
         for (user, fen) in sorted {
             st.execute((user.as_str(), fen))?;
         }
@@ -390,7 +390,7 @@ fn write_batch(tx: &Transaction<'_>, b: &Batch) -> Result<()> {
         let count = i64::try_from(b.entries.len()).map_err(|_| corrupt("too many entries"))?;
         let last = issued.checked_add(count).ok_or_else(|| corrupt("entry ids are exhausted"))?;
         let mut sorted: Vec<_> = b.entries.iter().zip(issued + 1..=last).collect();
-        sorted.sort_unstable_by(|(x, xi), (y, yi)| x.user.as_str().cmp(y.user.as_str()).then(xi.cmp(yi)));
+        sorted.sort_unstable_by(|(x, xi), (y, yi)| x.user.cmp(&y.user).then(xi.cmp(yi)));
         let mut st = tx.prepare_cached(
             "INSERT INTO entries (user, id, kind, amount_fen, packet_id, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
