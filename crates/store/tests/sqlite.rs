@@ -58,6 +58,17 @@ fn entry(who: &str, kind: EntryKind, amount_fen: i64, packet_id: Option<PacketId
     Entry { user: user(who), kind, amount_fen, packet_id, at_ms }
 }
 
+/// A batch of one deposit of `amount_fen` into `who`'s wallet, leaving it at `balance_fen` and
+/// the store's deposits at `deposits_fen`.
+fn deposit(who: &str, balance_fen: i64, amount_fen: i64, at_ms: i64, deposits_fen: i64) -> Batch {
+    Batch {
+        wallets: vec![(user(who), balance_fen)],
+        entries: vec![entry(who, EntryKind::Deposit, amount_fen, None, at_ms)],
+        totals: Some(Totals { deposits_fen, withdrawals_fen: 0 }),
+        ..Batch::default()
+    }
+}
+
 fn outbox(target_set: u32, seq: u64, who: &str, amount_fen: i64, packet_id: PacketId) -> OutboxItem {
     OutboxItem { target_set, seq, user: user(who), amount_fen, packet_id, at_ms: Y2026_MS + 10 }
 }
@@ -314,12 +325,7 @@ fn a_failed_commit_leaves_nothing_and_the_next_commit_works() {
     assert_eq!(loaded.totals.deposits_fen, 1_000);
     assert_eq!(loaded.outbox_pending.len(), 1, "the ack in the failed batch did not delete");
 
-    let good = Batch {
-        wallets: vec![(user("gina"), 10)],
-        entries: vec![entry("gina", EntryKind::Deposit, 10, None, Y2026_MS + 20)],
-        totals: Some(Totals { deposits_fen: 1_010, withdrawals_fen: 0 }),
-        ..Batch::default()
-    };
+    let good = deposit("gina", 10, 10, Y2026_MS + 20, 1_010);
     store.commit(&good).unwrap();
     assert_eq!(reader.balance(&user("gina")).unwrap(), Some(10));
     assert_eq!(store.sums().unwrap().totals.deposits_fen, 1_010);
@@ -353,12 +359,7 @@ fn entry_ids_follow_the_order_entries_were_made_whatever_order_they_are_written_
     assert_eq!(reader.balance(&user("zed")).unwrap(), Some(7));
 
     // The next batch continues after the last id issued, not after the last row written.
-    let more = Batch {
-        wallets: vec![(user("amy"), 3)],
-        entries: vec![entry("amy", EntryKind::Deposit, 1, None, t + 3)],
-        totals: Some(Totals { deposits_fen: 10, withdrawals_fen: 0 }),
-        ..Batch::default()
-    };
+    let more = deposit("amy", 3, 1, t + 3, 10);
     store.commit(&more).unwrap();
     assert_eq!(ids("amy"), vec![(first + 3, 1), (first + 1, 2)]);
 }
