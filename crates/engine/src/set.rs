@@ -36,7 +36,8 @@ const CLOSED_CLAIMS_MAX: usize = 1_000_000;
 const CLOSED_PACKETS_MAX: usize = 100_000;
 /// How often an idle set wakes to expire packets and retry undelivered credits.
 const TICK: Duration = Duration::from_millis(50);
-/// How long a credit waits for its acknowledgement before it is sent again.
+/// How long a set's sent credits wait for their acknowledgements to move before they are all
+/// sent again, from the oldest.
 const RELAY_RETRY_MS: i64 = 500;
 /// Most credits in one relay message: bounds the receiver's batch.
 const RELAY_CHUNK_MAX: usize = 4_096;
@@ -199,12 +200,28 @@ struct SetState {
     /// Credits not yet acknowledged, per target set, in seq order.
     outbox: HashMap<u32, VecDeque<OutboxItem>>,
     outbox_last_seq: HashMap<u32, u64>,
-    last_relay_ms: HashMap<u32, Millis>,
+    /// Per target set: how far its outbox was sent, and since when it waits for an ack.
+    relays: HashMap<u32, Relay>,
     /// Per source set: the last credit seq applied here.
     watermarks: HashMap<u32, u64>,
     totals: Totals,
     balances_fen: i64,
     escrow_fen: i64,
+}
+
+/// Where a target set's credits stand. Each credit is sent once, in seq order, after the batch
+/// that made it; the target applies each seq once and acknowledges the last it applied. Sent
+/// credits are sent again, from the oldest, only when no ack has moved for [`RELAY_RETRY_MS`]
+/// (a message the target lost in a crash, or one refused by its full queue), and when the set
+/// starts: before, every commit that made a credit for a set sent its whole unacknowledged
+/// outbox again, two or three times each credit under a steady load.
+#[derive(Debug, Clone, Copy)]
+struct Relay {
+    /// The last seq handed to the target's queue; those after it are yet to be sent.
+    sent_upto: u64,
+    /// When the oldest sent credit began its wait: the last ack that moved, or the send that
+    /// followed a caught-up outbox.
+    waiting_since_ms: Millis,
 }
 
 /// An idempotent request's fingerprint and first result, kept for the retention window.
@@ -535,7 +552,7 @@ impl SetState {
             ),
             outbox: HashMap::new(),
             outbox_last_seq: l.outbox_last_seq.into_iter().collect(),
-            last_relay_ms: HashMap::new(),
+            relays: HashMap::new(),
             watermarks: l.watermarks.into_iter().collect(),
             totals: l.totals,
             balances_fen: 0,
@@ -606,7 +623,7 @@ impl SetState {
                 w.replies.push(Pending::Claims(reply, r));
             }
             Command::Credit { from_set, items } => self.credit(from_set, items, w),
-            Command::Ack { from_set, upto } => self.ack(from_set, upto, w),
+            Command::Ack { from_set, upto } => self.ack(from_set, upto, now_ms, w),
             Command::Audit { .. } | Command::Shutdown => unreachable!("handled by the loop"),
         }
     }
@@ -960,7 +977,7 @@ impl SetState {
         }
     }
 
-    fn ack(&mut self, from_set: u32, upto: u64, w: &mut Work) {
+    fn ack(&mut self, from_set: u32, upto: u64, now_ms: Millis, w: &mut Work) {
         let Some(q) = self.outbox.get_mut(&from_set) else { return };
         let mut acked = false;
         while q.front().is_some_and(|i| i.seq <= upto) {
@@ -969,6 +986,10 @@ impl SetState {
         }
         if acked {
             w.batch.outbox_acked.push((from_set, upto));
+            // The target is taking them: what is still sent and unacknowledged waits anew.
+            if let Some(r) = self.relays.get_mut(&from_set) {
+                r.waiting_since_ms = now_ms;
+            }
         }
     }
 
@@ -1019,7 +1040,7 @@ impl SetState {
         let new_targets: std::collections::BTreeSet<u32> =
             w.batch.outbox_new.iter().map(|i| i.target_set).collect();
         for target in new_targets {
-            self.relay(ctx, target, now_ms);
+            self.relay(ctx, target, now_ms, false);
         }
         for &(source, upto) in &w.acks {
             // A lost ack is harmless: the source resends and we acknowledge again.
@@ -1028,29 +1049,45 @@ impl SetState {
         true
     }
 
-    /// Sends the pending credits for `target` (a bounded chunk from the oldest).
-    fn relay(&mut self, ctx: &SetContext, target: u32, now_ms: Millis) {
+    /// Sends `target` a bounded chunk of its credits: those not sent yet, or with
+    /// `from_oldest` every unacknowledged one again.
+    fn relay(&mut self, ctx: &SetContext, target: u32, now_ms: Millis, from_oldest: bool) {
         let Some(q) = self.outbox.get(&target) else { return };
-        if q.is_empty() {
+        let r = self.relays.entry(target).or_insert(Relay { sent_upto: 0, waiting_since_ms: now_ms });
+        if from_oldest {
+            r.sent_upto = 0;
+        }
+        let start = q.partition_point(|i| i.seq <= r.sent_upto);
+        if start == q.len() {
             return;
         }
-        let items: Vec<OutboxItem> = q.iter().take(RELAY_CHUNK_MAX).cloned().collect();
+        let items: Vec<OutboxItem> = q.range(start..).take(RELAY_CHUNK_MAX).cloned().collect();
+        let last = items[items.len() - 1].seq;
         match ctx.peers[target as usize].try_send(Command::Credit { from_set: ctx.set, items }) {
-            Ok(()) => {}
-            // Full or stopping: the retry tick sends it again.
+            Ok(()) => {
+                // Nothing was waiting (all acknowledged, or all sent again): the wait starts.
+                if start == 0 {
+                    r.waiting_since_ms = now_ms;
+                }
+                r.sent_upto = last;
+            }
+            // Full or stopping: left unsent, for the next commit or tick to send.
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {}
         }
-        self.last_relay_ms.insert(target, now_ms);
     }
 
-    /// Resends credits whose acknowledgement is overdue (`now_ms` = i64::MIN: resend all).
+    /// Sends what is unsent, and again from the oldest what waited [`RELAY_RETRY_MS`] for an
+    /// ack (`now_ms` = i64::MIN, when the set starts: everything unacknowledged).
     fn relay_all(&mut self, ctx: &SetContext, now_ms: Millis) {
         let targets: Vec<u32> = self.outbox.iter().filter(|(_, q)| !q.is_empty()).map(|(t, _)| *t).collect();
         for target in targets {
-            let last = self.last_relay_ms.get(&target).copied().unwrap_or(i64::MIN);
-            if now_ms == i64::MIN || now_ms.saturating_sub(last) >= RELAY_RETRY_MS {
-                self.relay(ctx, target, if now_ms == i64::MIN { ctx.clock.now_ms() } else { now_ms });
-            }
+            let overdue = match self.relays.get(&target) {
+                _ if now_ms == i64::MIN => true,
+                Some(r) => r.sent_upto > 0 && now_ms.saturating_sub(r.waiting_since_ms) >= RELAY_RETRY_MS,
+                None => false,
+            };
+            let now_ms = if now_ms == i64::MIN { ctx.clock.now_ms() } else { now_ms };
+            self.relay(ctx, target, now_ms, overdue);
         }
     }
 
@@ -1112,5 +1149,140 @@ impl SetState {
             watermarks: sums.watermarks.into_iter().collect(),
             problems,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hongbao_core::{Audience, Kind, ManualClock};
+
+    const T0_MS: Millis = 1_767_225_600_000;
+
+    /// Set 0 of two, on SQLite, with set 1's queue left to the test: what set 0 relays lands
+    /// there, and the test acknowledges (or loses) it as set 1 would.
+    struct TwoSets {
+        runner: SetRunner,
+        to_0: Sender<Command>,
+        at_1: Receiver<Command>,
+        clock: ManualClock,
+        _dir: tempfile::TempDir,
+    }
+
+    impl TwoSets {
+        fn new() -> TwoSets {
+            let dir = tempfile::tempdir().unwrap();
+            let (store, _) = hongbao_store::open_sqlite(dir.path(), 0, 2).unwrap();
+            let (to_0, rx_0) = crossbeam_channel::bounded(1_024);
+            let (to_1, at_1) = crossbeam_channel::bounded(1_024);
+            let clock = ManualClock::new(T0_MS);
+            let ctx = SetContext {
+                set: 0,
+                sets: 2,
+                limits: Limits::default(),
+                batch_max: 1_024,
+                commit_spacing: Duration::ZERO,
+                idempotency_retention_ms: 24 * 3600 * 1000,
+                clock: Arc::new(clock.clone()),
+                seed: 7,
+                peers: vec![to_0.clone(), to_1],
+                ready: Arc::new(AtomicBool::new(false)),
+                stopping: Arc::new(AtomicBool::new(false)),
+                closed: Arc::default(),
+            };
+            let runner = SetRunner::open(ctx, Box::new(store), rx_0).unwrap();
+            TwoSets { runner, to_0, at_1, clock, _dir: dir }
+        }
+
+        /// Applies `cmd` in one batch of its own.
+        fn step(&mut self, cmd: Command) {
+            self.to_0.send(cmd).unwrap();
+            assert!(self.runner.step(None));
+        }
+
+        /// The seqs of every credit set 0 has relayed since the last call, in order.
+        fn relayed(&self) -> Vec<u64> {
+            let mut seqs = Vec::new();
+            while let Ok(cmd) = self.at_1.try_recv() {
+                match cmd {
+                    Command::Credit { from_set: 0, items } => seqs.extend(items.iter().map(|i| i.seq)),
+                    _ => panic!("set 1 was sent something other than credits"),
+                }
+            }
+            seqs
+        }
+
+        /// A user whose wallet is on set 1, so a share they claim here is credited there.
+        fn set_1_user(k: &mut u32) -> UserId {
+            loop {
+                *k += 1;
+                let user = UserId::parse(&format!("c{k}")).unwrap();
+                if set_of_user(&user, 2) == 1 {
+                    return user;
+                }
+            }
+        }
+    }
+
+    /// Claims by `n` users of set 1 on `packet`, in one batch.
+    fn claims(sets: &mut TwoSets, packet: PacketId, k: &mut u32, n: usize) {
+        let claims = (0..n).map(|_| (packet, TwoSets::set_1_user(k))).collect();
+        let (reply, _rx) = oneshot::channel();
+        sets.step(Command::Claims { claims, reply });
+    }
+
+    #[test]
+    fn each_credit_is_relayed_once_until_its_ack_is_overdue_then_again_from_the_oldest() {
+        let mut sets = TwoSets::new();
+        let sender =
+            (1..).map(|k| UserId::parse(&format!("s{k}")).unwrap()).find(|u| set_of_user(u, 2) == 0).unwrap();
+        let (reply, _rx) = oneshot::channel();
+        let request_id = RequestId::parse("d1").unwrap();
+        sets.step(Command::Deposit {
+            user: sender.clone(),
+            amount: Amount::new(100_000).unwrap(),
+            request_id,
+            reply,
+        });
+        let send = ValidSend {
+            sender,
+            kind: Kind::Equal,
+            total: Amount::new(10_000).unwrap(),
+            count: 100,
+            audience: Audience::Anyone,
+            greeting: String::new(),
+            expires_in_s: 3_600,
+            request_id: RequestId::parse("s1").unwrap(),
+        };
+        let (reply, mut rx) = oneshot::channel();
+        sets.step(Command::Send { send, reply });
+        let packet = rx.try_recv().unwrap().unwrap().id;
+        let mut k = 0;
+        claims(&mut sets, packet, &mut k, 3);
+        assert_eq!(sets.relayed(), [1, 2, 3]);
+        // Unacknowledged, the next batch's credits go alone: the first three are not sent again.
+        claims(&mut sets, packet, &mut k, 2);
+        assert_eq!(sets.relayed(), [4, 5]);
+        // Set 1 applied the first four. The fifth waits anew from this ack; a tick before
+        // RELAY_RETRY_MS has passed sends nothing.
+        let tick = TICK.as_millis() as i64;
+        sets.step(Command::Ack { from_set: 1, upto: 4 });
+        sets.clock.advance_ms(RELAY_RETRY_MS - tick);
+        assert!(sets.runner.step(None));
+        assert_eq!(sets.relayed(), Vec::<u64>::new());
+        // Set 1 lost the fifth (a crash): at the first tick its ack is overdue, it goes again.
+        sets.clock.advance_ms(tick);
+        assert!(sets.runner.step(None));
+        assert_eq!(sets.relayed(), [5]);
+        // Acknowledged, nothing is left to send at any tick.
+        sets.step(Command::Ack { from_set: 1, upto: 5 });
+        sets.clock.advance_ms(RELAY_RETRY_MS * 2);
+        assert!(sets.runner.step(None));
+        assert_eq!(sets.relayed(), Vec::<u64>::new());
+        // A set that starts again sends everything unacknowledged from the oldest.
+        claims(&mut sets, packet, &mut k, 2);
+        assert_eq!(sets.relayed(), [6, 7]);
+        assert!(sets.runner.reload());
+        assert_eq!(sets.relayed(), [6, 7]);
     }
 }
