@@ -213,8 +213,8 @@ struct SetState {
 /// that made it; the target applies each seq once and acknowledges the last it applied. Sent
 /// credits are sent again, from the oldest, only when no ack has moved for [`RELAY_RETRY_MS`]
 /// (a message the target lost in a crash, or one refused by its full queue), and when the set
-/// starts: before, every commit that made a credit for a set sent its whole unacknowledged
-/// outbox again, two or three times each credit under a steady load.
+/// starts. Acks come a batch or two after the credits: a relay that sent the whole outbox at
+/// every commit sent each credit two or three times under a steady load.
 #[derive(Debug, Clone, Copy)]
 struct Relay {
     /// The last seq handed to the target's queue; those after it are yet to be sent.
@@ -1081,11 +1081,10 @@ impl SetState {
     fn relay_all(&mut self, ctx: &SetContext, now_ms: Millis) {
         let targets: Vec<u32> = self.outbox.iter().filter(|(_, q)| !q.is_empty()).map(|(t, _)| *t).collect();
         for target in targets {
-            let overdue = match self.relays.get(&target) {
-                _ if now_ms == i64::MIN => true,
-                Some(r) => r.sent_upto > 0 && now_ms.saturating_sub(r.waiting_since_ms) >= RELAY_RETRY_MS,
-                None => false,
-            };
+            let overdue = now_ms == i64::MIN
+                || self.relays.get(&target).is_some_and(|r| {
+                    r.sent_upto > 0 && now_ms.saturating_sub(r.waiting_since_ms) >= RELAY_RETRY_MS
+                });
             let now_ms = if now_ms == i64::MIN { ctx.clock.now_ms() } else { now_ms };
             self.relay(ctx, target, now_ms, overdue);
         }
