@@ -1054,6 +1054,7 @@ impl SetState {
     fn relay(&mut self, ctx: &SetContext, target: u32, now_ms: Millis, from_oldest: bool) {
         let Some(q) = self.outbox.get(&target) else { return };
         let r = self.relays.entry(target).or_insert(Relay { sent_upto: 0, waiting_since_ms: now_ms });
+        let sent_before = r.sent_upto;
         if from_oldest {
             r.sent_upto = 0;
         }
@@ -1063,6 +1064,7 @@ impl SetState {
         }
         let items: Vec<OutboxItem> = q.range(start..).take(RELAY_CHUNK_MAX).cloned().collect();
         let last = items[items.len() - 1].seq;
+        let again = items.iter().take_while(|i| i.seq <= sent_before).count();
         match ctx.peers[target as usize].try_send(Command::Credit { from_set: ctx.set, items }) {
             Ok(()) => {
                 // Nothing was waiting (all acknowledged, or all sent again): the wait starts.
@@ -1070,6 +1072,9 @@ impl SetState {
                     r.waiting_since_ms = now_ms;
                 }
                 r.sent_upto = last;
+                if again > 0 {
+                    metrics::counter!("hongbao_credits_resent_total").increment(again as u64);
+                }
             }
             // Full or stopping: left unsent, for the next commit or tick to send.
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {}
@@ -1230,8 +1235,28 @@ mod tests {
         sets.step(Command::Claims { claims, reply });
     }
 
+    /// What `hongbao_credits_resent_total` counted on this thread so far.
+    fn resent(snapshotter: &metrics_util::debugging::Snapshotter) -> u64 {
+        use metrics_util::debugging::DebugValue;
+        snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .find(|(key, ..)| key.key().name() == "hongbao_credits_resent_total")
+            .map_or(0, |(.., value)| match value {
+                DebugValue::Counter(n) => n,
+                other => panic!("a counter, not {other:?}"),
+            })
+    }
+
     #[test]
     fn each_credit_is_relayed_once_until_its_ack_is_overdue_then_again_from_the_oldest() {
+        let recorder = metrics_util::debugging::DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        metrics::with_local_recorder(&recorder, || relayed_once_then_again(&snapshotter));
+    }
+
+    fn relayed_once_then_again(snapshotter: &metrics_util::debugging::Snapshotter) {
         let mut sets = TwoSets::new();
         let sender =
             (1..).map(|k| UserId::parse(&format!("s{k}")).unwrap()).find(|u| set_of_user(u, 2) == 0).unwrap();
@@ -1270,9 +1295,11 @@ mod tests {
         assert!(sets.runner.step(None));
         assert_eq!(sets.relayed(), Vec::<u64>::new());
         // Set 1 lost the fifth (a crash): at the first tick its ack is overdue, it goes again.
+        assert_eq!(resent(snapshotter), 0, "nothing was sent twice yet");
         sets.clock.advance_ms(tick);
         assert!(sets.runner.step(None));
         assert_eq!(sets.relayed(), [5]);
+        assert_eq!(resent(snapshotter), 1, "and it is counted as sent again");
         // Acknowledged, nothing is left to send at any tick.
         sets.step(Command::Ack { from_set: 1, upto: 5 });
         sets.clock.advance_ms(RELAY_RETRY_MS * 2);
