@@ -1216,23 +1216,23 @@ mod tests {
             seqs
         }
 
-        /// A user whose wallet is on set 1, so a share they claim here is credited there.
-        fn set_1_user(k: &mut u32) -> UserId {
-            loop {
-                *k += 1;
-                let user = UserId::parse(&format!("c{k}")).unwrap();
-                if set_of_user(&user, 2) == 1 {
-                    return user;
-                }
-            }
+        /// Claims by `n` users of set 1 on `packet`, in one batch: each share is credited there.
+        fn claims(&mut self, packet: PacketId, k: &mut u32, n: usize) {
+            let claims = (0..n).map(|_| (packet, user_on(1, "c", k))).collect();
+            let (reply, _rx) = oneshot::channel();
+            self.step(Command::Claims { claims, reply });
         }
     }
 
-    /// Claims by `n` users of set 1 on `packet`, in one batch.
-    fn claims(sets: &mut TwoSets, packet: PacketId, k: &mut u32, n: usize) {
-        let claims = (0..n).map(|_| (packet, TwoSets::set_1_user(k))).collect();
-        let (reply, _rx) = oneshot::channel();
-        sets.step(Command::Claims { claims, reply });
+    /// The first user after `*k` (named `{prefix}{k}`) whose wallet is on `set` of two.
+    fn user_on(set: u32, prefix: &str, k: &mut u32) -> UserId {
+        loop {
+            *k += 1;
+            let user = UserId::parse(&format!("{prefix}{k}")).unwrap();
+            if set_of_user(&user, 2) == set {
+                return user;
+            }
+        }
     }
 
     /// What `hongbao_credits_resent_total` counted on this thread so far.
@@ -1258,8 +1258,7 @@ mod tests {
 
     fn relayed_once_then_again(snapshotter: &metrics_util::debugging::Snapshotter) {
         let mut sets = TwoSets::new();
-        let sender =
-            (1..).map(|k| UserId::parse(&format!("s{k}")).unwrap()).find(|u| set_of_user(u, 2) == 0).unwrap();
+        let sender = user_on(0, "s", &mut 0);
         let (reply, _rx) = oneshot::channel();
         let request_id = RequestId::parse("d1").unwrap();
         sets.step(Command::Deposit {
@@ -1282,10 +1281,10 @@ mod tests {
         sets.step(Command::Send { send, reply });
         let packet = rx.try_recv().unwrap().unwrap().id;
         let mut k = 0;
-        claims(&mut sets, packet, &mut k, 3);
+        sets.claims(packet, &mut k, 3);
         assert_eq!(sets.relayed(), [1, 2, 3]);
         // Unacknowledged, the next batch's credits go alone: the first three are not sent again.
-        claims(&mut sets, packet, &mut k, 2);
+        sets.claims(packet, &mut k, 2);
         assert_eq!(sets.relayed(), [4, 5]);
         // Set 1 applied the first four. The fifth waits anew from this ack; a tick before
         // RELAY_RETRY_MS has passed sends nothing.
@@ -1306,7 +1305,7 @@ mod tests {
         assert!(sets.runner.step(None));
         assert_eq!(sets.relayed(), Vec::<u64>::new());
         // A set that starts again sends everything unacknowledged from the oldest.
-        claims(&mut sets, packet, &mut k, 2);
+        sets.claims(packet, &mut k, 2);
         assert_eq!(sets.relayed(), [6, 7]);
         assert!(sets.runner.reload());
         assert_eq!(sets.relayed(), [6, 7]);
