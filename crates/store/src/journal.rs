@@ -2035,6 +2035,9 @@ mod tests {
     fn a_query_folds_at_once_after_a_quiet_spell_and_at_the_pace_after_a_long_fold() {
         let dir = tempfile::tempdir().unwrap();
         let (mut store, reader) = open_journaled_sqlite(dir.path(), 0, 1).unwrap();
+        // The fold's first work is the spare: done before the clock starts, so the figures
+        // below time folds, not 16 MiB of writes on a disk others are writing to.
+        wait_for_spare(&dir.path().join("set-0.journal"), "the fold makes one when the journal opens");
         // Nothing folded yet: a query does not wait for the gathering (FOLD_DELAY).
         store.commit(&batch("alice", 5)).unwrap();
         let started = Instant::now();
@@ -2046,6 +2049,13 @@ mod tests {
         let held = lock(&shared.store);
         store.commit(&batch("bob", 7)).unwrap();
         let waiter = std::thread::spawn(move || caught_up(&reader).then_some(reader));
+        // Held from when the query asks, which wakes the fold to take bob's record and wait on
+        // the store: a thread slow to start must not shorten the fold the test means to be long.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while lock(&shared.state).query_waiters == 0 {
+            assert!(Instant::now() < deadline, "the query never asked");
+            std::thread::sleep(Duration::from_millis(1));
+        }
         std::thread::sleep(QUERY_FOLD_SPACING_MAX);
         drop(held);
         let reader = waiter.join().unwrap().expect("bob's commit was folded");
