@@ -3,12 +3,17 @@
 //! They never pass through a set's queue, so a flood of history requests cannot slow claims.
 //! They see committed state only; credits between sets appear once delivered (usually
 //! within milliseconds).
+//!
+//! A wallet and a user's history read their own writes without a catch-up: the stores answer
+//! them with every commit made before the call (`Reader::balance`), the journal by adding the
+//! records its fold has not applied yet. Only a packet's details await the catch-up, so a
+//! stream of history queries does not keep the fold running through a peak of claims.
 
 use std::sync::Arc;
 
 use chrono::{NaiveDate, TimeZone, Utc};
 use hongbao_core::{Millis, PacketId, UserId};
-use hongbao_store::{CatchUp, Reader, StoreError};
+use hongbao_store::{Reader, StoreError};
 
 use crate::engine::{Engine, QUERY_WAIT_MAX};
 use crate::reply::*;
@@ -27,16 +32,7 @@ async fn read<T: Send + 'static>(
     read_now(engine, move || f(reader.as_ref())).await
 }
 
-/// Waits for every set's store at once (see `CatchUp::wait_all`), for a query that reads them
-/// all: one bounded wait, not one per set in turn.
-async fn catch_up_all(readers: &[Arc<dyn Reader>]) -> Result<(), EngineError> {
-    let all: Vec<CatchUp> = readers.iter().filter_map(|r| r.catch_up()).collect();
-    // With no catch-up (stores whose reads see every commit) this returns at once.
-    CatchUp::wait_all(all).await.map_err(EngineError::from)?;
-    Ok(())
-}
-
-/// As [`read`], for a query that has already waited for its stores. Whatever `f` reads (one
+/// Runs a blocking read that needs no catch-up (see the module's note). Whatever `f` reads (one
 /// set's reader or all of them, owned by the closure), it takes one query slot and one trip to
 /// the blocking pool.
 async fn read_now<T: Send + 'static>(
@@ -100,7 +96,7 @@ impl Engine {
     pub async fn wallet(&self, user: UserId) -> Result<WalletReply, EngineError> {
         let reader = self.reader(self.user_set(&user));
         let u = user.clone();
-        let balance_fen = read(self, reader, move |r| r.balance(&u)).await?.unwrap_or(0);
+        let balance_fen = read_now(self, move || reader.balance(&u)).await?.unwrap_or(0);
         Ok(WalletReply { user, balance_fen })
     }
 
@@ -112,9 +108,10 @@ impl Engine {
         limit: u32,
     ) -> Result<EntriesPage, EngineError> {
         let reader = self.reader(self.user_set(&user));
-        let (rows, archived_before_ms) =
-            read(self, reader, move |r| Ok((r.entries(&user, cursor, limit + 1)?, r.archived_before()?)))
-                .await?;
+        let (rows, archived_before_ms) = read_now(self, move || {
+            Ok((reader.entries(&user, cursor, limit + 1)?, reader.archived_before()?))
+        })
+        .await?;
         let more = rows.len() > limit as usize;
         let entries: Vec<EntryView> = rows
             .into_iter()
@@ -211,7 +208,7 @@ impl Engine {
     ) -> Result<SentHistory, EngineError> {
         let (from, to) = year_range(year);
         let reader = self.reader(self.user_set(&user));
-        let page = read(self, reader, move |r| r.sent(&user, from, to, cursor, limit + 1)).await?;
+        let page = read_now(self, move || reader.sent(&user, from, to, cursor, limit + 1)).await?;
         let more = page.items.len() > limit as usize;
         let items: Vec<SentItem> = page
             .items
@@ -239,7 +236,6 @@ impl Engine {
         let (from, to) = year_range(year);
         // It reads every set (best lucks are counted where the packets live), all in one trip
         // to the blocking pool: a trip per set cost a thread's wake-up and sleep each.
-        catch_up_all(self.readers()).await?;
         let mine = self.user_set(&user) as usize;
         let readers = self.readers().to_vec();
         let (page, archived_before_ms, best_luck_count) = read_now(self, move || {

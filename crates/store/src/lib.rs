@@ -8,6 +8,7 @@
 mod background;
 mod journal;
 mod null;
+mod overlay;
 mod postgres;
 mod sqlite;
 mod users;

@@ -34,6 +34,9 @@ mod schema;
 mod write;
 
 pub use read::SqliteReader;
+pub(crate) use read::{
+    balance_in, best_luck_count_in, entries_in, packet_state_in, page_limit, received_in, sent_in, Folded,
+};
 pub use write::SqliteStore;
 
 /// What the checkpoint thread is called.

@@ -3,9 +3,10 @@
 //! It never writes and never goes through the engine. A query that returns totals with a
 //! page reads both in one transaction, so the totals and the items agree.
 
-use hongbao_core::{Claim, Millis, PacketId, UserId};
+use hongbao_core::{Claim, Millis, PacketId, PacketStatus, UserId};
 use r2d2::{Pool, PooledConnection};
 use r2d2_sqlite::SqliteConnectionManager;
+use rusqlite::{Connection, OptionalExtension};
 
 use super::rows::{self, to_u64, Users};
 use super::write::read_group;
@@ -45,6 +46,8 @@ const SELECT_CLAIM_OF: &str =
     "SELECT idx, user, amount_fen, at_ms FROM claims WHERE packet_id = ?1 AND user = ?2";
 const SELECT_BEST_LUCK_COUNT: &str = "SELECT COUNT(*) FROM packets WHERE best_user = ?1 \
      AND status = 'exhausted' AND created_at_ms >= ?2 AND created_at_ms < ?3";
+const SELECT_PACKET_STATE: &str = "SELECT status, created_at_ms FROM packets WHERE id = ?1";
+const SELECT_META: &str = "SELECT value FROM meta WHERE key = ?1";
 
 /// The read side of one set's SQLite file: cheap to clone, `Send + Sync`.
 #[derive(Debug, Clone)]
@@ -62,7 +65,7 @@ impl SqliteReader {
     }
 }
 
-fn page_limit(limit: u32) -> u32 {
+pub(crate) fn page_limit(limit: u32) -> u32 {
     limit.min(PAGE_ROWS_MAX)
 }
 
@@ -73,24 +76,11 @@ fn before_or_newest(before: Option<i64>) -> i64 {
 
 impl Reader for SqliteReader {
     fn balance(&self, user: &UserId) -> Result<Option<i64>> {
-        let conn = self.conn()?;
-        let mut stmt = conn.prepare_cached(SELECT_BALANCE)?;
-        let mut q = stmt.query([user.as_str()])?;
-        match q.next()? {
-            Some(r) => Ok(Some(rows::balance(r.get(0)?, user)?)),
-            None => Ok(None),
-        }
+        balance_in(&*self.conn()?, user)
     }
 
     fn entries(&self, user: &UserId, before_id: Option<i64>, limit: u32) -> Result<Vec<EntryRow>> {
-        let conn = self.conn()?;
-        let mut stmt = conn.prepare_cached(SELECT_ENTRIES)?;
-        let mut q = stmt.query((user.as_str(), before_or_newest(before_id), page_limit(limit)))?;
-        let mut out = Vec::new();
-        while let Some(r) = q.next()? {
-            out.push(rows::entry_row(r)?);
-        }
-        Ok(out)
+        entries_in(&*self.conn()?, user, before_id, limit)
     }
 
     fn packet(&self, id: PacketId) -> Result<Option<PacketRow>> {
@@ -135,25 +125,9 @@ impl Reader for SqliteReader {
     ) -> Result<SentPage> {
         let mut conn = self.conn()?;
         let tx = conn.transaction()?;
-        let (count, total_fen): (i64, i64) = tx
-            .prepare_cached(SELECT_SENT_TOTALS)?
-            .query_row((user.as_str(), from_ms, to_ms), |r| Ok((r.get(0)?, r.get(1)?)))?;
-        let mut users = Users::parsing();
-        let mut items = Vec::new();
-        {
-            let mut stmt = tx.prepare_cached(SELECT_SENT_PAGE)?;
-            let before = before_or_newest(before.map(PacketId::as_i64));
-            let mut q = stmt.query((user.as_str(), from_ms, to_ms, before, page_limit(limit)))?;
-            while let Some(r) = q.next()? {
-                items.push(rows::packet_row(r, &mut users)?);
-            }
-        }
-        for row in &mut items {
-            let group = read_group(&tx, row, &mut users)?;
-            rows::set_audience(row, group)?;
-        }
+        let page = sent_in(&tx, user, from_ms, to_ms, before, limit)?;
         tx.commit()?;
-        Ok(SentPage { count: to_u64(count, "sent count")?, total_fen, items })
+        Ok(page)
     }
 
     fn received(
@@ -166,20 +140,9 @@ impl Reader for SqliteReader {
     ) -> Result<ReceivedPage> {
         let mut conn = self.conn()?;
         let tx = conn.transaction()?;
-        let (count, total_fen): (i64, i64) = tx
-            .prepare_cached(SELECT_RECEIVED_TOTALS)?
-            .query_row((user.as_str(), from_ms, to_ms), |r| Ok((r.get(0)?, r.get(1)?)))?;
-        let mut items = Vec::new();
-        {
-            let mut stmt = tx.prepare_cached(SELECT_RECEIVED_PAGE)?;
-            let mut q =
-                stmt.query((user.as_str(), from_ms, to_ms, before_or_newest(before), page_limit(limit)))?;
-            while let Some(r) = q.next()? {
-                items.push(rows::entry_row(r)?);
-            }
-        }
+        let page = received_in(&tx, user, from_ms, to_ms, before, limit)?;
         tx.commit()?;
-        Ok(ReceivedPage { count: to_u64(count, "received count")?, total_fen, items })
+        Ok(page)
     }
 
     /// One lookup on the (packet, user) unique index instead of paging through the claims.
@@ -194,12 +157,135 @@ impl Reader for SqliteReader {
     }
 
     fn best_luck_count(&self, user: &UserId, from_ms: Millis, to_ms: Millis) -> Result<u64> {
-        let conn = self.conn()?;
-        let count: i64 = conn
-            .prepare_cached(SELECT_BEST_LUCK_COUNT)?
-            .query_row((user.as_str(), from_ms, to_ms), |r| r.get(0))?;
-        to_u64(count, "best luck count")
+        best_luck_count_in(&*self.conn()?, user, from_ms, to_ms)
     }
+}
+
+/// Where a read transaction's snapshot stands in the journal that feeds the file: the last
+/// record folded into it, and the last entry id issued (the next entries get the ids after it,
+/// in the order the journal holds them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Folded {
+    pub seq: u64,
+    pub last_entry_id: i64,
+}
+
+impl SqliteReader {
+    /// Runs `f` in one read transaction, with where its snapshot stands in the journal: what
+    /// `f` reads, and `Folded`, are of one state of the file.
+    pub(crate) fn in_snapshot<T>(&self, f: impl FnOnce(&Connection, Folded) -> Result<T>) -> Result<T> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        // The first read fixes the snapshot the rest of the transaction sees.
+        let meta = |key: &str| -> Result<i64> {
+            Ok(tx.prepare_cached(SELECT_META)?.query_row([key], |r| r.get(0)).optional()?.unwrap_or(0))
+        };
+        let seq = meta("journal_seq")?;
+        let folded = Folded { seq: to_u64(seq, "journal_seq")?, last_entry_id: meta("last_entry_id")? };
+        let out = f(&tx, folded)?;
+        tx.commit()?;
+        Ok(out)
+    }
+}
+
+pub(crate) fn balance_in(conn: &Connection, user: &UserId) -> Result<Option<i64>> {
+    let mut stmt = conn.prepare_cached(SELECT_BALANCE)?;
+    let mut q = stmt.query([user.as_str()])?;
+    match q.next()? {
+        Some(r) => Ok(Some(rows::balance(r.get(0)?, user)?)),
+        None => Ok(None),
+    }
+}
+
+pub(crate) fn entries_in(
+    conn: &Connection,
+    user: &UserId,
+    before_id: Option<i64>,
+    limit: u32,
+) -> Result<Vec<EntryRow>> {
+    let mut stmt = conn.prepare_cached(SELECT_ENTRIES)?;
+    let mut q = stmt.query((user.as_str(), before_or_newest(before_id), page_limit(limit)))?;
+    let mut out = Vec::new();
+    while let Some(r) = q.next()? {
+        out.push(rows::entry_row(r)?);
+    }
+    Ok(out)
+}
+
+/// `Reader::sent`, in the caller's transaction (the totals and the page must agree).
+pub(crate) fn sent_in(
+    conn: &Connection,
+    user: &UserId,
+    from_ms: Millis,
+    to_ms: Millis,
+    before: Option<PacketId>,
+    limit: u32,
+) -> Result<SentPage> {
+    let (count, total_fen): (i64, i64) = conn
+        .prepare_cached(SELECT_SENT_TOTALS)?
+        .query_row((user.as_str(), from_ms, to_ms), |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let mut users = Users::parsing();
+    let mut items = Vec::new();
+    {
+        let mut stmt = conn.prepare_cached(SELECT_SENT_PAGE)?;
+        let before = before_or_newest(before.map(PacketId::as_i64));
+        let mut q = stmt.query((user.as_str(), from_ms, to_ms, before, page_limit(limit)))?;
+        while let Some(r) = q.next()? {
+            items.push(rows::packet_row(r, &mut users)?);
+        }
+    }
+    for row in &mut items {
+        let group = read_group(conn, row, &mut users)?;
+        rows::set_audience(row, group)?;
+    }
+    Ok(SentPage { count: to_u64(count, "sent count")?, total_fen, items })
+}
+
+/// `Reader::received`, in the caller's transaction (the totals and the page must agree).
+pub(crate) fn received_in(
+    conn: &Connection,
+    user: &UserId,
+    from_ms: Millis,
+    to_ms: Millis,
+    before: Option<i64>,
+    limit: u32,
+) -> Result<ReceivedPage> {
+    let (count, total_fen): (i64, i64) = conn
+        .prepare_cached(SELECT_RECEIVED_TOTALS)?
+        .query_row((user.as_str(), from_ms, to_ms), |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let mut items = Vec::new();
+    {
+        let mut stmt = conn.prepare_cached(SELECT_RECEIVED_PAGE)?;
+        let mut q =
+            stmt.query((user.as_str(), from_ms, to_ms, before_or_newest(before), page_limit(limit)))?;
+        while let Some(r) = q.next()? {
+            items.push(rows::entry_row(r)?);
+        }
+    }
+    Ok(ReceivedPage { count: to_u64(count, "received count")?, total_fen, items })
+}
+
+pub(crate) fn best_luck_count_in(
+    conn: &Connection,
+    user: &UserId,
+    from_ms: Millis,
+    to_ms: Millis,
+) -> Result<u64> {
+    let count: i64 = conn
+        .prepare_cached(SELECT_BEST_LUCK_COUNT)?
+        .query_row((user.as_str(), from_ms, to_ms), |r| r.get(0))?;
+    to_u64(count, "best luck count")
+}
+
+/// A packet's status and creation time, if the file holds it.
+pub(crate) fn packet_state_in(conn: &Connection, id: PacketId) -> Result<Option<(PacketStatus, Millis)>> {
+    let mut stmt = conn.prepare_cached(SELECT_PACKET_STATE)?;
+    let mut q = stmt.query([id.as_i64()])?;
+    let Some(r) = q.next()? else { return Ok(None) };
+    let status_s = rows::text(r, 0)?;
+    let status = PacketStatus::parse(status_s)
+        .ok_or_else(|| rows::corrupt(format!("packet {id} has status {status_s:?}")))?;
+    Ok(Some((status, r.get(1)?)))
 }
 
 #[cfg(test)]
@@ -228,6 +314,8 @@ mod tests {
             SELECT_RECEIVED_PAGE,
             SELECT_CLAIM_OF,
             SELECT_BEST_LUCK_COUNT,
+            SELECT_PACKET_STATE,
+            SELECT_META,
         ] {
             for run in 0..3_i64 {
                 let mut stmt = conn.prepare_cached(sql).unwrap();
