@@ -59,7 +59,7 @@ use std::time::{Duration, Instant};
 
 use hongbao_core::{Claim, Millis, Packet, PacketId, PacketStatus, UserId};
 
-use crate::overlay::{add_totals, newer_first, Overlay};
+use crate::overlay::{add_totals, history_view, newer_first, Overlay};
 use crate::sqlite::{self, open_sqlite_with, Folded, Leftovers, SqliteReader, SqliteStore};
 use crate::{
     Batch, EntryRow, Loaded, PacketRow, Reader, ReceivedPage, Result, SentPage, Store, StoreError, StoreSums,
@@ -340,14 +340,14 @@ struct Queued {
 }
 
 impl Queued {
-    /// The record's payload, checked against its header: `None` when the file no longer holds
-    /// it. Only a query reads a record that may be folded meanwhile, and its segment recycled
-    /// and written over.
-    fn read_checked(&self) -> Result<Option<Vec<u8>>> {
+    /// The record's payload, read into `record` and checked against its header: `None` when the
+    /// file no longer holds it. Only a query reads a record that may be folded meanwhile, and
+    /// its segment recycled and written over.
+    fn read_checked<'a>(&self, record: &'a mut Vec<u8>) -> Result<Option<&'a [u8]>> {
         use std::os::unix::fs::FileExt;
-        let mut record = vec![0; HEADER_BYTES + self.len];
+        record.resize(HEADER_BYTES + self.len, 0);
         self.file
-            .read_exact_at(&mut record, self.offset - HEADER_BYTES as u64)
+            .read_exact_at(record, self.offset - HEADER_BYTES as u64)
             .map_err(|e| io(format!("cannot read journal record {} back", self.seq), e))?;
         let word = |at: usize| u32::from_le_bytes(record[at..at + 4].try_into().expect("4 bytes"));
         let seq = u64::from_le_bytes(record[8..16].try_into().expect("8 bytes"));
@@ -356,7 +356,7 @@ impl Queued {
             && word(4) as usize == self.len
             && seq == self.seq
             && word(16) == crc(seq, payload);
-        Ok(whole.then(|| record.split_off(HEADER_BYTES)))
+        Ok(whole.then_some(payload))
     }
 
     fn read(&self) -> Result<Vec<u8>> {
@@ -1025,6 +1025,7 @@ impl JournalReader {
     /// The index brought up to every record made durable and pruned to snapshot `at`.
     fn overlay_for(&self, at: Folded) -> Result<OverlayFor<'_>> {
         let mut overlay = lock(&self.shared.overlay);
+        let mut buf = Vec::new();
         'index: loop {
             let todo: Vec<Queued> = {
                 let s = lock(&self.shared.state);
@@ -1050,7 +1051,7 @@ impl JournalReader {
                 }
             };
             for q in todo {
-                let Some(payload) = q.read_checked()? else {
+                let Some(payload) = q.read_checked(&mut buf)? else {
                     // Its segment was folded, recycled and written over since the queue was
                     // read: start again from the queue as it is now.
                     if lock(&self.shared.state).folded_seq < q.seq {
@@ -1062,7 +1063,12 @@ impl JournalReader {
                     overlay.reset(q.seq);
                     continue 'index;
                 };
-                overlay.index(q.seq, decode(&payload)?);
+                if let Err(e) = history_view(payload).and_then(|view| overlay.index(q.seq, view)) {
+                    // Nothing half-indexed stays behind.
+                    let at = overlay.pruned_upto();
+                    overlay.reset(at);
+                    return Err(e);
+                }
             }
             break;
         }

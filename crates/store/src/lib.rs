@@ -298,9 +298,11 @@ pub struct SentPage {
 /// Time ranges are `[from_ms, to_ms)`. Cursors are exclusive: pages go newest first, and a
 /// cursor is the id of the last item of the previous page.
 pub trait Reader: Send + Sync + 'static {
-    /// For a store that applies commits in the background (the journal): what a query awaits
-    /// before reading to see every commit made before it. `None` (the default): reads already
-    /// see every commit.
+    /// For a store that applies commits in the background (the journal): what a query of a
+    /// packet's details (`packet`, `claims`, `claim_of`) awaits before reading to see every
+    /// commit made before it. `None` (the default): reads already see every commit. The other
+    /// reads (a wallet, its entries, sent and received pages, best-luck counts) see every
+    /// commit made before the call without it.
     fn catch_up(&self) -> Option<CatchUp> {
         None
     }

@@ -14,16 +14,22 @@
 //! one issued, so a record's entries get the ids after those of every record before it: an
 //! entry not yet folded already has the id it will have.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use hongbao_core::packet::PacketHeader;
-use hongbao_core::{Millis, PacketId, PacketStatus, UserId};
+use hongbao_core::{FastMap, Millis, PacketId, PacketStatus, UserId};
 
 use crate::sqlite::Folded;
-use crate::{Batch, EntryKind, EntryRow, PacketRow, PacketUpdate, Result, StoreError};
+use serde::Deserialize;
 
-/// The records after `pruned_upto`, up to [`Overlay::indexed_seq`], by what queries look up.
-/// Every per-key queue is in seq order; a record's keys say what to drop when it is pruned.
+#[cfg(doc)]
+use crate::Batch;
+use crate::{EntryKind, EntryRow, PacketRow, PacketUpdate, Result, StoreError};
+
+/// The records after `pruned_upto`, up to [`Overlay::indexed_seq`], by user and by packet: one
+/// hash lookup per user and per packet a record touches, when it is indexed and when it is
+/// dropped (the festival's claimers are new users, a record's worth of map inserts each).
+/// Every per-key queue is in seq order; a record's keys say what to look at when it is dropped.
 #[derive(Default)]
 pub(crate) struct Overlay {
     /// No record up to this one is indexed (any more): every snapshot that may still use the
@@ -33,17 +39,29 @@ pub(crate) struct Overlay {
     /// Entries in the records indexed since the overlay was last emptied: the number of the
     /// next record's first entry.
     entries_seen: u64,
-    entries: HashMap<UserId, VecDeque<Pending>>,
-    /// The newest balance a record wrote, and the record.
-    wallets: HashMap<UserId, (u64, i64)>,
-    /// New packets by sender.
-    sent: HashMap<UserId, VecDeque<(u64, PacketHeader)>>,
-    /// When the packets made in these records were created.
-    created: HashMap<PacketId, (u64, Millis)>,
-    /// The newest state a record wrote of each packet.
-    updates: HashMap<PacketId, (u64, PacketUpdate)>,
-    /// Packets that became exhausted in these records, by their best-luck user.
-    best: HashMap<UserId, VecDeque<(u64, PacketId)>>,
+    users: FastMap<UserId, UserPending>,
+    packets: FastMap<PacketId, PacketPending>,
+}
+
+/// What the records hold for one user.
+#[derive(Default)]
+struct UserPending {
+    /// The newest balance written, and its record.
+    wallet: Option<(u64, i64)>,
+    entries: VecDeque<Pending>,
+    /// Packets the user sent.
+    sent: VecDeque<(u64, PacketHeader)>,
+    /// Packets that became exhausted with the user as best luck.
+    best: VecDeque<(u64, PacketId)>,
+}
+
+/// What the records hold for one packet.
+#[derive(Default)]
+struct PacketPending {
+    /// When it was created, if these records made it.
+    created: Option<(u64, Millis)>,
+    /// The newest state written.
+    update: Option<(u64, PacketUpdate)>,
 }
 
 /// One indexed record: its seq, the number of its first entry, and the keys it filed under.
@@ -51,9 +69,7 @@ struct Indexed {
     seq: u64,
     first_entry: u64,
     users: Vec<UserId>,
-    senders: Vec<UserId>,
     packets: Vec<PacketId>,
-    best: Vec<UserId>,
 }
 
 /// An entry not yet folded: `number` counts entries from the overlay's start.
@@ -66,20 +82,41 @@ struct Pending {
     at_ms: Millis,
 }
 
-/// Drops the front of `map[key]` up to record `seq`, and the key once nothing is left.
-fn drop_upto<K: std::hash::Hash + Eq, T>(
-    map: &mut HashMap<K, VecDeque<T>>,
-    key: &K,
-    seq: u64,
-    seq_of: impl Fn(&T) -> u64,
-) {
-    if let Some(q) = map.get_mut(key) {
-        while q.front().is_some_and(|t| seq_of(t) <= seq) {
-            q.pop_front();
-        }
-        if q.is_empty() {
-            map.remove(key);
-        }
+/// What history reads of a journal record: a [`Batch`]'s first four fields, decoded from the
+/// record as it encodes them (postcard writes the fields in order, without names or lengths,
+/// so decoding stops after these and leaves claims, outbox and idempotency records unread),
+/// with user ids borrowed from the record, not allocated. Its fields must stay `Batch`'s, in
+/// `Batch`'s order: `a_history_view_decodes_what_a_batch_encodes` holds it to that.
+#[derive(Deserialize)]
+pub(crate) struct HistoryView<'a> {
+    #[serde(borrow)]
+    wallets: Vec<(&'a str, i64)>,
+    #[serde(borrow)]
+    entries: Vec<EntryView<'a>>,
+    new_packets: Vec<PacketHeader>,
+    packet_updates: Vec<PacketUpdate>,
+}
+
+/// An [`crate::Entry`] as the record holds it.
+#[derive(Deserialize)]
+struct EntryView<'a> {
+    user: &'a str,
+    kind: EntryKind,
+    amount_fen: i64,
+    packet_id: Option<PacketId>,
+    at_ms: Millis,
+}
+
+/// Decodes the part of a record's payload history reads.
+pub(crate) fn history_view(payload: &[u8]) -> Result<HistoryView<'_>> {
+    postcard::from_bytes(payload)
+        .map_err(|e| StoreError::Corrupt(format!("a journal record does not decode: {e}")))
+}
+
+/// Drops the front of `q` up to record `seq`.
+fn drop_upto<T>(q: &mut VecDeque<T>, seq: u64, seq_of: impl Fn(&T) -> u64) {
+    while q.front().is_some_and(|t| seq_of(t) <= seq) {
+        q.pop_front();
     }
 }
 
@@ -109,53 +146,82 @@ impl Overlay {
 
     #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
-        self.records.is_empty()
+        self.records.is_empty() && self.users.is_empty() && self.packets.is_empty()
+    }
+
+    /// The user's part, filed under record `rec` unless the record filed it last.
+    fn user<'a>(
+        users: &'a mut FastMap<UserId, UserPending>,
+        rec: &mut Indexed,
+        name: &str,
+    ) -> Result<&'a mut UserPending> {
+        if rec.users.last().is_none_or(|u| u.as_str() != name) {
+            let key = match users.get_key_value(name) {
+                Some((key, _)) => key.clone(),
+                None => {
+                    let key = UserId::parse(name).map_err(|e| {
+                        StoreError::Corrupt(format!("a journal record holds user {name:?}: {e}"))
+                    })?;
+                    users.insert(key.clone(), UserPending::default());
+                    key
+                }
+            };
+            rec.users.push(key);
+        }
+        Ok(users.get_mut(name).expect("filed above"))
     }
 
     /// Files record `seq` (the one after [`Overlay::indexed_seq`]) under its keys.
-    pub(crate) fn index(&mut self, seq: u64, batch: Batch) {
+    pub(crate) fn index(&mut self, seq: u64, batch: HistoryView<'_>) -> Result<()> {
         debug_assert_eq!(seq, self.indexed_seq() + 1, "records are indexed in order");
         let first_entry = self.entries_seen;
         let mut rec = Indexed {
             seq,
             first_entry,
-            users: Vec::with_capacity(batch.entries.len() + batch.wallets.len()),
-            senders: Vec::new(),
-            packets: Vec::with_capacity(batch.packet_updates.len()),
-            best: Vec::new(),
+            users: Vec::with_capacity(batch.entries.len()),
+            packets: Vec::with_capacity(batch.packet_updates.len() + batch.new_packets.len()),
         };
         self.entries_seen += batch.entries.len() as u64;
+        let users = &mut self.users;
         for (i, e) in batch.entries.into_iter().enumerate() {
-            let pending = Pending {
+            Overlay::user(users, &mut rec, e.user)?.entries.push_back(Pending {
                 seq,
                 number: first_entry + i as u64,
                 kind: e.kind,
                 amount_fen: e.amount_fen,
                 packet_id: e.packet_id,
                 at_ms: e.at_ms,
-            };
-            self.entries.entry(e.user.clone()).or_default().push_back(pending);
-            rec.users.push(e.user);
+            });
         }
-        for (user, fen) in batch.wallets {
-            self.wallets.insert(user.clone(), (seq, fen));
-            rec.users.push(user);
+        for (name, fen) in batch.wallets {
+            // Mostly the user of an entry just filed: found, and not filed again.
+            let filed = users.get(name).is_some_and(|mine| {
+                mine.entries.back().is_some_and(|p| p.seq == seq)
+                    || mine.wallet.is_some_and(|(s, _)| s == seq)
+            });
+            let mine = if filed {
+                users.get_mut(name).expect("found above")
+            } else {
+                Overlay::user(users, &mut rec, name)?
+            };
+            mine.wallet = Some((seq, fen));
         }
         for h in batch.new_packets {
-            self.created.insert(h.id, (seq, h.created_at_ms));
             rec.packets.push(h.id);
-            rec.senders.push(h.sender.clone());
-            self.sent.entry(h.sender.clone()).or_default().push_back((seq, h));
+            self.packets.entry(h.id).or_default().created = Some((seq, h.created_at_ms));
+            let sender = h.sender.clone();
+            Overlay::user(users, &mut rec, sender.as_str())?.sent.push_back((seq, h));
         }
         for u in batch.packet_updates {
             if let (PacketStatus::Exhausted, Some((user, _))) = (u.status, &u.best) {
-                self.best.entry(user.clone()).or_default().push_back((seq, u.id));
-                rec.best.push(user.clone());
+                Overlay::user(users, &mut rec, user.as_str())?.best.push_back((seq, u.id));
             }
-            rec.packets.push(u.id);
-            self.updates.insert(u.id, (seq, u));
+            let id = u.id;
+            rec.packets.push(id);
+            self.packets.entry(id).or_default().update = Some((seq, u));
         }
         self.records.push_back(rec);
+        Ok(())
     }
 
     /// Drops every record up to `seq`: a snapshot that holds them is about to read the rest.
@@ -163,23 +229,31 @@ impl Overlay {
         while self.records.front().is_some_and(|r| r.seq <= seq) {
             let r = self.records.pop_front().expect("a front record");
             for user in &r.users {
-                drop_upto(&mut self.entries, user, r.seq, |p| p.seq);
-                if self.wallets.get(user).is_some_and(|&(s, _)| s <= r.seq) {
-                    self.wallets.remove(user);
+                let Some(mine) = self.users.get_mut(user) else { continue };
+                drop_upto(&mut mine.entries, r.seq, |p| p.seq);
+                drop_upto(&mut mine.sent, r.seq, |(s, _)| *s);
+                drop_upto(&mut mine.best, r.seq, |(s, _)| *s);
+                if mine.wallet.is_some_and(|(s, _)| s <= r.seq) {
+                    mine.wallet = None;
                 }
-            }
-            for user in &r.senders {
-                drop_upto(&mut self.sent, user, r.seq, |(s, _)| *s);
-            }
-            for user in &r.best {
-                drop_upto(&mut self.best, user, r.seq, |(s, _)| *s);
+                if mine.wallet.is_none()
+                    && mine.entries.is_empty()
+                    && mine.sent.is_empty()
+                    && mine.best.is_empty()
+                {
+                    self.users.remove(user);
+                }
             }
             for id in &r.packets {
-                if self.updates.get(id).is_some_and(|(s, _)| *s <= r.seq) {
-                    self.updates.remove(id);
+                let Some(p) = self.packets.get_mut(id) else { continue };
+                if p.created.is_some_and(|(s, _)| s <= r.seq) {
+                    p.created = None;
                 }
-                if self.created.get(id).is_some_and(|(s, _)| *s <= r.seq) {
-                    self.created.remove(id);
+                if p.update.as_ref().is_some_and(|(s, _)| *s <= r.seq) {
+                    p.update = None;
+                }
+                if p.created.is_none() && p.update.is_none() {
+                    self.packets.remove(id);
                 }
             }
         }
@@ -198,7 +272,7 @@ impl Overlay {
 
     /// The user's balance as the newest record not folded wrote it.
     pub(crate) fn balance(&self, user: &UserId) -> Option<i64> {
-        self.wallets.get(user).map(|&(_, fen)| fen)
+        self.users.get(user).and_then(|mine| mine.wallet).map(|(_, fen)| fen)
     }
 
     /// The user's entries not folded, newest first, those that `keep`, before entry id `before`.
@@ -209,9 +283,9 @@ impl Overlay {
         before: Option<i64>,
         keep: impl Fn(&Pending) -> bool,
     ) -> Result<Vec<EntryRow>> {
-        let Some(mine) = self.entries.get(user) else { return Ok(Vec::new()) };
+        let Some(mine) = self.users.get(user) else { return Ok(Vec::new()) };
         let mut out = Vec::new();
-        for p in mine.iter().rev().filter(|p| keep(p)) {
+        for p in mine.entries.iter().rev().filter(|p| keep(p)) {
             let id = self.entry_id(p, at)?;
             if before.is_none_or(|b| id < b) {
                 out.push(EntryRow {
@@ -248,8 +322,9 @@ impl Overlay {
     /// Packets the user sent in records not folded, created in `[from_ms, to_ms)`, newest
     /// first, as rows in their newest state.
     pub(crate) fn sent(&self, user: &UserId, from_ms: Millis, to_ms: Millis) -> Vec<PacketRow> {
-        let Some(mine) = self.sent.get(user) else { return Vec::new() };
-        mine.iter()
+        let Some(mine) = self.users.get(user) else { return Vec::new() };
+        mine.sent
+            .iter()
             .rev()
             .filter(|(_, h)| from_ms <= h.created_at_ms && h.created_at_ms < to_ms)
             .map(|(_, h)| {
@@ -269,7 +344,7 @@ impl Overlay {
 
     /// Brings a packet row read from the file to the newest state a record not folded wrote.
     pub(crate) fn patch(&self, row: &mut PacketRow) {
-        if let Some((_, u)) = self.updates.get(&row.header.id) {
+        if let Some((_, u)) = self.packets.get(&row.header.id).and_then(|p| p.update.as_ref()) {
             row.status = u.status;
             row.opened_count = u.opened_count;
             row.opened_fen = u.opened_fen;
@@ -281,11 +356,11 @@ impl Overlay {
     /// Packets that became exhausted with `user` as best luck in records not folded, each once,
     /// with when they were created if these records made them.
     pub(crate) fn best_lucks(&self, user: &UserId) -> Vec<(PacketId, Option<Millis>)> {
-        let Some(mine) = self.best.get(user) else { return Vec::new() };
+        let Some(mine) = self.users.get(user) else { return Vec::new() };
         let mut out: Vec<(PacketId, Option<Millis>)> = Vec::new();
-        for &(_, id) in mine {
+        for &(_, id) in &mine.best {
             if !out.iter().any(|(p, _)| *p == id) {
-                out.push((id, self.created.get(&id).map(|&(_, at)| at)));
+                out.push((id, self.packets.get(&id).and_then(|p| p.created).map(|(_, at)| at)));
             }
         }
         out
@@ -307,4 +382,86 @@ pub(crate) fn add_totals(count: u64, total_fen: i64, more: u64, more_fen: i64) -
         count.checked_add(more).ok_or_else(|| overflow("a history count"))?,
         total_fen.checked_add(more_fen).ok_or_else(|| overflow("a history total"))?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use hongbao_core::{AmountRule, Audience, Kind};
+
+    use super::*;
+    use crate::{Batch, ClaimRow, Entry, IdemRecord, IdemResult, OutboxItem, Totals};
+
+    /// The view reads a batch's first four fields exactly, whatever follows them in the record.
+    #[test]
+    fn a_history_view_decodes_what_a_batch_encodes() {
+        let user = |s: &str| UserId::parse(s).unwrap();
+        let id = PacketId::from_raw(1 << 40).unwrap();
+        let header = PacketHeader {
+            id,
+            sender: user("alice"),
+            kind: Kind::Lucky,
+            total_fen: 300,
+            count: 3,
+            audience: Audience::users([user("bob"), user("carol")]),
+            greeting: "恭喜发财".into(),
+            created_at_ms: 1_767_225_600_000,
+            expires_at_ms: 1_767_312_000_000,
+            seed: u64::MAX - 3,
+            amount_rule: AmountRule::CURRENT,
+        };
+        let update = PacketUpdate {
+            id,
+            status: PacketStatus::Exhausted,
+            opened_count: 3,
+            opened_fen: 300,
+            refunded_fen: 0,
+            best: Some((user("bob"), 150)),
+        };
+        let entry = Entry {
+            user: user("bob"),
+            kind: EntryKind::Claim,
+            amount_fen: 150,
+            packet_id: Some(id),
+            at_ms: 9,
+        };
+        let batch = Batch {
+            wallets: vec![(user("alice"), 700), (user("bob"), 150)],
+            entries: vec![entry.clone()],
+            new_packets: vec![header.clone()],
+            packet_updates: vec![update.clone()],
+            claims: vec![ClaimRow {
+                packet_id: id,
+                claim: hongbao_core::Claim { user: user("bob"), amount_fen: 150, at_ms: 9, index: 0 },
+            }],
+            outbox_new: vec![OutboxItem {
+                target_set: 1,
+                seq: 4,
+                user: user("dave"),
+                amount_fen: 1,
+                packet_id: id,
+                at_ms: 9,
+            }],
+            outbox_acked: vec![(1, 3)],
+            watermarks: vec![(1, 2)],
+            idempotency: vec![IdemRecord {
+                user: user("alice"),
+                request_id: "r-1".into(),
+                fingerprint: 77,
+                result: IdemResult::Send { packet_id: id },
+                at_ms: 8,
+            }],
+            totals: Some(Totals { deposits_fen: 1_000, withdrawals_fen: 0 }),
+        };
+        let bytes = postcard::to_allocvec(&batch).unwrap();
+        let view = history_view(&bytes).unwrap();
+        assert_eq!(view.wallets, vec![("alice", 700), ("bob", 150)]);
+        assert_eq!(view.entries.len(), 1);
+        let e = &view.entries[0];
+        assert_eq!(
+            (e.user, e.kind, e.amount_fen, e.packet_id, e.at_ms),
+            (entry.user.as_str(), entry.kind, entry.amount_fen, entry.packet_id, entry.at_ms)
+        );
+        assert_eq!(view.new_packets, vec![header]);
+        assert_eq!(view.packet_updates, vec![update]);
+    }
 }
