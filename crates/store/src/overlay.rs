@@ -17,7 +17,10 @@
 use std::collections::VecDeque;
 
 use hongbao_core::packet::PacketHeader;
-use hongbao_core::{FastMap, Millis, PacketId, PacketStatus, UserId};
+use std::hash::BuildHasher;
+
+use hashbrown::hash_table::{Entry, HashTable};
+use hongbao_core::{FastHash, FastMap, Millis, PacketId, PacketStatus, UserId};
 
 use crate::sqlite::Folded;
 use serde::Deserialize;
@@ -26,9 +29,10 @@ use serde::Deserialize;
 use crate::Batch;
 use crate::{EntryKind, EntryRow, PacketRow, PacketUpdate, Result, StoreError};
 
-/// The records after `pruned_upto`, up to [`Overlay::indexed_seq`], by user and by packet: one
-/// hash lookup per user and per packet a record touches, when it is indexed and when it is
-/// dropped (the festival's claimers are new users, a record's worth of map inserts each).
+/// The records after `pruned_upto`, up to [`Overlay::indexed_seq`], by user and by packet. A
+/// user is looked up by the name the record holds, hashed once per lookup: in the festival
+/// every claimer is a new user, and the index's cost per claim is these lookups (two when it
+/// is indexed, one when it is dropped).
 /// Every per-key queue is in seq order; a record's keys say what to look at when it is dropped.
 #[derive(Default)]
 pub(crate) struct Overlay {
@@ -39,8 +43,12 @@ pub(crate) struct Overlay {
     /// Entries in the records indexed since the overlay was last emptied: the number of the
     /// next record's first entry.
     entries_seen: u64,
-    users: FastMap<UserId, UserPending>,
+    users: HashTable<(UserId, UserPending)>,
     packets: FastMap<PacketId, PacketPending>,
+}
+
+fn hash(name: &str) -> u64 {
+    FastHash.hash_one(name)
 }
 
 /// What the records hold for one user.
@@ -53,6 +61,20 @@ struct UserPending {
     sent: VecDeque<(u64, PacketHeader)>,
     /// Packets that became exhausted with the user as best luck.
     best: VecDeque<(u64, PacketId)>,
+}
+
+impl UserPending {
+    /// Whether record `seq` already filed this user.
+    fn filed_by(&self, seq: u64) -> bool {
+        self.entries.back().is_some_and(|p| p.seq == seq)
+            || self.wallet.is_some_and(|(s, _)| s == seq)
+            || self.sent.back().is_some_and(|(s, _)| *s == seq)
+            || self.best.back().is_some_and(|(s, _)| *s == seq)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.wallet.is_none() && self.entries.is_empty() && self.sent.is_empty() && self.best.is_empty()
+    }
 }
 
 /// What the records hold for one packet.
@@ -149,26 +171,30 @@ impl Overlay {
         self.records.is_empty() && self.users.is_empty() && self.packets.is_empty()
     }
 
-    /// The user's part, filed under record `rec` unless the record filed it last.
+    fn find(&self, name: &str) -> Option<&UserPending> {
+        self.users.find(hash(name), |(k, _)| k.as_str() == name).map(|(_, mine)| mine)
+    }
+
+    /// The user's part, filed under record `rec` once.
     fn user<'a>(
-        users: &'a mut FastMap<UserId, UserPending>,
+        users: &'a mut HashTable<(UserId, UserPending)>,
         rec: &mut Indexed,
         name: &str,
     ) -> Result<&'a mut UserPending> {
-        if rec.users.last().is_none_or(|u| u.as_str() != name) {
-            let key = match users.get_key_value(name) {
-                Some((key, _)) => key.clone(),
-                None => {
+        let (key, mine) =
+            match users.entry(hash(name), |(k, _)| k.as_str() == name, |(k, _)| hash(k.as_str())) {
+                Entry::Occupied(o) => o.into_mut(),
+                Entry::Vacant(v) => {
                     let key = UserId::parse(name).map_err(|e| {
                         StoreError::Corrupt(format!("a journal record holds user {name:?}: {e}"))
                     })?;
-                    users.insert(key.clone(), UserPending::default());
-                    key
+                    v.insert((key, UserPending::default())).into_mut()
                 }
             };
-            rec.users.push(key);
+        if !mine.filed_by(rec.seq) {
+            rec.users.push(key.clone());
         }
-        Ok(users.get_mut(name).expect("filed above"))
+        Ok(mine)
     }
 
     /// Files record `seq` (the one after [`Overlay::indexed_seq`]) under its keys.
@@ -194,17 +220,7 @@ impl Overlay {
             });
         }
         for (name, fen) in batch.wallets {
-            // Mostly the user of an entry just filed: found, and not filed again.
-            let filed = users.get(name).is_some_and(|mine| {
-                mine.entries.back().is_some_and(|p| p.seq == seq)
-                    || mine.wallet.is_some_and(|(s, _)| s == seq)
-            });
-            let mine = if filed {
-                users.get_mut(name).expect("found above")
-            } else {
-                Overlay::user(users, &mut rec, name)?
-            };
-            mine.wallet = Some((seq, fen));
+            Overlay::user(users, &mut rec, name)?.wallet = Some((seq, fen));
         }
         for h in batch.new_packets {
             rec.packets.push(h.id);
@@ -229,19 +245,19 @@ impl Overlay {
         while self.records.front().is_some_and(|r| r.seq <= seq) {
             let r = self.records.pop_front().expect("a front record");
             for user in &r.users {
-                let Some(mine) = self.users.get_mut(user) else { continue };
+                let name = user.as_str();
+                let Ok(mut found) = self.users.find_entry(hash(name), |(k, _)| k.as_str() == name) else {
+                    continue;
+                };
+                let (_, mine) = found.get_mut();
                 drop_upto(&mut mine.entries, r.seq, |p| p.seq);
                 drop_upto(&mut mine.sent, r.seq, |(s, _)| *s);
                 drop_upto(&mut mine.best, r.seq, |(s, _)| *s);
                 if mine.wallet.is_some_and(|(s, _)| s <= r.seq) {
                     mine.wallet = None;
                 }
-                if mine.wallet.is_none()
-                    && mine.entries.is_empty()
-                    && mine.sent.is_empty()
-                    && mine.best.is_empty()
-                {
-                    self.users.remove(user);
+                if mine.is_empty() {
+                    found.remove();
                 }
             }
             for id in &r.packets {
@@ -272,7 +288,7 @@ impl Overlay {
 
     /// The user's balance as the newest record not folded wrote it.
     pub(crate) fn balance(&self, user: &UserId) -> Option<i64> {
-        self.users.get(user).and_then(|mine| mine.wallet).map(|(_, fen)| fen)
+        self.find(user.as_str()).and_then(|mine| mine.wallet).map(|(_, fen)| fen)
     }
 
     /// The user's entries not folded, newest first, those that `keep`, before entry id `before`.
@@ -283,7 +299,7 @@ impl Overlay {
         before: Option<i64>,
         keep: impl Fn(&Pending) -> bool,
     ) -> Result<Vec<EntryRow>> {
-        let Some(mine) = self.users.get(user) else { return Ok(Vec::new()) };
+        let Some(mine) = self.find(user.as_str()) else { return Ok(Vec::new()) };
         let mut out = Vec::new();
         for p in mine.entries.iter().rev().filter(|p| keep(p)) {
             let id = self.entry_id(p, at)?;
@@ -322,7 +338,7 @@ impl Overlay {
     /// Packets the user sent in records not folded, created in `[from_ms, to_ms)`, newest
     /// first, as rows in their newest state.
     pub(crate) fn sent(&self, user: &UserId, from_ms: Millis, to_ms: Millis) -> Vec<PacketRow> {
-        let Some(mine) = self.users.get(user) else { return Vec::new() };
+        let Some(mine) = self.find(user.as_str()) else { return Vec::new() };
         mine.sent
             .iter()
             .rev()
@@ -356,7 +372,7 @@ impl Overlay {
     /// Packets that became exhausted with `user` as best luck in records not folded, each once,
     /// with when they were created if these records made them.
     pub(crate) fn best_lucks(&self, user: &UserId) -> Vec<(PacketId, Option<Millis>)> {
-        let Some(mine) = self.users.get(user) else { return Vec::new() };
+        let Some(mine) = self.find(user.as_str()) else { return Vec::new() };
         let mut out: Vec<(PacketId, Option<Millis>)> = Vec::new();
         for &(_, id) in &mine.best {
             if !out.iter().any(|(p, _)| *p == id) {
