@@ -1030,7 +1030,11 @@ impl JournalReader {
             let todo: Vec<Queued> = {
                 let s = lock(&self.shared.state);
                 if s.queued_bytes > s.overlay_bytes_max {
-                    overlay.reset(s.queued_seq);
+                    // Let the index go, to start again from the first record not folded once
+                    // the backlog is back under the bound. Not from a later one: a snapshot
+                    // holds only what is folded, and one older than the index is read again
+                    // until the file has caught up with it.
+                    overlay.reset(s.folded_seq);
                     return Ok(OverlayFor::TooFar);
                 }
                 let next = overlay.indexed_seq() + 1;
@@ -2642,5 +2646,32 @@ mod tests {
             Some(5),
             "past the spell it waits, and the fold caught up"
         );
+    }
+
+    /// Once a backlog that was past the bound is back under it, history indexes the records
+    /// not folded again, all of them, while the fold still trails.
+    #[test]
+    fn history_indexes_again_once_a_backlog_is_back_under_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, reader) = open_journaled_sqlite(dir.path(), 0, 1).unwrap();
+        let shared = store.shared.clone();
+        lock(&shared.state).overlay_bytes_max = 0;
+        let held = lock(&shared.store);
+        for (i, user) in ["alice", "bob", "carol"].into_iter().enumerate() {
+            store.commit(&batch(user, i as i64 + 1)).unwrap();
+        }
+        assert_eq!(reader.balance(&UserId::parse("carol").unwrap()).unwrap(), None, "past the bound");
+        // Back under it, the fold still held: every record is read from the journal.
+        lock(&shared.state).overlay_bytes_max = usize::MAX;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let asker = std::thread::spawn(move || {
+            let alice = reader.balance(&UserId::parse("alice").unwrap()).unwrap();
+            let carol = reader.balance(&UserId::parse("carol").unwrap()).unwrap();
+            tx.send((alice, carol)).unwrap();
+        });
+        let answer = rx.recv_timeout(Duration::from_secs(10));
+        drop(held);
+        assert_eq!(answer.expect("answered while the fold trails"), (Some(1), Some(3)));
+        asker.join().unwrap();
     }
 }
