@@ -376,16 +376,20 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    /// Waits until every record made durable before now is folded, up to `wait`. Returns
-    /// whether it was; `Err` when the fold is failing.
+    /// Waits until every record made durable before now is folded, up to `wait`, for the set
+    /// (the fold starts at once). Returns whether it was; `Err` when the fold is failing.
     fn wait_folded(&self, wait: Duration) -> Result<bool> {
+        self.wait_folded_as(wait, Waiter::Set)
+    }
+
+    fn wait_folded_as(&self, wait: Duration, who: Waiter) -> Result<bool> {
         let deadline = Instant::now() + wait;
         let mut s = lock(&self.state);
         let target = s.queued_seq;
         if s.folded_seq >= target {
             return Ok(true);
         }
-        s.waiters += 1;
+        *who.count(&mut s) += 1;
         self.changed.notify_all();
         let caught_up = loop {
             if s.folded_seq >= target {
@@ -400,8 +404,25 @@ impl Shared {
             }
             s = self.changed.wait_timeout(s, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
         };
-        s.waiters -= 1;
+        *who.count(&mut s) -= 1;
         caught_up
+    }
+}
+
+/// Who waits for the fold: the set (a load, a packet read back, the audit's sums) has it fold
+/// at once; a query, as the pace allows and not while it gives way to the claims.
+#[derive(Clone, Copy)]
+enum Waiter {
+    Set,
+    Query,
+}
+
+impl Waiter {
+    fn count(self, s: &mut FoldState) -> &mut usize {
+        match self {
+            Waiter::Set => &mut s.waiters,
+            Waiter::Query => &mut s.query_waiters,
+        }
     }
 }
 
@@ -1029,12 +1050,15 @@ impl JournalReader {
         'index: loop {
             let todo: Vec<Queued> = {
                 let s = lock(&self.shared.state);
-                if s.queued_bytes > s.overlay_bytes_max {
-                    // Let the index go, to start again from the first record not folded once
-                    // the backlog is back under the bound. Not from a later one: a snapshot
-                    // holds only what is folded, and one older than the index is read again
-                    // until the file has caught up with it.
-                    overlay.reset(s.folded_seq);
+                // Once past the bound, the index waits for the backlog to halve before it reads
+                // it all again: a backlog that hovers at the bound would otherwise have one
+                // query read tens of MiB back at every dip, and lose it at the next rise.
+                let bound = if overlay.suspended() { s.overlay_bytes_max / 2 } else { s.overlay_bytes_max };
+                if s.queued_bytes > bound {
+                    // Let the index go, to start again from the first record not folded. Not
+                    // from a later one: a snapshot holds only what is folded, and one older
+                    // than the index is read again until the file has caught up with it.
+                    overlay.suspend(s.folded_seq);
                     return Ok(OverlayFor::TooFar);
                 }
                 let next = overlay.indexed_seq() + 1;
@@ -1103,6 +1127,11 @@ impl JournalReader {
                 match self.overlay_for(at)? {
                     OverlayFor::Ready(overlay) => pending(found, &overlay, at, conn).map(Some),
                     OverlayFor::Stale => Ok(None),
+                    // A wait ran out lately: the fold is further behind than it folds in one,
+                    // so answer from this snapshot of the file rather than read it again.
+                    OverlayFor::TooFar if self.fold_recently_behind() => {
+                        pending(found, &Overlay::new(at.seq), at, conn).map(Some)
+                    }
                     OverlayFor::TooFar => {
                         too_far = true;
                         Ok(None)
@@ -1118,13 +1147,17 @@ impl JournalReader {
         }
     }
 
+    /// Whether a query's whole wait for the fold ran out less than [`READ_WAIT_MAX`] ago.
+    fn fold_recently_behind(&self) -> bool {
+        lock(&self.shared.state).query_wait_ran_out.is_some_and(|t| t.elapsed() < READ_WAIT_MAX)
+    }
+
     /// [`CatchUp::wait`] on this thread, for a query that has one already.
     fn wait_for_the_fold(&self) -> Result<()> {
-        let ran_out = lock(&self.shared.state).query_wait_ran_out;
-        if ran_out.is_some_and(|t| t.elapsed() < READ_WAIT_MAX) {
+        if self.fold_recently_behind() {
             return Ok(());
         }
-        let caught_up = self.shared.wait_folded(READ_WAIT_MAX)?;
+        let caught_up = self.shared.wait_folded_as(READ_WAIT_MAX, Waiter::Query)?;
         lock(&self.shared.state).query_wait_ran_out = (!caught_up).then(Instant::now);
         Ok(())
     }

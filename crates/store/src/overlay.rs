@@ -45,6 +45,8 @@ pub(crate) struct Overlay {
     entries_seen: u64,
     users: HashTable<(UserId, UserPending)>,
     packets: FastMap<PacketId, PacketPending>,
+    /// Not kept while the records not folded are past the journal's bound for it.
+    suspended: bool,
 }
 
 fn hash(name: &str) -> u64 {
@@ -166,6 +168,16 @@ impl Overlay {
         *self = Overlay::new(seq);
     }
 
+    /// Forgets every record and is not kept until [`Overlay::reset`] or an index: the next
+    /// record to index is `seq + 1`.
+    pub(crate) fn suspend(&mut self, seq: u64) {
+        *self = Overlay { suspended: true, ..Overlay::new(seq) };
+    }
+
+    pub(crate) fn suspended(&self) -> bool {
+        self.suspended
+    }
+
     #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
         self.records.is_empty() && self.users.is_empty() && self.packets.is_empty()
@@ -200,6 +212,7 @@ impl Overlay {
     /// Files record `seq` (the one after [`Overlay::indexed_seq`]) under its keys.
     pub(crate) fn index(&mut self, seq: u64, batch: HistoryView<'_>) -> Result<()> {
         debug_assert_eq!(seq, self.indexed_seq() + 1, "records are indexed in order");
+        self.suspended = false;
         let first_entry = self.entries_seen;
         let mut rec = Indexed {
             seq,

@@ -6,7 +6,7 @@
 use hongbao_core::{Claim, Millis, PacketId, PacketStatus, UserId};
 use r2d2::{Pool, PooledConnection};
 use r2d2_sqlite::SqliteConnectionManager;
-use rusqlite::{Connection, OptionalExtension};
+use rusqlite::Connection;
 
 use super::rows::{self, to_u64, Users};
 use super::write::read_group;
@@ -47,7 +47,8 @@ const SELECT_CLAIM_OF: &str =
 const SELECT_BEST_LUCK_COUNT: &str = "SELECT COUNT(*) FROM packets WHERE best_user = ?1 \
      AND status = 'exhausted' AND created_at_ms >= ?2 AND created_at_ms < ?3";
 const SELECT_PACKET_STATE: &str = "SELECT status, created_at_ms FROM packets WHERE id = ?1";
-const SELECT_META: &str = "SELECT value FROM meta WHERE key = ?1";
+const SELECT_FOLDED: &str = "SELECT (SELECT value FROM meta WHERE key = 'journal_seq'), \
+     (SELECT value FROM meta WHERE key = 'last_entry_id')";
 
 /// The read side of one set's SQLite file: cheap to clone, `Send + Sync`.
 #[derive(Debug, Clone)]
@@ -177,11 +178,12 @@ impl SqliteReader {
         let mut conn = self.conn()?;
         let tx = conn.transaction()?;
         // The first read fixes the snapshot the rest of the transaction sees.
-        let meta = |key: &str| -> Result<i64> {
-            Ok(tx.prepare_cached(SELECT_META)?.query_row([key], |r| r.get(0)).optional()?.unwrap_or(0))
+        let (seq, last_entry_id): (Option<i64>, Option<i64>) =
+            tx.prepare_cached(SELECT_FOLDED)?.query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let folded = Folded {
+            seq: to_u64(seq.unwrap_or(0), "journal_seq")?,
+            last_entry_id: last_entry_id.unwrap_or(0),
         };
-        let seq = meta("journal_seq")?;
-        let folded = Folded { seq: to_u64(seq, "journal_seq")?, last_entry_id: meta("last_entry_id")? };
         let out = f(&tx, folded)?;
         tx.commit()?;
         Ok(out)
@@ -315,7 +317,7 @@ mod tests {
             SELECT_CLAIM_OF,
             SELECT_BEST_LUCK_COUNT,
             SELECT_PACKET_STATE,
-            SELECT_META,
+            SELECT_FOLDED,
         ] {
             for run in 0..3_i64 {
                 let mut stmt = conn.prepare_cached(sql).unwrap();
