@@ -1163,13 +1163,6 @@ impl JournalReader {
     }
 }
 
-fn sum_fen<T>(items: &[T], fen: impl Fn(&T) -> i64) -> Result<i64> {
-    items
-        .iter()
-        .try_fold(0_i64, |sum, t| sum.checked_add(fen(t)))
-        .ok_or_else(|| StoreError::Corrupt("a history total overflows".into()))
-}
-
 /// Packet details read what the SQLite file holds: read-your-writes is [`Reader::catch_up`]'s,
 /// awaited before. A wallet and a user's history add the records not folded
 /// ([`JournalReader::with_overlay`]).
@@ -1223,8 +1216,8 @@ impl Reader for JournalReader {
             |c| sqlite::sent_in(c, user, from_ms, to_ms, before, limit),
             |page, o, _, _| {
                 let pending = o.sent(user, from_ms, to_ms);
-                let fen = sum_fen(&pending, |p| p.header.total_fen)?;
-                let (count, total_fen) = add_totals(page.count, page.total_fen, pending.len() as u64, fen)?;
+                let (count, total_fen) =
+                    add_totals(page.count, page.total_fen, &pending, |p| p.header.total_fen)?;
                 let pending: Vec<_> =
                     pending.into_iter().filter(|p| before.is_none_or(|b| p.header.id < b)).collect();
                 let mut items = page.items;
@@ -1248,8 +1241,7 @@ impl Reader for JournalReader {
             |c| sqlite::received_in(c, user, from_ms, to_ms, before, limit),
             |page, o, at, _| {
                 let pending = o.received(user, at, from_ms, to_ms)?;
-                let fen = sum_fen(&pending, |e| e.amount_fen)?;
-                let (count, total_fen) = add_totals(page.count, page.total_fen, pending.len() as u64, fen)?;
+                let (count, total_fen) = add_totals(page.count, page.total_fen, &pending, |e| e.amount_fen)?;
                 let pending: Vec<_> =
                     pending.into_iter().filter(|e| before.is_none_or(|b| e.id < b)).collect();
                 Ok(ReceivedPage { count, total_fen, items: newer_first(pending, page.items, limit) })

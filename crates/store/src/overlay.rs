@@ -405,10 +405,19 @@ pub(crate) fn newer_first<T>(pending: Vec<T>, stored: Vec<T>, limit: u32) -> Vec
     out
 }
 
-/// Adds the totals of items not folded to the file's.
-pub(crate) fn add_totals(count: u64, total_fen: i64, more: u64, more_fen: i64) -> Result<(u64, i64)> {
+/// The file's totals (a count and a sum of fen) with the items not folded added.
+pub(crate) fn add_totals<T>(
+    count: u64,
+    total_fen: i64,
+    pending: &[T],
+    fen: impl Fn(&T) -> i64,
+) -> Result<(u64, i64)> {
+    let more_fen = pending
+        .iter()
+        .try_fold(0_i64, |sum, t| sum.checked_add(fen(t)))
+        .ok_or_else(|| overflow("a history total"))?;
     Ok((
-        count.checked_add(more).ok_or_else(|| overflow("a history count"))?,
+        count.checked_add(pending.len() as u64).ok_or_else(|| overflow("a history count"))?,
         total_fen.checked_add(more_fen).ok_or_else(|| overflow("a history total"))?,
     ))
 }
