@@ -302,7 +302,8 @@ pub trait Reader: Send + Sync + 'static {
     /// packet's details (`packet`, `claims`, `claim_of`) awaits before reading to see every
     /// commit made before it. `None` (the default): reads already see every commit. The other
     /// reads (a wallet, its entries, sent and received pages, best-luck counts) see every
-    /// commit made before the call without it.
+    /// commit made before the call without it. (A reader on a PostgreSQL standby trails the
+    /// primary by the standby's replay lag, for every read alike.)
     fn catch_up(&self) -> Option<CatchUp> {
         None
     }
