@@ -17,7 +17,7 @@
 //! - **History.** A wallet's balance and history and a user's sent and received pages read the
 //!   SQLite file in one transaction and add what the records after it hold for that user
 //!   (`crate::overlay`): they see every batch committed before them (read-your-writes) without
-//!   waiting for the fold, so the fold can give way to a peak with queries beside it. Past
+//!   waiting for the fold, and do not trail the claims while it gives way to a peak. Past
 //!   [`OVERLAY_BYTES_MAX`] of records not folded they wait as the reads below do.
 //! - **Reads.** A packet's details first await their [`CatchUp`]: until the fold has applied every
 //!   batch committed when the query arrived, so a reply that said money moved is visible to the
@@ -349,14 +349,7 @@ impl Queued {
         self.file
             .read_exact_at(record, self.offset - HEADER_BYTES as u64)
             .map_err(|e| io(format!("cannot read journal record {} back", self.seq), e))?;
-        let word = |at: usize| u32::from_le_bytes(record[at..at + 4].try_into().expect("4 bytes"));
-        let seq = u64::from_le_bytes(record[8..16].try_into().expect("8 bytes"));
-        let payload = &record[HEADER_BYTES..];
-        let whole = word(0) == MAGIC
-            && word(4) as usize == self.len
-            && seq == self.seq
-            && word(16) == crc(seq, payload);
-        Ok(whole.then_some(payload))
+        Ok(whole_record(record, self.seq).filter(|payload| payload.len() == self.len))
     }
 
     fn read(&self) -> Result<Vec<u8>> {
@@ -1317,6 +1310,20 @@ fn decode(payload: &[u8]) -> Result<Batch> {
         .map_err(|e| StoreError::Corrupt(format!("a journal record does not decode: {e}")))
 }
 
+/// The payload of the record at the start of `bytes`, if one is there whole: its magic, a
+/// length within [`RECORD_BYTES_MAX`] and within `bytes`, seq `want`, and its CRC.
+fn whole_record(bytes: &[u8], want: u64) -> Option<&[u8]> {
+    let header = bytes.get(..HEADER_BYTES)?;
+    let word = |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().expect("4 bytes"));
+    let len = word(4) as usize;
+    let seq = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+    if word(0) != MAGIC || len > RECORD_BYTES_MAX || seq != want {
+        return None;
+    }
+    let payload = bytes.get(HEADER_BYTES..HEADER_BYTES + len)?;
+    (crc(seq, payload) == word(16)).then_some(payload)
+}
+
 /// What reading a segment found.
 struct Scan {
     /// (seq, payload) of every whole record, in order.
@@ -1336,18 +1343,8 @@ fn scan(bytes: &[u8], first_seq: u64) -> Scan {
     loop {
         let rest = &bytes[at..];
         let want = first_seq + records.len() as u64;
-        let whole = (|| {
-            let header = rest.get(..HEADER_BYTES)?;
-            let magic = u32::from_le_bytes(header[0..4].try_into().ok()?);
-            let len = u32::from_le_bytes(header[4..8].try_into().ok()?) as usize;
-            let seq = u64::from_le_bytes(header[8..16].try_into().ok()?);
-            let sum = u32::from_le_bytes(header[16..20].try_into().ok()?);
-            if magic != MAGIC || len > RECORD_BYTES_MAX || seq != want {
-                return None;
-            }
-            let payload = rest.get(HEADER_BYTES..HEADER_BYTES + len)?;
-            (crc(seq, payload) == sum).then(|| (seq, payload.to_vec(), HEADER_BYTES + len))
-        })();
+        let whole =
+            whole_record(rest, want).map(|payload| (want, payload.to_vec(), HEADER_BYTES + payload.len()));
         match whole {
             Some((seq, payload, n)) => {
                 records.push((seq, payload));
