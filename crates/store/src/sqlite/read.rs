@@ -214,6 +214,22 @@ pub(crate) fn entries_in(
     Ok(out)
 }
 
+/// A page's totals over the year, `COUNT(*)` and a sum of fen, from `sql` bound to the user and
+/// the range.
+fn totals_in(
+    conn: &Connection,
+    sql: &str,
+    user: &UserId,
+    from_ms: Millis,
+    to_ms: Millis,
+    what: &str,
+) -> Result<(u64, i64)> {
+    let (count, total_fen): (i64, i64) = conn
+        .prepare_cached(sql)?
+        .query_row((user.as_str(), from_ms, to_ms), |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok((to_u64(count, what)?, total_fen))
+}
+
 /// `Reader::sent`, in the caller's transaction (the totals and the page must agree).
 pub(crate) fn sent_in(
     conn: &Connection,
@@ -223,9 +239,7 @@ pub(crate) fn sent_in(
     before: Option<PacketId>,
     limit: u32,
 ) -> Result<SentPage> {
-    let (count, total_fen): (i64, i64) = conn
-        .prepare_cached(SELECT_SENT_TOTALS)?
-        .query_row((user.as_str(), from_ms, to_ms), |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let (count, total_fen) = totals_in(conn, SELECT_SENT_TOTALS, user, from_ms, to_ms, "sent count")?;
     let mut users = Users::parsing();
     let mut items = Vec::new();
     {
@@ -240,7 +254,7 @@ pub(crate) fn sent_in(
         let group = read_group(conn, row, &mut users)?;
         rows::set_audience(row, group)?;
     }
-    Ok(SentPage { count: to_u64(count, "sent count")?, total_fen, items })
+    Ok(SentPage { count, total_fen, items })
 }
 
 /// `Reader::received`, in the caller's transaction (the totals and the page must agree).
@@ -252,9 +266,7 @@ pub(crate) fn received_in(
     before: Option<i64>,
     limit: u32,
 ) -> Result<ReceivedPage> {
-    let (count, total_fen): (i64, i64) = conn
-        .prepare_cached(SELECT_RECEIVED_TOTALS)?
-        .query_row((user.as_str(), from_ms, to_ms), |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let (count, total_fen) = totals_in(conn, SELECT_RECEIVED_TOTALS, user, from_ms, to_ms, "received count")?;
     let mut items = Vec::new();
     {
         let mut stmt = conn.prepare_cached(SELECT_RECEIVED_PAGE)?;
@@ -264,7 +276,7 @@ pub(crate) fn received_in(
             items.push(rows::entry_row(r)?);
         }
     }
-    Ok(ReceivedPage { count: to_u64(count, "received count")?, total_fen, items })
+    Ok(ReceivedPage { count, total_fen, items })
 }
 
 pub(crate) fn best_luck_count_in(
