@@ -340,9 +340,10 @@ struct Queued {
 }
 
 impl Queued {
-    /// The record's payload, read into `record` and checked against its header: `None` when the
-    /// file no longer holds it. Only a query reads a record that may be folded meanwhile, and
-    /// its segment recycled and written over.
+    /// The record's payload, read into `record` and checked against its header and CRC: `None`
+    /// when the file no longer holds it. A query may read a record folded meanwhile, its
+    /// segment recycled and written over; the fold reads only records it has not folded, and
+    /// checks them all the same.
     fn read_checked<'a>(&self, record: &'a mut Vec<u8>) -> Result<Option<&'a [u8]>> {
         use std::os::unix::fs::FileExt;
         record.resize(HEADER_BYTES + self.len, 0);
@@ -350,15 +351,6 @@ impl Queued {
             .read_exact_at(record, self.offset - HEADER_BYTES as u64)
             .map_err(|e| io(format!("cannot read journal record {} back", self.seq), e))?;
         Ok(whole_record(record, self.seq).filter(|payload| payload.len() == self.len))
-    }
-
-    fn read(&self) -> Result<Vec<u8>> {
-        use std::os::unix::fs::FileExt;
-        let mut payload = vec![0; self.len];
-        self.file
-            .read_exact_at(&mut payload, self.offset)
-            .map_err(|e| io(format!("cannot read journal record {} back", self.seq), e))?;
-        Ok(payload)
     }
 }
 
@@ -505,8 +497,20 @@ fn fold_loop(set: u32, shared: &Shared) {
         // Reading, decoding and writing happen without the lock: the set goes on appending.
         let started = Instant::now();
         let take = records.len();
-        let decoded =
-            records.iter().map(|q| q.read().and_then(|b| decode(&b))).collect::<Result<Vec<Batch>>>();
+        let mut buf = Vec::new();
+        let decoded = records
+            .iter()
+            .map(|q| match q.read_checked(&mut buf)? {
+                Some(payload) => decode(payload),
+                // Never folded, so never recycled: a record not whole here was written over by
+                // something else. Folding whatever the bytes decode to would put money in the
+                // file that the set never moved; the fold stops and says so.
+                None => Err(StoreError::Corrupt(format!(
+                    "journal record {} is not whole in its segment before it was folded",
+                    q.seq
+                ))),
+            })
+            .collect::<Result<Vec<Batch>>>();
         let last_seq = first_seq + take as u64 - 1;
         let done = decoded.and_then(|batches| {
             let merged = merger.merge(batches);
@@ -2324,6 +2328,41 @@ mod tests {
         store.commit(&batch("bob", 7)).unwrap();
         assert!(caught_up(&reader), "read-your-writes is back");
         assert_eq!(reader.balance(&UserId::parse("bob").unwrap()).unwrap(), Some(7));
+    }
+
+    #[test]
+    fn a_record_written_over_before_its_fold_stops_the_fold_instead_of_being_folded() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, reader) = open_journaled_sqlite(dir.path(), 0, 1).unwrap();
+        let shared = store.shared.clone();
+        let held = lock(&shared.store);
+        store.commit(&batch("alice", 5)).unwrap();
+        // What another batch encodes to, over the record's payload: it would decode.
+        let q = lock(&shared.state).queue[0].clone();
+        let mut other = Vec::new();
+        encode_record(&mut other, q.seq, &batch("bobby", 9)).unwrap();
+        assert_eq!(other.len(), HEADER_BYTES + q.len, "the same length as the record it covers");
+        let writer = OpenOptions::new().write(true).open(&store.segment.path).unwrap();
+        writer.write_all_at(&other[HEADER_BYTES..], q.offset).unwrap();
+        drop(held);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let error = loop {
+            if let Some(e) = lock(&shared.state).error.clone() {
+                break e;
+            }
+            assert!(Instant::now() < deadline, "the fold neither failed nor stopped");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert!(error.contains(&format!("journal record {} is not whole", q.seq)), "{error}");
+        assert_eq!(lock(&shared.state).folded_seq, 0, "nothing was folded");
+        // History beside the fold checks the record the same way, and says so too.
+        let read = reader.balance(&UserId::parse("bobby").unwrap());
+        assert!(
+            matches!(&read, Err(StoreError::Corrupt(e)) if e.contains("no longer in its segment")),
+            "{read:?}"
+        );
+        store.kill();
     }
 
     // -----------------------------------------------------------------------------------------
