@@ -6,7 +6,7 @@
 //! between sets are sent with `try_send` and retried from the outbox), and it must never reply
 //! before the batch that holds the reply's effects is committed.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,6 +34,9 @@ use crate::wallets::Wallets;
 const CLOSED_CLAIMS_MAX: usize = 1_000_000;
 /// And by closed packets, for the many-small-packets case.
 const CLOSED_PACKETS_MAX: usize = 100_000;
+
+/// How many differing wallets, packets, credits and watermarks a failed audit names, each.
+const DIFFERENCES_SHOWN: usize = 5;
 /// How often an idle set wakes to expire packets and retry undelivered credits.
 const TICK: Duration = Duration::from_millis(50);
 /// How long a set's sent credits wait for their acknowledgements to move before they are all
@@ -1114,6 +1117,94 @@ impl SetState {
         }
     }
 
+    /// When the sums disagree: which wallets, active packets and credits differ between this
+    /// set's memory and its store, the first [`DIFFERENCES_SHOWN`] of each, so an audit that
+    /// fails says where to look (and, by the claims' times, when the two parted).
+    fn differences(&self, ctx: &SetContext, store: &mut dyn Store) -> String {
+        // From the beginning of time: nothing is pruned, and every row is read.
+        let stored = match store.load(Millis::MIN) {
+            Ok(l) => l,
+            Err(e) => return format!("set {}: cannot read the store to compare: {e}", ctx.set),
+        };
+        let mut found: Vec<String> = Vec::new();
+        let mut note = |kind: &str, line: String| {
+            if found.iter().filter(|f| f.starts_with(kind)).count() < DIFFERENCES_SHOWN {
+                found.push(format!("{kind} {line}"));
+            }
+        };
+        let stored_wallets: HashMap<&str, i64> =
+            stored.wallets.iter().map(|(u, f)| (u.as_str(), *f)).collect();
+        for (user, fen) in self.wallets.iter() {
+            match stored_wallets.get(user.as_str()) {
+                Some(s) if *s == fen => {}
+                s => note("wallet", format!("{user}: store {s:?}, memory {fen}")),
+            }
+        }
+        for (user, fen) in &stored.wallets {
+            if self.wallets.get(user.as_str()).is_none() {
+                note("wallet", format!("{user}: store {fen}, not in memory"));
+            }
+        }
+        let show = |p: &Packet| {
+            let last =
+                p.claims().max_by_key(|c| c.at_ms).map(|c| (c.user.to_string(), c.amount_fen, c.at_ms));
+            format!(
+                "{:?} {}/{} shares {} fen opened, {} refunded, last claim {last:?}",
+                p.status(),
+                p.opened_count(),
+                p.header().count,
+                p.opened_fen(),
+                p.refunded_fen()
+            )
+        };
+        let stored_active: HashMap<PacketId, &Packet> =
+            stored.active_packets.iter().map(|p| (p.id(), &**p)).collect();
+        for (id, p) in &self.packets {
+            let in_store = match stored_active.get(id) {
+                Some(s) => show(s),
+                None if p.status() != PacketStatus::Active => continue,
+                None => match store.packet(*id) {
+                    Ok(Some(s)) => show(&s),
+                    Ok(None) => "none".to_string(),
+                    Err(e) => format!("unreadable: {e}"),
+                },
+            };
+            let in_memory = show(p);
+            if in_store != in_memory {
+                note("packet", format!("{id}: store {in_store}; memory {in_memory}"));
+            }
+        }
+        for (id, s) in &stored_active {
+            if !self.packets.contains_key(id) {
+                note("packet", format!("{id}: store {}; not in memory", show(s)));
+            }
+        }
+        let memory_outbox: Vec<&OutboxItem> = self.outbox.values().flatten().collect();
+        for item in &stored.outbox_pending {
+            if !memory_outbox.contains(&item) {
+                note("credit", format!("{item:?} only in the store"));
+            }
+        }
+        for item in &memory_outbox {
+            if !stored.outbox_pending.contains(item) {
+                note("credit", format!("{item:?} only in memory"));
+            }
+        }
+        let watermarks: BTreeMap<u32, u64> = stored.watermarks.iter().copied().collect();
+        for (source, seq) in &self.watermarks {
+            if watermarks.get(source) != Some(seq) {
+                note(
+                    "watermark",
+                    format!("from set {source}: store {:?}, memory {seq}", watermarks.get(source)),
+                );
+            }
+        }
+        if found.is_empty() {
+            found.push("no wallet, active packet or credit differs".to_string());
+        }
+        format!("set {}: differs from its store: {}", ctx.set, found.join("; "))
+    }
+
     fn snapshot(&mut self, ctx: &SetContext, store: &mut dyn Store) -> Result<SetSnapshot, String> {
         let sums = store.sums().map_err(|e| format!("set {}: {e}", ctx.set))?;
         let mut problems = Vec::new();
@@ -1143,6 +1234,9 @@ impl SetState {
                 "set {}: outbox in store {} != memory {}",
                 ctx.set, store_pending, mem_pending
             ));
+        }
+        if !problems.is_empty() {
+            problems.push(self.differences(ctx, store));
         }
         Ok(SetSnapshot {
             set: ctx.set,
@@ -1216,6 +1310,33 @@ mod tests {
             seqs
         }
 
+        /// A sender of set 0 with 100,000 fen, who sends an equal packet of 10,000 fen in 100
+        /// shares to anyone: the sender, with 90,000 fen left, and the packet.
+        fn funded_packet(&mut self) -> (UserId, PacketId) {
+            let sender = user_on(0, "s", &mut 0);
+            let (reply, _rx) = oneshot::channel();
+            let request_id = RequestId::parse("d1").unwrap();
+            self.step(Command::Deposit {
+                user: sender.clone(),
+                amount: Amount::new(100_000).unwrap(),
+                request_id,
+                reply,
+            });
+            let send = ValidSend {
+                sender: sender.clone(),
+                kind: Kind::Equal,
+                total: Amount::new(10_000).unwrap(),
+                count: 100,
+                audience: Audience::Anyone,
+                greeting: String::new(),
+                expires_in_s: 3_600,
+                request_id: RequestId::parse("s1").unwrap(),
+            };
+            let (reply, mut rx) = oneshot::channel();
+            self.step(Command::Send { send, reply });
+            (sender, rx.try_recv().unwrap().unwrap().id)
+        }
+
         /// Claims by `n` users of set 1 on `packet`, in one batch: each share is credited there.
         fn claims(&mut self, packet: PacketId, k: &mut u32, n: usize) {
             let claims = (0..n).map(|_| (packet, user_on(1, "c", k))).collect();
@@ -1258,28 +1379,7 @@ mod tests {
 
     fn relayed_once_then_again(snapshotter: &metrics_util::debugging::Snapshotter) {
         let mut sets = TwoSets::new();
-        let sender = user_on(0, "s", &mut 0);
-        let (reply, _rx) = oneshot::channel();
-        let request_id = RequestId::parse("d1").unwrap();
-        sets.step(Command::Deposit {
-            user: sender.clone(),
-            amount: Amount::new(100_000).unwrap(),
-            request_id,
-            reply,
-        });
-        let send = ValidSend {
-            sender,
-            kind: Kind::Equal,
-            total: Amount::new(10_000).unwrap(),
-            count: 100,
-            audience: Audience::Anyone,
-            greeting: String::new(),
-            expires_in_s: 3_600,
-            request_id: RequestId::parse("s1").unwrap(),
-        };
-        let (reply, mut rx) = oneshot::channel();
-        sets.step(Command::Send { send, reply });
-        let packet = rx.try_recv().unwrap().unwrap().id;
+        let (_, packet) = sets.funded_packet();
         let mut k = 0;
         sets.claims(packet, &mut k, 3);
         assert_eq!(sets.relayed(), [1, 2, 3]);
@@ -1309,5 +1409,25 @@ mod tests {
         assert_eq!(sets.relayed(), [6, 7]);
         assert!(sets.runner.reload());
         assert_eq!(sets.relayed(), [6, 7]);
+    }
+
+    #[test]
+    fn an_audit_that_finds_the_store_apart_names_the_wallets_and_credits_that_differ() {
+        let mut sets = TwoSets::new();
+        let (sender, packet) = sets.funded_packet();
+        sets.claims(packet, &mut 0, 1);
+        assert_eq!(sets.relayed(), [1]);
+        assert!(sets.runner.snapshot().unwrap().problems.is_empty(), "memory and store agree");
+        // Behind the set's back, another writer moves the sender's balance and acknowledges the
+        // credit in the store only.
+        let (mut other, _) = hongbao_store::open_sqlite(sets._dir.path(), 0, 2).unwrap();
+        let batch =
+            Batch { wallets: vec![(sender.clone(), 1)], outbox_acked: vec![(1, 1)], ..Batch::default() };
+        other.commit(&batch).unwrap();
+        let problems = sets.runner.snapshot().unwrap().problems;
+        let named = problems.last().expect("problems");
+        assert!(named.contains(&format!("wallet {sender}: store Some(1), memory 90000")), "{problems:?}");
+        assert!(named.contains("seq: 1") && named.contains("only in memory"), "{problems:?}");
+        assert!(!named.contains("packet "), "the packet agrees: {problems:?}");
     }
 }

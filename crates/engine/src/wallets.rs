@@ -105,6 +105,11 @@ impl Wallets {
         *balance
     }
 
+    /// Every wallet as (user, balance), in no particular order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&UserId, i64)> + '_ {
+        self.shards.iter().flat_map(|t| t.iter().map(|w| (&w.user, w.fen)))
+    }
+
     /// Every balance, in no particular order.
     pub(crate) fn balances(&self) -> impl Iterator<Item = i64> + '_ {
         self.shards.iter().flat_map(|t| t.iter().map(|w| w.fen))
