@@ -335,6 +335,9 @@ struct Queued {
     file: Arc<File>,
     offset: u64,
     len: usize,
+    /// The CRC the set wrote in its header: read back, the record must be that one, not an
+    /// older record of the same seq and length that the file once held.
+    crc: u32,
     /// When it was queued: the fold's lag in time.
     at: Instant,
 }
@@ -350,7 +353,8 @@ impl Queued {
         self.file
             .read_exact_at(record, self.offset - HEADER_BYTES as u64)
             .map_err(|e| io(format!("cannot read journal record {} back", self.seq), e))?;
-        Ok(whole_record(record, self.seq).filter(|payload| payload.len() == self.len))
+        let written = record[16..20] == self.crc.to_le_bytes();
+        Ok(whole_record(record, self.seq).filter(|payload| written && payload.len() == self.len))
     }
 }
 
@@ -885,6 +889,7 @@ impl Store for JournalStore {
                 file: self.segment.reader.clone(),
                 offset,
                 len,
+                crc: u32::from_le_bytes(self.buf[16..20].try_into().expect("4 bytes")),
                 at: Instant::now(),
             });
             s.queued_seq = seq;
@@ -2368,13 +2373,14 @@ mod tests {
         let shared = store.shared.clone();
         let held = lock(&shared.store);
         store.commit(&batch("alice", 5)).unwrap();
-        // What another batch encodes to, over the record's payload: it would decode.
+        // Another whole record of the same seq and length over it, header, CRC and all (as an
+        // older life of the file would hold): it would decode.
         let q = lock(&shared.state).queue[0].clone();
         let mut other = Vec::new();
         encode_record(&mut other, q.seq, &batch("bobby", 9)).unwrap();
         assert_eq!(other.len(), HEADER_BYTES + q.len, "the same length as the record it covers");
         let writer = OpenOptions::new().write(true).open(&store.segment.path).unwrap();
-        writer.write_all_at(&other[HEADER_BYTES..], q.offset).unwrap();
+        writer.write_all_at(&other, q.offset - HEADER_BYTES as u64).unwrap();
         drop(held);
         let deadline = Instant::now() + Duration::from_secs(10);
         let error = loop {
