@@ -177,7 +177,8 @@ async fn check_acknowledged(api: &Api, plans: &[Plan], ids: &[String], known: &K
 async fn kill_9_during_a_storm_loses_nothing_acknowledged() {
     // Arrange: packets sent and acknowledged before any crash.
     let mut rng = StdRng::seed_from_u64(seed("crash"));
-    let mut server = TestServer::start(Opts::sets(SETS)).await;
+    // At info, the server says what each start recovered: a failed check prints it.
+    let mut server = TestServer::start(Opts { log: Some("info"), ..Opts::sets(SETS) }).await;
     let senders = names("s", SENDERS);
     let users = names("u", USERS);
     let plans = plan_packets(

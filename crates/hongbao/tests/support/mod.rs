@@ -49,6 +49,8 @@ pub struct Opts {
     pub hold_s: Option<u32>,
     /// Any further `serve` arguments, e.g. `["--user-rate", "2"]`.
     pub args: Vec<String>,
+    /// The server's `RUST_LOG` unless the environment sets one; `warn` when `None`.
+    pub log: Option<&'static str>,
 }
 
 impl Opts {
@@ -149,6 +151,11 @@ impl TestServer {
         self.child.as_ref().expect("server is not running").id()
     }
 
+    /// [`Api::settle`], and a failure says what the server logged last.
+    pub async fn settle(&self) -> Value {
+        self.api.settle_telling(|| format!("server stderr, last lines:\n{}", self.stderr_tail())).await
+    }
+
     /// The last lines the server wrote to stderr.
     pub fn stderr_tail(&self) -> String {
         let lines = self.stderr.lock().expect("stderr lock");
@@ -219,7 +226,10 @@ impl TestServer {
             .env_remove("HONGBAO_DATA")
             .env_remove("HONGBAO_CONFIG")
             .env_remove("HONGBAO_STORE")
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| self.opts.log.unwrap_or("warn").into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -578,14 +588,25 @@ impl Api {
     /// Polls the audit until no credit is in flight between sets; returns that audit, which
     /// must be ok and conserve money.
     pub async fn settle(&self) -> Value {
+        self.settle_telling(String::new).await
+    }
+
+    /// As [`Api::settle`]; a failure's message ends with what `context` says then.
+    pub async fn settle_telling(&self, context: impl Fn() -> String) -> Value {
         let deadline = Instant::now() + SETTLE_TIMEOUT;
         loop {
             let audit = self.audit().await;
-            assert_audit_ok(&audit);
+            if let Err(why) = audit_problem(&audit) {
+                panic!("{why}\n{}", context());
+            }
             if audit["in_flight"].as_i64() == Some(0) {
                 return audit;
             }
-            assert!(Instant::now() < deadline, "credits still in flight after {SETTLE_TIMEOUT:?}: {audit}");
+            assert!(
+                Instant::now() < deadline,
+                "credits still in flight after {SETTLE_TIMEOUT:?}: {audit}\n{}",
+                context()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -598,11 +619,25 @@ fn int(v: &Value, field: &str) -> i64 {
 /// DESIGN.md §2.1 as the audit reports it: ok, and deposits − withdrawals = balances + escrow
 /// + in flight.
 pub fn assert_audit_ok(audit: &Value) {
-    assert_eq!(audit["ok"], true, "audit not ok: {audit}");
+    if let Err(why) = audit_problem(audit) {
+        panic!("{why}");
+    }
+}
+
+/// What is wrong with an audit by DESIGN.md §2.1, if anything.
+fn audit_problem(audit: &Value) -> Result<(), String> {
+    if audit["ok"] != true {
+        return Err(format!("audit not ok: {audit}"));
+    }
     let (d, w) = (int(audit, "deposits"), int(audit, "withdrawals"));
     let (b, e, f) = (int(audit, "balances"), int(audit, "escrow"), int(audit, "in_flight"));
-    assert_eq!(d - w, b + e + f, "conservation broken: {audit}");
-    assert!(b >= 0 && e >= 0 && f >= 0, "negative audit figure: {audit}");
+    if d - w != b + e + f {
+        return Err(format!("conservation broken: {audit}"));
+    }
+    if b < 0 || e < 0 || f < 0 {
+        return Err(format!("negative audit figure: {audit}"));
+    }
+    Ok(())
 }
 
 /// The money figures of an audit, to compare before and after something that must move none.
