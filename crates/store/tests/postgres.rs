@@ -903,3 +903,39 @@ fn a_packet_is_read_from_the_one_partition_its_id_names() {
         assert!(!plan.contains("claims_default"), "{plan}");
     }
 }
+
+/// A writer killed mid-COMMIT leaves the COMMIT to its server process, which finishes it
+/// whatever became of the client. A new writer must not load the set before that session has
+/// ended: it would miss what the COMMIT writes, and its memory and the store would part (the
+/// crash loop's audit found claims and credits in the store its sets never made).
+#[test]
+fn a_new_writer_loads_only_after_the_last_writer_session_has_ended() {
+    let pg = PgCluster::start();
+    let (store, _reader) = open(&pg);
+    drop(store);
+    // The last writer, as a killed one leaves it: holding the set's writer lock ("Hbwr", set
+    // 0), its last transaction not yet committed.
+    let mut last = postgres::Client::connect(&pg.url(), postgres::NoTls).unwrap();
+    last.batch_execute(
+        "SET search_path TO hongbao_set_0; SELECT pg_advisory_lock(1214412658, 0); BEGIN; \
+         INSERT INTO wallets (user_id, balance_fen) VALUES ('gina', 10)",
+    )
+    .unwrap();
+    let url = pg.url();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let next = std::thread::spawn(move || {
+        let (mut store, _reader) = open_postgres(&url, 0, 1).unwrap();
+        tx.send(store.load(0).unwrap().wallets).unwrap();
+        store
+    });
+    assert!(
+        rx.recv_timeout(std::time::Duration::from_millis(500)).is_err(),
+        "the new writer waits while the last writer's session lives"
+    );
+    last.batch_execute("COMMIT").unwrap();
+    drop(last);
+    let wallets =
+        rx.recv_timeout(std::time::Duration::from_secs(30)).expect("the new writer loads once it ended");
+    assert!(wallets.contains(&(user("gina"), 10)), "the load has what the last COMMIT wrote: {wallets:?}");
+    drop(next.join().unwrap());
+}

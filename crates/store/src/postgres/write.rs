@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
+use std::time::{Duration, Instant};
 
 use hongbao_core::{Audience, Claim, Millis, Packet, PacketId, PacketStatus, UserId};
 use postgres::fallible_iterator::FallibleIterator;
@@ -161,12 +162,90 @@ impl PgStore {
     }
 }
 
+/// First key of the advisory lock a set's writer session holds for as long as it is connected
+/// ("Hbwr"); the second is the set.
+const WRITER_LOCK_CLASS: i32 = 0x4862_7772;
+
+/// How long a new writer session waits for the set's last one to end before it gives up.
+/// A writer killed on this host ends its session within milliseconds (its server process
+/// finishes the statement it was given, then finds the socket closed); one on a host that
+/// died is found out by TCP keepalives, set short on every writer session (`PgConn::connect`).
+const WRITER_LOCK_WAIT: Duration = Duration::from_secs(60);
+
 fn connect(config: &Config, set: u32, sets: u32) -> Result<(PgConn, Partitions)> {
     let mut conn = PgConn::connect(config, set, Role::Writer)?;
+    take_writer_lock(conn.client(), set)?;
     schema::migrate(&mut conn, set, sets)?;
     let mut partitions = Partitions::discover(conn.client())?;
     partitions.make_window(conn.client())?;
     Ok((conn, partitions))
+}
+
+/// Takes the set's writer lock for this session, waiting up to [`WRITER_LOCK_WAIT`] for the
+/// session that holds it to end.
+///
+/// A writer that dies (`kill -9`, a lost connection) can leave its last COMMIT running in its
+/// server process: the server received it and finishes it whatever became of the client. A new
+/// writer that loaded the set meanwhile would miss what that COMMIT then writes, and its memory
+/// and the store would part: claims in the store the set never made, credits in its outbox it
+/// never relays, their seqs issued again. A session's advisory lock is let go only when its
+/// server process ends, after its last transaction has ended one way or the other; so once this
+/// session holds it, everything any earlier writer of the set will ever commit is committed.
+/// It also keeps two live processes from writing one set.
+fn take_writer_lock(client: &mut postgres::Client, set: u32) -> Result<()> {
+    let started = Instant::now();
+    let mut waited = false;
+    loop {
+        let taken: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1, $2)", &[&WRITER_LOCK_CLASS, &(set as i32)])?
+            .get(0);
+        if taken {
+            if waited {
+                tracing::warn!(
+                    set,
+                    waited_ms = started.elapsed().as_millis() as u64,
+                    "set's last writer session ended; writing"
+                );
+            }
+            return Ok(());
+        }
+        let holder = writer_lock_holder(client, set)?;
+        if started.elapsed() >= WRITER_LOCK_WAIT {
+            return Err(StoreError::Io(format!(
+                "set {set} is still written by another session after {WRITER_LOCK_WAIT:?} ({holder}): \
+                 another hongbao writes this database, or a dead one's session lingers \
+                 (pg_terminate_backend ends it)"
+            )));
+        }
+        if !waited {
+            tracing::warn!(set, holder = %holder, "waiting for the set's last writer session to end");
+            waited = true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Who holds `set`'s writer lock, for the log and the error: its server process, client, state.
+fn writer_lock_holder(client: &mut postgres::Client, set: u32) -> Result<String> {
+    let rows = client.query(
+        "SELECT a.pid, COALESCE(a.client_addr::text, 'local'), COALESCE(a.application_name, ''), \
+         COALESCE(a.state, ''), COALESCE(to_char(a.state_change, 'YYYY-MM-DD HH24:MI:SS'), '') \
+         FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND l.granted AND l.classid::int8 = $1 AND l.objid::int8 = $2 \
+         AND l.objsubid = 2",
+        &[&i64::from(WRITER_LOCK_CLASS), &i64::from(set)],
+    )?;
+    Ok(match rows.first() {
+        Some(r) => format!(
+            "server process {} for {} ({}), {} since {}",
+            r.get::<_, i32>(0),
+            r.get::<_, String>(1),
+            r.get::<_, String>(2),
+            r.get::<_, String>(3),
+            r.get::<_, String>(4)
+        ),
+        None => "gone meanwhile".to_string(),
+    })
 }
 
 /// A transaction that reads one snapshot: every figure of a `load` or an audit agrees.
