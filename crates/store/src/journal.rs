@@ -74,6 +74,14 @@ const MAGIC: u32 = 0x4842_4a31; // "HBJ1"
 /// magic, payload length, seq, CRC-32 of seq and payload.
 const HEADER_BYTES: usize = 4 + 4 + 8 + 4;
 
+/// Where a record's header holds its CRC.
+const CRC_AT: usize = 16;
+
+/// The CRC in the header at the start of `record` (which holds a whole header).
+fn header_crc(record: &[u8]) -> u32 {
+    u32::from_le_bytes(record[CRC_AT..CRC_AT + 4].try_into().expect("4 bytes"))
+}
+
 /// The largest record: a batch of `batch_max` commands encodes to a few hundred KB; anything
 /// claiming more is damage, not a batch.
 const RECORD_BYTES_MAX: usize = 64 * 1024 * 1024;
@@ -353,7 +361,7 @@ impl Queued {
         self.file
             .read_exact_at(record, self.offset - HEADER_BYTES as u64)
             .map_err(|e| io(format!("cannot read journal record {} back", self.seq), e))?;
-        let written = record[16..20] == self.crc.to_le_bytes();
+        let written = header_crc(record) == self.crc;
         Ok(whole_record(record, self.seq).filter(|payload| written && payload.len() == self.len))
     }
 }
@@ -889,7 +897,7 @@ impl Store for JournalStore {
                 file: self.segment.reader.clone(),
                 offset,
                 len,
-                crc: u32::from_le_bytes(self.buf[16..20].try_into().expect("4 bytes")),
+                crc: header_crc(&self.buf),
                 at: Instant::now(),
             });
             s.queued_seq = seq;
@@ -1309,7 +1317,7 @@ fn encode_record(out: &mut Vec<u8>, seq: u64, batch: &Batch) -> Result<()> {
     out_buf[0..4].copy_from_slice(&MAGIC.to_le_bytes());
     out_buf[4..8].copy_from_slice(&(len as u32).to_le_bytes());
     out_buf[8..16].copy_from_slice(&seq.to_le_bytes());
-    out_buf[16..20].copy_from_slice(&sum.to_le_bytes());
+    out_buf[CRC_AT..CRC_AT + 4].copy_from_slice(&sum.to_le_bytes());
     *out = out_buf;
     Ok(())
 }
@@ -1330,7 +1338,7 @@ fn whole_record(bytes: &[u8], want: u64) -> Option<&[u8]> {
         return None;
     }
     let payload = bytes.get(HEADER_BYTES..HEADER_BYTES + len)?;
-    (crc(seq, payload) == word(16)).then_some(payload)
+    (crc(seq, payload) == header_crc(header)).then_some(payload)
 }
 
 /// What reading a segment found.
