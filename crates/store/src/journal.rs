@@ -326,6 +326,19 @@ struct FoldState {
     spare_wanted: bool,
 }
 
+impl FoldState {
+    /// Whether a query's whole wait for the fold ran out less than [`READ_WAIT_MAX`] ago: the
+    /// fold is then further behind than it folds in that time.
+    fn recently_behind(&self) -> bool {
+        self.query_wait_ran_out.is_some_and(|t| t.elapsed() < READ_WAIT_MAX)
+    }
+
+    /// Notes how a query's wait for the fold ended.
+    fn query_waited(&mut self, caught_up: bool) {
+        self.query_wait_ran_out = (!caught_up).then(Instant::now);
+    }
+}
+
 /// What the fold last reported, as queries see it.
 #[derive(Debug, Clone, Copy)]
 struct Progress {
@@ -1009,7 +1022,7 @@ impl CatchUp {
             // The sender lives in `Shared`, which this holds: it cannot close.
             Ok(Err(_)) | Err(_) => false,
         };
-        lock(&self.shared.state).query_wait_ran_out = (!caught_up).then(Instant::now);
+        lock(&self.shared.state).query_waited(caught_up);
         if !caught_up {
             tracing::debug!("a query answers from the store while the journal fold is behind");
         }
@@ -1139,7 +1152,7 @@ impl JournalReader {
                     OverlayFor::Stale => Ok(None),
                     // A wait ran out lately: the fold is further behind than it folds in one,
                     // so answer from this snapshot of the file rather than read it again.
-                    OverlayFor::TooFar if self.fold_recently_behind() => {
+                    OverlayFor::TooFar if lock(&self.shared.state).recently_behind() => {
                         pending(found, &Overlay::new(at.seq), at, conn).map(Some)
                     }
                     OverlayFor::TooFar => {
@@ -1157,18 +1170,13 @@ impl JournalReader {
         }
     }
 
-    /// Whether a query's whole wait for the fold ran out less than [`READ_WAIT_MAX`] ago.
-    fn fold_recently_behind(&self) -> bool {
-        lock(&self.shared.state).query_wait_ran_out.is_some_and(|t| t.elapsed() < READ_WAIT_MAX)
-    }
-
     /// [`CatchUp::wait`] on this thread, for a query that has one already.
     fn wait_for_the_fold(&self) -> Result<()> {
-        if self.fold_recently_behind() {
+        if lock(&self.shared.state).recently_behind() {
             return Ok(());
         }
         let caught_up = self.shared.wait_folded_as(READ_WAIT_MAX, Waiter::Query)?;
-        lock(&self.shared.state).query_wait_ran_out = (!caught_up).then(Instant::now);
+        lock(&self.shared.state).query_waited(caught_up);
         Ok(())
     }
 }
@@ -1181,7 +1189,7 @@ impl Reader for JournalReader {
         let s = lock(&self.shared.state);
         Some(CatchUp {
             target: s.queued_seq,
-            recently_behind: s.query_wait_ran_out.is_some_and(|t| t.elapsed() < READ_WAIT_MAX),
+            recently_behind: s.recently_behind(),
             shared: self.shared.clone(),
         })
     }

@@ -192,10 +192,7 @@ fn archive_set(
     report: &mut ArchiveReport,
 ) -> Result<()> {
     use_set(client, set, sets)?;
-    let locked: bool = client
-        .query_one("SELECT pg_try_advisory_lock($1, $2)", &[&ARCHIVE_LOCK_CLASS, &(set as i32)])?
-        .try_get(0)?;
-    if !locked {
+    if !super::try_set_lock(client, ARCHIVE_LOCK_CLASS, set)? {
         return Err(StoreError::Io(format!("another archive of set {set} is running")));
     }
     let done = archive_set_locked(client, set, before_ms, out_dir, report);

@@ -196,10 +196,7 @@ fn take_writer_lock(client: &mut postgres::Client, set: u32) -> Result<()> {
     let started = Instant::now();
     let mut waited = false;
     loop {
-        let taken: bool = client
-            .query_one("SELECT pg_try_advisory_lock($1, $2)", &[&WRITER_LOCK_CLASS, &(set as i32)])?
-            .get(0);
-        if taken {
+        if super::try_set_lock(client, WRITER_LOCK_CLASS, set)? {
             if waited {
                 tracing::warn!(
                     set,
@@ -209,8 +206,9 @@ fn take_writer_lock(client: &mut postgres::Client, set: u32) -> Result<()> {
             }
             return Ok(());
         }
-        let holder = writer_lock_holder(client, set)?;
+        // Who holds it is asked only to be told: once in the log, once in the error.
         if started.elapsed() >= WRITER_LOCK_WAIT {
+            let holder = writer_lock_holder(client, set)?;
             return Err(StoreError::Io(format!(
                 "set {set} is still written by another session after {WRITER_LOCK_WAIT:?} ({holder}): \
                  another hongbao writes this database, or a dead one's session lingers \
@@ -218,6 +216,7 @@ fn take_writer_lock(client: &mut postgres::Client, set: u32) -> Result<()> {
             )));
         }
         if !waited {
+            let holder = writer_lock_holder(client, set)?;
             tracing::warn!(set, holder = %holder, "waiting for the set's last writer session to end");
             waited = true;
         }
