@@ -17,8 +17,8 @@ use hongbao_core::{
     PacketIdGen, PacketStatus, RequestId, UserId, ValidSend,
 };
 use hongbao_store::{
-    Batch, ClaimRow, Durable, Entry, EntryKind, IdemRecord, IdemResult, Loaded, OutboxItem, PacketUpdate,
-    Store, StoreError, Totals,
+    Batch, ClaimRow, Entry, EntryKind, IdemRecord, IdemResult, Loaded, OutboxItem, PacketUpdate, Store,
+    StoreError, Totals,
 };
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -105,9 +105,6 @@ pub(crate) enum Command {
     },
     /// Finish the current batch, commit it and stop.
     Shutdown,
-    /// A commit under way became durable (or failed): what waits for it goes out at the end
-    /// of the batch this lands in. Sent by the set to itself.
-    Wake,
 }
 
 impl Command {
@@ -206,10 +203,6 @@ struct SetState {
     /// Credits not yet acknowledged, per target set, in seq order.
     outbox: HashMap<u32, VecDeque<OutboxItem>>,
     outbox_last_seq: HashMap<u32, u64>,
-    /// Per target set: the last credit seq the store holds durably. Credits after it are in a
-    /// commit under way and are not relayed yet: a target that applied one would hold money
-    /// this set could still lose.
-    outbox_durable: HashMap<u32, u64>,
     /// Per target set: how far its outbox was sent, and since when it waits for an ack.
     relays: HashMap<u32, Relay>,
     /// Per source set: the last credit seq applied here.
@@ -292,24 +285,6 @@ impl Work {
     }
 }
 
-/// What waits for a commit under way to be durable: the messages that must not leave before
-/// it (credits made, acks of credits applied) and the packets it closed, to publish.
-#[derive(Default)]
-struct AfterCommit {
-    /// Per target set, the last credit seq the commit made.
-    outbox_upto: Vec<(u32, u64)>,
-    acks: Vec<(u32, u64)>,
-    closed: Vec<PacketId>,
-}
-
-impl AfterCommit {
-    fn clear(&mut self) {
-        self.outbox_upto.clear();
-        self.acks.clear();
-        self.closed.clear();
-    }
-}
-
 /// The body of a set thread: load, then step until told to stop.
 pub(crate) fn run(
     ctx: SetContext,
@@ -348,8 +323,6 @@ pub(crate) struct SetRunner {
     last_commit: Option<Instant>,
     /// Kept between batches for its allocations; empty outside `step`.
     work: Work,
-    /// What the commit under way (if any) lets out once it is durable.
-    after: AfterCommit,
 }
 
 impl SetRunner {
@@ -369,16 +342,7 @@ impl SetRunner {
         );
         state.relay_all(&ctx, i64::MIN);
         let last_tick_ms = ctx.clock.now_ms();
-        Ok(SetRunner {
-            ctx,
-            state,
-            store,
-            rx,
-            last_tick_ms,
-            last_commit: None,
-            work: Work::default(),
-            after: AfterCommit::default(),
-        })
+        Ok(SetRunner { ctx, state, store, rx, last_tick_ms, last_commit: None, work: Work::default() })
     }
 
     /// Applies one batch: waits up to `wait` for a first command (`None`: do not wait), drains
@@ -435,7 +399,7 @@ impl SetRunner {
             self.state.expire_due(&self.ctx, now_ms, &mut work);
             self.state.prune_idempotency(now_ms - self.ctx.idempotency_retention_ms);
         }
-        let committed = self.state.finish(&self.ctx, self.store.as_mut(), &mut work, &mut self.after, now_ms);
+        let committed = self.state.finish(&self.ctx, self.store.as_mut(), &mut work, now_ms);
         work.recycle();
         self.work = work;
         if !committed {
@@ -448,7 +412,7 @@ impl SetRunner {
         match control {
             None => true,
             Some(Control::Audit(snapshot_tx, resume)) => {
-                let snap = self.snapshot();
+                let snap = self.state.snapshot(&self.ctx, self.store.as_mut());
                 if snapshot_tx.send(snap).is_ok() {
                     // Paused until the audit has every set's snapshot; a dropped sender
                     // resumes too.
@@ -457,10 +421,6 @@ impl SetRunner {
                 true
             }
             Some(Control::Shutdown) => {
-                // The last commit's callers have their answers before the set says it stopped.
-                if let Err(e) = self.store.settle() {
-                    tracing::error!(set = self.ctx.set, error = %e, "the last commit failed at shutdown");
-                }
                 // The engine refuses new commands before it sends Shutdown; answer any that
                 // slipped in so no caller waits forever.
                 while let Ok(cmd) = self.rx.try_recv() {
@@ -480,8 +440,6 @@ impl SetRunner {
     /// Returns false when the engine began shutting down before the store came back.
     pub(crate) fn reload(&mut self) -> bool {
         self.ctx.ready.store(false, Ordering::SeqCst);
-        // Whatever the failed commit would have let out is void: the store is read again.
-        self.after.clear();
         // The closed cache starts empty again, and nothing in it would be forgotten.
         self.ctx.closed.clear();
         loop {
@@ -509,31 +467,10 @@ impl SetRunner {
         true
     }
 
-    /// This set's figures and its store's, once the commit under way is settled: for the
-    /// audit, and for the simulation.
+    /// This set's figures and its store's, for the simulation.
+    #[cfg(test)]
     pub(crate) fn snapshot(&mut self) -> Result<SetSnapshot, String> {
-        if !self.settled() {
-            return Err(format!("set {} is stopping", self.ctx.set));
-        }
         self.state.snapshot(&self.ctx, self.store.as_mut())
-    }
-
-    /// Waits for the commit under way and lets out what waited for it; reloads when it failed
-    /// (false: the engine began shutting down meanwhile). Memory and store then agree, as an
-    /// audit's snapshot needs.
-    fn settled(&mut self) -> bool {
-        match self.store.settle() {
-            Ok(()) => {
-                let now_ms = self.ctx.clock.now_ms();
-                self.state.after_commit(&self.ctx, &mut self.after, now_ms);
-                true
-            }
-            Err(e) => {
-                tracing::error!(set = self.ctx.set, error = %e, "commit failed; the set reloads from its store");
-                metrics::counter!("hongbao_commit_failures_total").increment(1);
-                self.reload()
-            }
-        }
     }
 }
 
@@ -550,7 +487,7 @@ fn reject(cmd: Command) {
         Command::Audit { snapshot, .. } => {
             drop(snapshot.send(Err("the set is stopping or reloading".into())))
         }
-        Command::Credit { .. } | Command::Ack { .. } | Command::Shutdown | Command::Wake => {}
+        Command::Credit { .. } | Command::Ack { .. } | Command::Shutdown => {}
     }
 }
 
@@ -618,7 +555,6 @@ impl SetState {
             ),
             outbox: HashMap::new(),
             outbox_last_seq: l.outbox_last_seq.into_iter().collect(),
-            outbox_durable: HashMap::new(),
             relays: HashMap::new(),
             watermarks: l.watermarks.into_iter().collect(),
             totals: l.totals,
@@ -648,8 +584,6 @@ impl SetState {
             *last = (*last).max(item.seq);
             s.outbox.entry(item.target_set).or_default().push_back(item);
         }
-        // Everything loaded is durable.
-        s.outbox_durable = s.outbox_last_seq.clone();
         s
     }
 
@@ -693,7 +627,6 @@ impl SetState {
             }
             Command::Credit { from_set, items } => self.credit(from_set, items, w),
             Command::Ack { from_set, upto } => self.ack(from_set, upto, now_ms, w),
-            Command::Wake => {}
             Command::Audit { .. } | Command::Shutdown => unreachable!("handled by the loop"),
         }
     }
@@ -1065,19 +998,7 @@ impl SetState {
 
     /// Writes the batch, checks the books, and sends replies, credits and acks. Returns false
     /// when the commit failed: the caller must reload the set from its store.
-    /// Commits the batch. The commit before it, under way while this batch was applied, is
-    /// settled first: its callers had their answers when it became durable, and its credits,
-    /// acks and closed packets go out now. Then this batch's commit begins; a store that syncs
-    /// in the background (the journal) answers its callers when it is durable, while the set
-    /// applies the next batch. Returns false when a commit failed: the set must reload.
-    fn finish(
-        &mut self,
-        ctx: &SetContext,
-        store: &mut dyn Store,
-        w: &mut Work,
-        after: &mut AfterCommit,
-        now_ms: Millis,
-    ) -> bool {
+    fn finish(&mut self, ctx: &SetContext, store: &mut dyn Store, w: &mut Work, now_ms: Millis) -> bool {
         w.batch.wallets.extend(w.dirty_wallets.drain());
         for id in w.dirty_packets.drain() {
             let p = &self.packets[&id];
@@ -1094,105 +1015,57 @@ impl SetState {
             w.batch.totals = Some(self.totals);
         }
         self.check_books(ctx, w);
-        if let Err(e) = store.settle() {
-            tracing::error!(set = ctx.set, error = %e, "commit failed; the set reloads from its store");
-            metrics::counter!("hongbao_commit_failures_total").increment(1);
-            for r in w.replies.drain(..) {
-                r.fail(EngineError::Unavailable);
-            }
-            return false;
-        }
-        self.after_commit(ctx, after, now_ms);
-        if w.batch.is_empty() {
-            // Nothing to make durable, and what came before is: answer now.
-            for r in w.replies.drain(..) {
-                r.send();
-            }
-            return true;
-        }
-        let replies = std::mem::take(&mut w.replies);
-        let wake = ctx.peers[ctx.set as usize].clone();
-        let (started, set) = (Instant::now(), ctx.set.to_string());
-        let then: Durable = Box::new(move |durable| {
-            if durable {
-                metrics::histogram!("hongbao_commit_seconds", "set" => set.clone())
-                    .record(started.elapsed().as_secs_f64());
-                metrics::histogram!("hongbao_batch_commands", "set" => set).record(replies.len() as f64);
-                for r in replies {
-                    r.send();
-                }
-            } else {
-                for r in replies {
-                    r.fail(EngineError::Unavailable);
-                }
-            }
-            // What waits for the commit goes out at the set's next batch; a full queue means
-            // the set is busy and gets there anyway.
-            let _ = wake.try_send(Command::Wake);
-        });
-        let durable = match store.commit_then(&w.batch, then) {
-            Ok(durable) => durable,
-            Err(e) => {
+        if !w.batch.is_empty() {
+            let started = Instant::now();
+            let size = w.replies.len();
+            if let Err(e) = store.commit(&w.batch) {
                 tracing::error!(set = ctx.set, error = %e, "commit failed; the set reloads from its store");
                 metrics::counter!("hongbao_commit_failures_total").increment(1);
+                for r in w.replies.drain(..) {
+                    r.fail(EngineError::Unavailable);
+                }
                 return false;
             }
-        };
-        for o in &w.batch.outbox_new {
-            match after.outbox_upto.iter_mut().find(|(t, _)| *t == o.target_set) {
-                Some((_, upto)) => *upto = (*upto).max(o.seq),
-                None => after.outbox_upto.push((o.target_set, o.seq)),
-            }
+            let set = ctx.set.to_string();
+            metrics::histogram!("hongbao_commit_seconds", "set" => set.clone())
+                .record(started.elapsed().as_secs_f64());
+            metrics::histogram!("hongbao_batch_commands", "set" => set).record(size as f64);
         }
-        after.acks.append(&mut w.acks);
-        after.closed.append(&mut w.closed);
-        if durable {
-            self.after_commit(ctx, after, now_ms);
-        }
-        true
-    }
-
-    /// What a commit let out once it is durable: its closed packets published, its credits
-    /// relayed, its acks sent.
-    fn after_commit(&mut self, ctx: &SetContext, after: &mut AfterCommit, now_ms: Millis) {
-        for id in after.closed.drain(..) {
-            // Gone already when the closed cache let it go meanwhile.
+        for id in w.closed.drain(..) {
+            // Gone already when the closed cache let it go within this batch.
             if let Some(p) = self.packets.get(&id) {
                 ctx.closed.publish(p);
             }
         }
-        let mut targets: Vec<u32> = Vec::new();
-        for (target, upto) in after.outbox_upto.drain(..) {
-            let durable = self.outbox_durable.entry(target).or_insert(0);
-            *durable = (*durable).max(upto);
-            targets.push(target);
+        for r in w.replies.drain(..) {
+            r.send();
         }
-        targets.sort_unstable();
-        for target in targets {
+        let new_targets: std::collections::BTreeSet<u32> =
+            w.batch.outbox_new.iter().map(|i| i.target_set).collect();
+        for target in new_targets {
             self.relay(ctx, target, now_ms, false);
         }
-        for (source, upto) in after.acks.drain(..) {
+        for &(source, upto) in &w.acks {
             // A lost ack is harmless: the source resends and we acknowledge again.
             let _ = ctx.peers[source as usize].try_send(Command::Ack { from_set: ctx.set, upto });
         }
+        true
     }
 
     /// Sends `target` a bounded chunk of its credits: those not sent yet, or with
     /// `from_oldest` every unacknowledged one again.
     fn relay(&mut self, ctx: &SetContext, target: u32, now_ms: Millis, from_oldest: bool) {
         let Some(q) = self.outbox.get(&target) else { return };
-        let durable = self.outbox_durable.get(&target).copied().unwrap_or(0);
         let r = self.relays.entry(target).or_insert(Relay { sent_upto: 0, waiting_since_ms: now_ms });
         let sent_before = r.sent_upto;
         if from_oldest {
             r.sent_upto = 0;
         }
         let start = q.partition_point(|i| i.seq <= r.sent_upto);
-        let end = q.partition_point(|i| i.seq <= durable);
-        if start >= end {
+        if start == q.len() {
             return;
         }
-        let items: Vec<OutboxItem> = q.range(start..end).take(RELAY_CHUNK_MAX).cloned().collect();
+        let items: Vec<OutboxItem> = q.range(start..).take(RELAY_CHUNK_MAX).cloned().collect();
         let last = items[items.len() - 1].seq;
         let again = items.iter().take_while(|i| i.seq <= sent_before).count();
         match ctx.peers[target as usize].try_send(Command::Credit { from_set: ctx.set, items }) {

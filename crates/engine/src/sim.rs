@@ -22,7 +22,7 @@ use hongbao_core::{
     RequestId, SendRequest, UserId, ValidSend,
 };
 use hongbao_store::{
-    open_sqlite, Batch, Durable, EntryKind, Loaded, Reader, SqliteStore, Store, StoreError, StoreSums,
+    open_sqlite, Batch, EntryKind, Loaded, Reader, SqliteStore, Store, StoreError, StoreSums,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -44,25 +44,14 @@ enum Fault {
     After,
 }
 
-/// A store that fails on command. Shared between the simulation and the set's runner. Its
-/// commits become durable (or fail) only at the set's next call, as the journal's syncer
-/// makes them: the set applies its next batch first, so the simulation runs the pipelined
-/// commit. A set that crashes meanwhile loses the commit under way, as `kill -9` loses a
-/// record whose sync had not finished; a credit relayed or a reply sent before it was durable
-/// would then be money the store never moved.
+/// A store that fails on command. Shared between the simulation and the set's runner.
 struct FaultyStore {
     inner: SqliteStore,
     fault: Arc<Mutex<Option<Fault>>>,
-    /// The commit under way: its batch, its `then`, and the fault that awaits it.
-    under_way: Option<(Batch, Durable, Option<Fault>)>,
-    /// A commit under way failed: every call fails until the next `load`.
-    failed: bool,
 }
 
 impl Store for FaultyStore {
     fn load(&mut self, since: Millis) -> Result<Loaded, StoreError> {
-        let _ = self.settle();
-        self.failed = false;
         self.inner.load(since)
     }
 
@@ -77,48 +66,11 @@ impl Store for FaultyStore {
         }
     }
 
-    fn commit_then(&mut self, batch: &Batch, then: Durable) -> Result<bool, StoreError> {
-        if let Err(e) = self.settle() {
-            then(false);
-            return Err(e);
-        }
-        if batch.is_empty() {
-            then(true);
-            return Ok(true);
-        }
-        let fault = self.fault.lock().unwrap().take();
-        self.under_way = Some((batch.clone(), then, fault));
-        Ok(false)
-    }
-
-    fn settle(&mut self) -> Result<(), StoreError> {
-        if let Some((batch, then, fault)) = self.under_way.take() {
-            let durable = match fault {
-                // The sync failed: the record is wiped, nothing of the batch is stored.
-                Some(Fault::Before) => false,
-                // Stored, and the set "crashes" before it hears: told failed.
-                Some(Fault::After) => {
-                    let _ = self.inner.commit(&batch);
-                    false
-                }
-                None => self.inner.commit(&batch).is_ok(),
-            };
-            then(durable);
-            self.failed |= !durable;
-        }
-        if self.failed {
-            return Err(StoreError::Io("injected: a commit under way failed".into()));
-        }
-        Ok(())
-    }
-
     fn packet(&mut self, id: PacketId) -> Result<Option<hongbao_core::Packet>, StoreError> {
-        self.settle()?;
         self.inner.packet(id)
     }
 
     fn sums(&mut self) -> Result<StoreSums, StoreError> {
-        self.settle()?;
         self.inner.sums()
     }
 }
@@ -259,12 +211,7 @@ impl Sim {
             stopping: Arc::new(AtomicBool::new(false)),
             closed: self.closed[set as usize].clone(),
         };
-        let store = FaultyStore {
-            inner: store,
-            fault: self.faults[set as usize].clone(),
-            under_way: None,
-            failed: false,
-        };
+        let store = FaultyStore { inner: store, fault: self.faults[set as usize].clone() };
         let runner = SetRunner::open(ctx, Box::new(store), self.receivers[set as usize].clone())
             .unwrap_or_else(|e| self.fail(&format!("set {set} failed to open: {e}")));
         self.runners[set as usize] = Some(runner);

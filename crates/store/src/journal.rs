@@ -62,8 +62,7 @@ use hongbao_core::{Claim, Millis, Packet, PacketId, PacketStatus, UserId};
 use crate::overlay::{add_totals, history_view, newer_first, Overlay};
 use crate::sqlite::{self, open_sqlite_with, Folded, Leftovers, SqliteReader, SqliteStore};
 use crate::{
-    Batch, Durable, EntryRow, Loaded, PacketRow, Reader, ReceivedPage, Result, SentPage, Store, StoreError,
-    StoreSums,
+    Batch, EntryRow, Loaded, PacketRow, Reader, ReceivedPage, Result, SentPage, Store, StoreError, StoreSums,
 };
 
 /// What a set's fold thread is called, followed by the set's index.
@@ -225,8 +224,6 @@ pub fn open_journaled_sqlite(dir: &Path, set: u32, sets: u32) -> Result<(Journal
             giving_way: false,
             #[cfg(test)]
             busy_override: None,
-            #[cfg(test)]
-            fail_next_sync: false,
             stop: false,
             halt: false,
             spare_wanted: true,
@@ -258,9 +255,6 @@ pub fn open_journaled_sqlite(dir: &Path, set: u32, sets: u32) -> Result<(Journal
         pool: VecDeque::new(),
         segments_made: 0,
         last_seq,
-        under_way: None,
-        failed: None,
-        syncer: Syncer::start(set, shared.clone())?,
         buf: Vec::new(),
         poisoned: None,
         packet_busy_until: None,
@@ -268,116 +262,6 @@ pub fn open_journaled_sqlite(dir: &Path, set: u32, sets: u32) -> Result<(Journal
         fold: Some(fold),
     };
     Ok((store, JournalReader { inner: reader, shared }))
-}
-
-/// A record written and handed to the syncer: where it is, to count it in or wipe it.
-#[derive(Debug)]
-struct UnderWay {
-    seq: u64,
-    /// The whole record, header included.
-    len: usize,
-}
-
-/// One record to sync, then queue for the fold, then answer for.
-struct SyncJob {
-    file: Arc<File>,
-    path: PathBuf,
-    queued: Queued,
-    then: Durable,
-}
-
-/// What the syncer last did: the outcome of the job the set thread waits to settle.
-type Outcome = Arc<(Mutex<Option<std::result::Result<(), String>>>, Condvar)>;
-
-/// The thread that syncs a set's records, so the set applies its next batch while the last
-/// one's `fdatasync` runs instead of waiting it out: a set thread spent a fifth of its time in
-/// that wait in the in-process festival (BENCHMARKS.md, twenty-first session). One job at a
-/// time, as the set hands them: the set settles each before it writes the next.
-struct Syncer {
-    jobs: Option<std::sync::mpsc::Sender<SyncJob>>,
-    outcome: Outcome,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Syncer {
-    fn start(set: u32, shared: Arc<Shared>) -> Result<Syncer> {
-        let (jobs, rx) = std::sync::mpsc::channel::<SyncJob>();
-        let outcome: Outcome = Arc::new((Mutex::new(None), Condvar::new()));
-        let out = outcome.clone();
-        let thread = std::thread::Builder::new()
-            // Under the set threads' name: its CPU is the set's commits (`hongbao_cpu_seconds_total`).
-            .name(format!("hongbao-set-{set}-sync"))
-            .spawn(move || {
-                for job in rx {
-                    let synced =
-                        job.file.sync_data().map_err(|e| format!("cannot sync {}: {e}", job.path.display()));
-                    #[cfg(test)]
-                    let synced = match std::mem::take(&mut lock(&shared.state).fail_next_sync) {
-                        true => Err("injected: the sync failed".to_string()),
-                        false => synced,
-                    };
-                    // Queued before anyone hears of it: a caller that reads its own write after
-                    // the reply finds the record (history reads what is queued).
-                    if synced.is_ok() {
-                        queue(&shared, Queued { at: Instant::now(), ..job.queued });
-                    }
-                    let durable = synced.is_ok();
-                    *lock(&out.0) = Some(synced);
-                    out.1.notify_all();
-                    (job.then)(durable);
-                }
-            })
-            .map_err(|e| io("cannot start the journal's sync thread".into(), e))?;
-        Ok(Syncer { jobs: Some(jobs), outcome, thread: Some(thread) })
-    }
-
-    /// Hands `job` to the thread; synced here when the thread is gone (it never ends before
-    /// the store, but a job is not dropped unanswered either way).
-    fn hand(&self, job: SyncJob) {
-        let gone = match &self.jobs {
-            Some(jobs) => jobs.send(job).err().map(|e| e.0),
-            None => Some(job),
-        };
-        if let Some(job) = gone {
-            let synced = job.file.sync_data().map_err(|e| format!("cannot sync {}: {e}", job.path.display()));
-            let durable = synced.is_ok();
-            *lock(&self.outcome.0) = Some(synced);
-            (job.then)(durable);
-        }
-    }
-
-    /// Waits for the outcome of the job handed last.
-    fn outcome(&self) -> std::result::Result<(), String> {
-        let (slot, done) = &*self.outcome;
-        let mut s = lock(slot);
-        loop {
-            if let Some(r) = s.take() {
-                return r;
-            }
-            s = done.wait(s).unwrap_or_else(|p| p.into_inner());
-        }
-    }
-
-    fn stop(&mut self) {
-        self.jobs = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Puts a durable record in the fold's queue, waking the fold when it acts on it.
-fn queue(shared: &Shared, q: Queued) {
-    let mut s = lock(&shared.state);
-    let before = s.queued_bytes;
-    s.queued_bytes += q.len;
-    s.appended_bytes += q.len as u64;
-    s.queued_seq = q.seq;
-    s.queue.push_back(q);
-    let crossed = |bound: usize| before < bound && bound <= s.queued_bytes;
-    if s.fold_idle || crossed(FOLD_EAGER_BYTES) || crossed(s.lag_bytes_max) {
-        shared.changed.notify_all();
-    }
 }
 
 /// State shared by the set thread, the fold thread and the readers.
@@ -433,9 +317,6 @@ struct FoldState {
     /// Tests decide whether the claims want the CPU instead of measuring it.
     #[cfg(test)]
     busy_override: Option<bool>,
-    /// Tests make the syncer's next sync fail, as a disk error would.
-    #[cfg(test)]
-    fail_next_sync: bool,
     /// Stop once the queue is folded (a clean shutdown), or at once if the fold is failing.
     stop: bool,
     /// Stop at once, folding nothing more: what `kill -9` would do, for tests.
@@ -897,17 +778,11 @@ pub struct JournalStore {
     pool: VecDeque<PathBuf>,
     /// Rotations that made their segment on the commit path.
     segments_made: u64,
-    /// The last seq written: synced, or under way.
+    /// The last seq written and synced.
     last_seq: u64,
-    /// The record written and handed to the syncer, until [`JournalStore::settle`].
-    under_way: Option<UnderWay>,
-    /// Why the last commit under way failed, until the next `load`: the set's memory holds a
-    /// batch this store does not.
-    failed: Option<String>,
-    syncer: Syncer,
     /// Reused encoding buffer for records.
     buf: Vec<u8>,
-    /// Set when a failed commit could not be wiped back off the file: the file may hold a batch
+    /// Set when a failed append could not be wiped back off the file: the file may hold a batch
     /// the engine was told failed, so nothing more may be written or loaded until a restart.
     poisoned: Option<String>,
     /// Until when packet reads are refused without waiting (see [`PACKET_BUSY_SPELL`]).
@@ -986,102 +861,12 @@ impl JournalStore {
 
 impl Store for JournalStore {
     fn load(&mut self, idempotency_since_ms: Millis) -> Result<Loaded> {
-        // What a failed commit left is settled; the set's memory is what this reads now.
-        let _ = self.settle();
-        self.failed = None;
         self.drained(|s| s.load(idempotency_since_ms))
     }
 
     fn commit(&mut self, batch: &Batch) -> Result<()> {
-        let written = self.commit_then(batch, Box::new(|_| {}));
-        // The caller learns a failure here, so it does not stay for the next call.
-        let synced = self.settle();
-        self.failed = None;
-        written.and(synced)
-    }
-
-    /// Writes the batch's record and hands its sync to the syncer, which queues it for the
-    /// fold and runs `then` once it is durable. The record before it is settled first, so at
-    /// most one is under way and it is the last one in the file.
-    fn commit_then(&mut self, batch: &Batch, then: Durable) -> Result<bool> {
-        match self.write_record(batch) {
-            Ok(None) => {
-                then(true);
-                Ok(true)
-            }
-            Ok(Some(job)) => {
-                self.syncer.hand(SyncJob { then, ..job });
-                Ok(false)
-            }
-            Err(e) => {
-                then(false);
-                Err(e)
-            }
-        }
-    }
-
-    fn settle(&mut self) -> Result<()> {
-        if let Some(u) = self.under_way.take() {
-            match self.syncer.outcome() {
-                Ok(()) => {
-                    self.segment.bytes += u.len as u64;
-                    if !self.closed.is_empty() {
-                        self.drop_folded_segments();
-                    }
-                }
-                Err(e) => {
-                    // Not queued for the fold, and wiped back off so it cannot reappear at the
-                    // next start: the batch is not in the store, as its callers were told.
-                    self.last_seq = u.seq - 1;
-                    tracing::error!(set = self.set, error = %e, "a journal commit failed");
-                    match self.segment.wipe(u.len) {
-                        Ok(()) => self.failed = Some(e),
-                        Err(undo) => {
-                            self.failed = Some(e.clone());
-                            self.poisoned = Some(format!("{e}; and wiping it back off failed: {undo}"));
-                        }
-                    }
-                }
-            }
-        }
-        match &self.failed {
-            Some(e) => Err(StoreError::Io(format!("a journal commit failed: {e}"))),
-            None => Ok(()),
-        }
-    }
-
-    fn packet(&mut self, id: PacketId) -> Result<Option<Packet>> {
-        self.settle()?;
-        self.check_poisoned()?;
-        let now = Instant::now();
-        let wait = match self.packet_busy_until {
-            Some(until) if now < until => Duration::ZERO,
-            _ => PACKET_WAIT_MAX,
-        };
-        if !self.shared.wait_folded(wait)? {
-            self.packet_busy_until = Some(Instant::now() + PACKET_BUSY_SPELL);
-            return Err(StoreError::Busy(format!(
-                "packet {id} is not in memory and the journal's fold is behind; try again shortly"
-            )));
-        }
-        self.packet_busy_until = None;
-        // Caught up, with this thread the only writer: `drained` finds nothing to wait for.
-        self.drained(|s| s.packet(id))
-    }
-
-    fn sums(&mut self) -> Result<StoreSums> {
-        self.settle()?;
-        self.drained(|s| s.sums())
-    }
-}
-
-impl JournalStore {
-    /// Writes `batch` as the next record, unsynced, after settling the one before: the job
-    /// that syncs it (with a `then` that does nothing yet), or `None` for an empty batch.
-    fn write_record(&mut self, batch: &Batch) -> Result<Option<SyncJob>> {
-        self.settle()?;
         if batch.is_empty() {
-            return Ok(None);
+            return Ok(());
         }
         self.check_poisoned()?;
         // A fold that is failing, or too far behind: refuse or wait before anything is written.
@@ -1101,13 +886,12 @@ impl JournalStore {
         self.buf.clear();
         encode_record(&mut self.buf, seq, batch)?;
         if !self.segment.fits(self.buf.len()) {
-            // Every record before this one is synced (settled above): the old segment is whole.
             let next = self.next_segment(seq)?;
             let old = std::mem::replace(&mut self.segment, next);
             self.closed.push_back((old.path, self.last_seq));
         }
         let offset = self.segment.bytes + HEADER_BYTES as u64;
-        if let Err(e) = self.segment.write(&self.buf) {
+        if let Err(e) = self.segment.append(&self.buf) {
             // Wipe the record back off, so it cannot reappear at the next start.
             if let Err(undo) = self.segment.wipe(self.buf.len()) {
                 self.poisoned = Some(format!("{e}; and wiping it back off failed: {undo}"));
@@ -1115,22 +899,56 @@ impl JournalStore {
             return Err(e);
         }
         self.last_seq = seq;
-        self.under_way = Some(UnderWay { seq, len: self.buf.len() });
-        Ok(Some(SyncJob {
-            file: self.segment.file.clone(),
-            path: self.segment.path.clone(),
-            queued: Queued {
+        {
+            let mut s = lock(&self.shared.state);
+            let len = self.buf.len() - HEADER_BYTES;
+            let before = s.queued_bytes;
+            s.queued_bytes += len;
+            s.appended_bytes += len as u64;
+            s.queue.push_back(Queued {
                 seq,
                 file: self.segment.reader.clone(),
                 offset,
-                len: self.buf.len() - HEADER_BYTES,
+                len,
                 crc: header_crc(&self.buf),
                 at: Instant::now(),
-            },
-            then: Box::new(|_| {}),
-        }))
+            });
+            s.queued_seq = seq;
+            let crossed = |bound: usize| before < bound && bound <= s.queued_bytes;
+            if s.fold_idle || crossed(FOLD_EAGER_BYTES) || crossed(s.lag_bytes_max) {
+                self.shared.changed.notify_all();
+            }
+        }
+        if !self.closed.is_empty() {
+            self.drop_folded_segments();
+        }
+        Ok(())
     }
 
+    fn packet(&mut self, id: PacketId) -> Result<Option<Packet>> {
+        self.check_poisoned()?;
+        let now = Instant::now();
+        let wait = match self.packet_busy_until {
+            Some(until) if now < until => Duration::ZERO,
+            _ => PACKET_WAIT_MAX,
+        };
+        if !self.shared.wait_folded(wait)? {
+            self.packet_busy_until = Some(Instant::now() + PACKET_BUSY_SPELL);
+            return Err(StoreError::Busy(format!(
+                "packet {id} is not in memory and the journal's fold is behind; try again shortly"
+            )));
+        }
+        self.packet_busy_until = None;
+        // Caught up, with this thread the only writer: `drained` finds nothing to wait for.
+        self.drained(|s| s.packet(id))
+    }
+
+    fn sums(&mut self) -> Result<StoreSums> {
+        self.drained(|s| s.sums())
+    }
+}
+
+impl JournalStore {
     /// Stops the fold where it is and forgets the store without its clean shutdown: the
     /// journal is left as `kill -9` would leave it. For tests.
     #[cfg(test)]
@@ -1146,9 +964,6 @@ impl JournalStore {
 
 impl Drop for JournalStore {
     fn drop(&mut self) {
-        // The last commit's callers have their answer before the fold is told to stop.
-        let _ = self.settle();
-        self.syncer.stop();
         lock(&self.shared.state).stop = true;
         self.shared.changed.notify_all();
         // The fold finishes what is queued, then stops: a clean shutdown leaves nothing to
@@ -1571,8 +1386,7 @@ fn scan(bytes: &[u8], first_seq: u64) -> Scan {
 /// The segment being appended to.
 struct Segment {
     path: PathBuf,
-    /// Shared with the syncer, which syncs what the set thread wrote.
-    file: Arc<File>,
+    file: File,
     /// The same file open for reading, shared with the fold.
     reader: Arc<File>,
     /// Where the next record goes: every byte before it is a synced record.
@@ -1606,7 +1420,7 @@ impl Segment {
         let capacity = file.metadata().map_err(|e| io(format!("cannot stat {}", path.display()), e))?.len();
         let reader =
             Arc::new(File::open(&path).map_err(|e| io(format!("cannot open {}", path.display()), e))?);
-        Ok(Segment { path, file: Arc::new(file), reader, bytes: 0, capacity, made })
+        Ok(Segment { path, file, reader, bytes: 0, capacity, made })
     }
 
     /// Whether a record of `len` bytes goes in this segment. A record too large for any
@@ -1615,19 +1429,12 @@ impl Segment {
         self.bytes == 0 || self.bytes + len as u64 <= self.capacity
     }
 
-    /// Writes `record` after the last synced one, without syncing it: the syncer does, and
-    /// [`JournalStore::settle`] then counts it in.
-    fn write(&self, record: &[u8]) -> Result<()> {
+    /// Writes `record` and syncs it: when this returns `Ok`, the record survives a crash.
+    fn append(&mut self, record: &[u8]) -> Result<()> {
         use std::os::unix::fs::FileExt;
         self.file
             .write_all_at(record, self.bytes)
-            .map_err(|e| io(format!("cannot write {}", self.path.display()), e))
-    }
-
-    /// Writes `record` and syncs it, as a commit and its sync do.
-    #[cfg(test)]
-    fn append(&mut self, record: &[u8]) -> Result<()> {
-        self.write(record)?;
+            .map_err(|e| io(format!("cannot write {}", self.path.display()), e))?;
         self.file.sync_data().map_err(|e| io(format!("cannot sync {}", self.path.display()), e))?;
         self.bytes += record.len() as u64;
         Ok(())
@@ -2226,71 +2033,13 @@ mod tests {
         // Half of the next record reached the file before the write failed.
         let mut next = Vec::new();
         encode_record(&mut next, 2, &batch("bob", 5)).unwrap();
-        std::os::unix::fs::FileExt::write_all_at(&*seg.file, &next[..next.len() / 2], seg.bytes).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&seg.file, &next[..next.len() / 2], seg.bytes).unwrap();
         seg.wipe(next.len()).unwrap();
         let s = scan(&std::fs::read(&seg.path).unwrap(), 1);
         assert_eq!((s.records.len(), s.dirty_tail), (1, false));
         // And the next append lands right after the first record.
         seg.append(&next).unwrap();
         assert_eq!(scan(&std::fs::read(&seg.path).unwrap(), 1).records.len(), 2);
-    }
-
-    /// A commit under way answers from the syncer once its record is synced, and only after
-    /// the record is queued for the fold (and so in what history reads); the next record
-    /// lands after it; the store reads both.
-    #[test]
-    fn a_commit_under_way_is_answered_once_synced_and_queued_first() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut store, _reader) = open_journaled_sqlite(dir.path(), 0, 1).unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let shared = store.shared.clone();
-        let then: Durable = Box::new(move |durable| {
-            let queued = lock(&shared.state).queued_seq;
-            tx.send((durable, queued, std::thread::current().id())).unwrap();
-        });
-        assert!(!store.commit_then(&batch("alice", 100), then).unwrap(), "under way");
-        let (durable, queued, thread) = rx.recv_timeout(Duration::from_secs(10)).expect("answered");
-        assert!(durable);
-        assert_eq!(queued, 1, "queued for the fold before the answer");
-        assert_ne!(thread, std::thread::current().id(), "answered by the syncer");
-        store.settle().unwrap();
-        assert!(!store.commit_then(&batch("bob", 5), Box::new(|_| {})).unwrap());
-        store.settle().unwrap();
-        let records = scan(&std::fs::read(&store.segment.path).unwrap(), 1).records.len();
-        assert_eq!(records, 2);
-        let loaded = store.load(0).unwrap();
-        let mut wallets: Vec<(String, i64)> =
-            loaded.wallets.iter().map(|(u, f)| (u.as_str().to_string(), *f)).collect();
-        wallets.sort();
-        assert_eq!(wallets, [("alice".to_string(), 100), ("bob".to_string(), 5)]);
-    }
-
-    /// A commit whose sync fails is told so, wiped off the file and never queued; the store
-    /// refuses every call until it is loaded again (the set's memory holds the batch), and the
-    /// next record takes the failed one's seq.
-    #[test]
-    fn a_commit_whose_sync_fails_is_wiped_and_refuses_until_loaded_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut store, _reader) = open_journaled_sqlite(dir.path(), 0, 1).unwrap();
-        store.commit(&batch("alice", 100)).unwrap();
-        lock(&store.shared.state).fail_next_sync = true;
-        let (tx, rx) = std::sync::mpsc::channel();
-        let then: Durable = Box::new(move |durable| tx.send(durable).unwrap());
-        assert!(!store.commit_then(&batch("bob", 5), then).unwrap());
-        assert!(!rx.recv_timeout(Duration::from_secs(10)).expect("answered"), "told it failed");
-        assert!(store.settle().is_err());
-        assert!(store.settle().is_err(), "still, until loaded");
-        assert!(store.sums().is_err());
-        assert!(store.commit(&batch("carol", 1)).is_err());
-        assert_eq!(lock(&store.shared.state).queued_seq, 1, "never queued");
-        let s = scan(&std::fs::read(&store.segment.path).unwrap(), 1);
-        assert_eq!((s.records.len(), s.dirty_tail), (1, false), "wiped");
-        let loaded = store.load(0).unwrap();
-        let users: Vec<&str> = loaded.wallets.iter().map(|(u, _)| u.as_str()).collect();
-        assert_eq!(users, ["alice"]);
-        store.commit(&batch("dave", 7)).unwrap();
-        assert_eq!(store.last_seq, 2, "the failed record's seq, taken again");
-        assert_eq!(store.sums().unwrap().balances_fen, 107);
     }
 
     #[test]

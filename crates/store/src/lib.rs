@@ -250,10 +250,6 @@ pub struct StoreSums {
     pub watermarks: Vec<(u32, u64)>,
 }
 
-/// What a set runs once a commit is durable (`true`) or has failed (`false`): its callers'
-/// replies. See [`Store::commit_then`].
-pub type Durable = Box<dyn FnOnce(bool) + Send>;
-
 /// The write side of one set's store. Owned by the set's engine thread; never shared.
 pub trait Store: Send + 'static {
     /// Reads the whole state the set needs in memory; idempotency records older than
@@ -263,27 +259,6 @@ pub trait Store: Send + 'static {
     /// Writes one batch in one durable transaction: when this returns `Ok`, it survives
     /// `kill -9` and power loss. On `Err`, nothing of the batch is visible.
     fn commit(&mut self, batch: &Batch) -> Result<()>;
-
-    /// Commits `batch` as [`Store::commit`] does and runs `then` once with the outcome (true:
-    /// durable). A store that makes a commit durable in the background (the journal, whose
-    /// sync runs on a thread of its own) returns `Ok(false)` once the batch is written, before
-    /// it is synced, and runs `then` from that thread when the sync is done; the set applies
-    /// its next batch meanwhile. Any later call on the store first waits for that sync
-    /// ([`Store::settle`]): one commit at most is under way. `Ok(true)`: durable already,
-    /// `then` has run. On `Err`, `then` has run with false and nothing of the batch is
-    /// visible. The default commits here.
-    fn commit_then(&mut self, batch: &Batch, then: Durable) -> Result<bool> {
-        let done = self.commit(batch);
-        then(done.is_ok());
-        done.map(|()| true)
-    }
-
-    /// Waits for the commit [`Store::commit_then`] left under way. `Err` when it failed, and
-    /// again at every call after it until the next [`Store::load`]: the set's memory holds a
-    /// batch the store does not, so the set must reload before it goes on.
-    fn settle(&mut self) -> Result<()> {
-        Ok(())
-    }
 
     /// Reads one packet (with claims) that is no longer in memory, e.g. closed long ago.
     fn packet(&mut self, id: PacketId) -> Result<Option<Packet>>;
