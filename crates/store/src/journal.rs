@@ -2322,20 +2322,21 @@ mod tests {
         let fast = (YIELD_RATE * 10.0) as u64;
         let mut load = Yield::new(Instant::now(), 0);
         assert!(!load.busy, "a fold starts believing the claims quiet");
-        // A fold of three ticks (this thread, busy), beside claims that keep a core busy.
-        let claims = std::thread::spawn(|| {
+        // A fold of three ticks (this thread, busy), beside claims that keep every core busy.
+        let spin = |ticks: u32| {
             let started = Instant::now();
             let mut x = 0u64;
-            while started.elapsed() < LOAD_TICK * 4 {
+            while started.elapsed() < LOAD_TICK * ticks {
                 x = std::hint::black_box(x.wrapping_add(1));
             }
-        });
+        };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let claims: Vec<_> = (0..cores).map(|_| std::thread::spawn(move || spin(4))).collect();
         let started = Instant::now();
-        let mut x = 0u64;
-        while started.elapsed() < LOAD_TICK * 3 {
-            x = std::hint::black_box(x.wrapping_add(1));
+        spin(3);
+        for c in claims {
+            c.join().unwrap();
         }
-        claims.join().unwrap();
         let appended = (fast as f64 * started.elapsed().as_secs_f64()) as u64;
         assert!(
             load.busy(0, Instant::now(), appended),
