@@ -127,12 +127,12 @@ fn on_plain_thread<T: Send>(what: &str, f: impl FnOnce() -> Result<T> + Send) ->
     })
 }
 
-/// The schema that holds one set's tables.
 /// Takes the session's advisory lock `(class, set)` if nobody holds it; whether it did.
 fn try_set_lock(client: &mut Client, class: i32, set: u32) -> Result<bool> {
     Ok(client.query_one("SELECT pg_try_advisory_lock($1, $2)", &[&class, &(set as i32)])?.try_get(0)?)
 }
 
+/// The schema that holds one set's tables.
 fn schema_name(set: u32) -> String {
     format!("hongbao_set_{set}")
 }
