@@ -545,8 +545,6 @@ fn fold_loop(set: u32, shared: &Shared) {
         let took = ended.saturating_duration_since(started);
         query_fold_from = Some(ended + (took * QUERY_FOLD_PACE).min(QUERY_FOLD_SPACING_MAX));
         let mut s = lock(&shared.state);
-        // The fold's own CPU is not the claims'.
-        load.restart(ended, s.appended_bytes);
         match done {
             Ok(()) => {
                 for _ in 0..take {
@@ -604,7 +602,10 @@ fn fold_loop(set: u32, shared: &Shared) {
 /// one set's peak does not hold back a quiet set's fold.
 struct Yield {
     since: Instant,
+    /// The process's CPU time at `since`, and the calling thread's (the fold's own: not the
+    /// claims').
     cpu_us: Option<u64>,
+    own_cpu_us: Option<u64>,
     appended_bytes: u64,
     cores: f64,
     busy: bool,
@@ -613,16 +614,29 @@ struct Yield {
 impl Yield {
     fn new(now: Instant, appended_bytes: u64) -> Yield {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-        let mut load = Yield { since: now, cpu_us: None, appended_bytes, cores, busy: false };
+        let mut load =
+            Yield { since: now, cpu_us: None, own_cpu_us: None, appended_bytes, cores, busy: false };
         load.restart(now, appended_bytes);
         load
     }
 
-    /// Starts the next measurement at `now`, keeping the last verdict until it ends.
+    /// Starts the next measurement at `now`, keeping the last verdict until it ends. A fold in
+    /// between does not start one: its own CPU is left out of the share instead. (Restarted
+    /// after each fold, a fold that found the claims quiet as a peak began never measured
+    /// again while the backlog stayed over [`FOLD_EAGER_BYTES`]: it folded from one
+    /// transaction to the next through the whole peak, taking a third of a core from the
+    /// claims in process (BENCHMARKS.md, twenty-first session).)
     fn restart(&mut self, now: Instant, appended_bytes: u64) {
         self.since = now;
         self.cpu_us = crate::background::process_cpu_us();
+        self.own_cpu_us = crate::background::thread_cpu_us();
         self.appended_bytes = appended_bytes;
+    }
+
+    /// The share of the machine's `cores` that the rest of the process (the claims) used over
+    /// `secs`: its CPU time less the fold's own.
+    fn claims_share(process_us: u64, own_us: u64, secs: f64, cores: f64) -> f64 {
+        process_us.saturating_sub(own_us) as f64 / 1e6 / secs / cores
     }
 
     /// When the measurement under way ends.
@@ -644,10 +658,12 @@ impl Yield {
             return self.busy;
         }
         let rate = appended_bytes.saturating_sub(self.appended_bytes) as f64 / secs;
-        let before = self.cpu_us;
+        let (before, own_before) = (self.cpu_us, self.own_cpu_us);
         self.restart(now, appended_bytes);
-        let share = match (before, self.cpu_us) {
-            (Some(a), Some(b)) => b.saturating_sub(a) as f64 / 1e6 / secs / self.cores,
+        let share = match (before, self.cpu_us, own_before, self.own_cpu_us) {
+            (Some(a), Some(b), Some(own_a), Some(own_b)) => {
+                Yield::claims_share(b.saturating_sub(a), own_b.saturating_sub(own_a), secs, self.cores)
+            }
             _ => 0.0,
         };
         let busy = Yield::verdict(self.busy, rate, share);
@@ -2296,6 +2312,40 @@ mod tests {
         assert_eq!(load.next_tick(), now + LOAD_TICK);
         assert!(!load.busy(0, now + LOAD_TICK, 0), "measured: nothing journaled");
         assert_eq!(load.next_tick(), now + LOAD_TICK * 2);
+    }
+
+    /// The fold measures the load again at the first gather after a fold that took longer
+    /// than a tick, over the whole fold: claims that took the CPU meanwhile make it give way.
+    /// The fold's own CPU is left out.
+    #[test]
+    fn after_a_long_fold_the_load_is_measured_again_and_the_folds_own_cpu_is_left_out() {
+        let fast = (YIELD_RATE * 10.0) as u64;
+        let mut load = Yield::new(Instant::now(), 0);
+        assert!(!load.busy, "a fold starts believing the claims quiet");
+        // A fold of three ticks (this thread, busy), beside claims that keep every core busy.
+        let spin = |ticks: u32| {
+            let started = Instant::now();
+            let mut x = 0u64;
+            while started.elapsed() < LOAD_TICK * ticks {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+        };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let claims: Vec<_> = (0..cores).map(|_| std::thread::spawn(move || spin(4))).collect();
+        let started = Instant::now();
+        spin(3);
+        for c in claims {
+            c.join().unwrap();
+        }
+        let appended = (fast as f64 * started.elapsed().as_secs_f64()) as u64;
+        assert!(
+            load.busy(0, Instant::now(), appended),
+            "measured again, over the fold: the claims want the CPU"
+        );
+        // The share: the process's CPU less the fold's own, over the machine's cores.
+        assert_eq!(Yield::claims_share(3_000_000, 1_000_000, 2.0, 2.0), 0.5);
+        assert_eq!(Yield::claims_share(1_000_000, 1_000_000, 1.0, 2.0), 0.0);
+        assert_eq!(Yield::claims_share(500_000, 1_000_000, 1.0, 2.0), 0.0, "never below nothing");
     }
 
     #[test]
