@@ -543,6 +543,13 @@ fn fold_loop(set: u32, shared: &Shared) {
         });
         let ended = Instant::now();
         let took = ended.saturating_duration_since(started);
+        tracing::debug!(
+            set,
+            records = take,
+            bytes = records.iter().map(|q| q.len).sum::<usize>(),
+            took_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+            "folded"
+        );
         query_fold_from = Some(ended + (took * QUERY_FOLD_PACE).min(QUERY_FOLD_SPACING_MAX));
         let mut s = lock(&shared.state);
         match done {
