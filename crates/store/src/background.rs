@@ -68,9 +68,21 @@ pub(crate) fn lower_priority(thread: &str) {
 /// The CPU time this process has used so far, every thread's, user and system, in µs; `None`
 /// where the system cannot say.
 pub(crate) fn process_cpu_us() -> Option<u64> {
+    cpu_us(libc::RUSAGE_SELF)
+}
+
+/// The calling thread's own CPU time so far, user and system, in µs; `None` where the system
+/// cannot say. From the same accounting as [`process_cpu_us`], so the one can be taken out of
+/// the other.
+pub(crate) fn thread_cpu_us() -> Option<u64> {
+    cpu_us(libc::RUSAGE_THREAD)
+}
+
+/// `getrusage(who)`'s user and system time, in µs.
+fn cpu_us(who: libc::c_int) -> Option<u64> {
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
     // SAFETY: getrusage writes one `rusage` to the pointer it is given, which is valid for it.
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) } != 0 {
+    if unsafe { libc::getrusage(who, usage.as_mut_ptr()) } != 0 {
         return None;
     }
     // SAFETY: getrusage succeeded, so it filled the struct (and it was zeroed before).
@@ -79,17 +91,6 @@ pub(crate) fn process_cpu_us() -> Option<u64> {
         u64::try_from(t.tv_sec).unwrap_or(0) * 1_000_000 + u64::try_from(t.tv_usec).unwrap_or(0)
     };
     Some(us(usage.ru_utime) + us(usage.ru_stime))
-}
-
-/// The calling thread's own CPU time so far, user and system, in µs; `None` where the system
-/// cannot say.
-pub(crate) fn thread_cpu_us() -> Option<u64> {
-    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes one timespec to the pointer it is given, which is valid for it.
-    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) } != 0 {
-        return None;
-    }
-    Some(u64::try_from(t.tv_sec).unwrap_or(0) * 1_000_000 + u64::try_from(t.tv_nsec).unwrap_or(0) / 1_000)
 }
 
 #[cfg(test)]

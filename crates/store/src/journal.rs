@@ -464,7 +464,7 @@ fn fold_loop(set: u32, shared: &Shared) {
     loop {
         // Take what is queued, up to a transaction's worth; the items stay queued until they
         // are folded, so a failed transaction is simply tried again.
-        let (first_seq, records) = {
+        let (first_seq, records, bytes) = {
             let mut s = spare_if_wanted(set, shared, lock(&shared.state));
             while s.queue.is_empty() && !s.stop && !s.halt {
                 s.fold_idle = true;
@@ -517,7 +517,7 @@ fn fold_loop(set: u32, shared: &Shared) {
                 bytes += q.len;
                 records.push(q.clone());
             }
-            (s.queue[0].seq, records)
+            (s.queue[0].seq, records, bytes)
         };
         // Reading, decoding and writing happen without the lock: the set goes on appending.
         let started = Instant::now();
@@ -546,7 +546,7 @@ fn fold_loop(set: u32, shared: &Shared) {
         tracing::debug!(
             set,
             records = take,
-            bytes = records.iter().map(|q| q.len).sum::<usize>(),
+            bytes,
             took_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
             "folded"
         );
@@ -611,8 +611,7 @@ struct Yield {
     since: Instant,
     /// The process's CPU time at `since`, and the calling thread's (the fold's own: not the
     /// claims').
-    cpu_us: Option<u64>,
-    own_cpu_us: Option<u64>,
+    cpu_us: Option<(u64, u64)>,
     appended_bytes: u64,
     cores: f64,
     busy: bool,
@@ -621,8 +620,7 @@ struct Yield {
 impl Yield {
     fn new(now: Instant, appended_bytes: u64) -> Yield {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-        let mut load =
-            Yield { since: now, cpu_us: None, own_cpu_us: None, appended_bytes, cores, busy: false };
+        let mut load = Yield { since: now, cpu_us: None, appended_bytes, cores, busy: false };
         load.restart(now, appended_bytes);
         load
     }
@@ -635,9 +633,13 @@ impl Yield {
     /// claims in process (BENCHMARKS.md, twenty-first session).)
     fn restart(&mut self, now: Instant, appended_bytes: u64) {
         self.since = now;
-        self.cpu_us = crate::background::process_cpu_us();
-        self.own_cpu_us = crate::background::thread_cpu_us();
+        self.cpu_us = Yield::cpu_now();
         self.appended_bytes = appended_bytes;
+    }
+
+    /// The process's CPU time and the calling thread's, now.
+    fn cpu_now() -> Option<(u64, u64)> {
+        crate::background::process_cpu_us().zip(crate::background::thread_cpu_us())
     }
 
     /// The share of the machine's `cores` that the rest of the process (the claims) used over
@@ -665,10 +667,10 @@ impl Yield {
             return self.busy;
         }
         let rate = appended_bytes.saturating_sub(self.appended_bytes) as f64 / secs;
-        let (before, own_before) = (self.cpu_us, self.own_cpu_us);
+        let before = self.cpu_us;
         self.restart(now, appended_bytes);
-        let share = match (before, self.cpu_us, own_before, self.own_cpu_us) {
-            (Some(a), Some(b), Some(own_a), Some(own_b)) => {
+        let share = match (before, self.cpu_us) {
+            (Some((a, own_a)), Some((b, own_b))) => {
                 Yield::claims_share(b.saturating_sub(a), own_b.saturating_sub(own_a), secs, self.cores)
             }
             _ => 0.0,
@@ -2306,7 +2308,7 @@ mod tests {
         // second (this test's thread sleeps), so whatever the set's rate, the claims do not
         // want the CPU; and unmeasured, never.
         let mut load = Yield::new(now - Duration::from_secs(1), 0);
-        load.cpu_us = crate::background::process_cpu_us();
+        load.cpu_us = Yield::cpu_now();
         std::thread::sleep(Duration::from_millis(1));
         assert!(!load.busy(0, Instant::now(), fast));
         let mut load = Yield::new(now - Duration::from_secs(1), 0);
