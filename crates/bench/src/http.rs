@@ -481,6 +481,7 @@ pub fn scan_amount(body: &[u8]) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
     fn reads_the_servers_cpu_by_threads_from_its_metrics() {
@@ -552,6 +553,97 @@ mod tests {
         assert_eq!(with_port("[::1]"), "[::1]:80");
         assert!(path_segment_safe("f1a2b3u0x17"));
         assert!(!path_segment_safe("a/b") && !path_segment_safe("a b") && !path_segment_safe(""));
+    }
+
+    /// A server of one connection at a time that answers each request with the next of
+    /// `answers`, each written in pieces of `piece` bytes with a pause between them, and
+    /// closes the connection after an answer that says so. Returns its URL and the requests
+    /// it read, head and body, as one string each.
+    async fn scripted_server(
+        answers: Vec<&'static str>,
+        piece: usize,
+    ) -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}/", listener.local_addr().expect("addr"));
+        let (seen, requests) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut answers = answers.into_iter();
+            'conns: while let Ok((mut conn, _)) = listener.accept().await {
+                loop {
+                    let mut request = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    // A request is a head and, when it says so, a body of its length.
+                    let whole = loop {
+                        let n = conn.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 {
+                            continue 'conns;
+                        }
+                        request.extend_from_slice(&buf[..n]);
+                        let text = String::from_utf8_lossy(&request).to_string();
+                        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                            let len = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("Content-Length: "))
+                                .map_or(0, |n| n.parse::<usize>().expect("length"));
+                            if body.len() >= len {
+                                break text;
+                            }
+                        }
+                    };
+                    let _ = seen.send(whole);
+                    let Some(answer) = answers.next() else { return };
+                    for part in answer.as_bytes().chunks(piece) {
+                        conn.write_all(part).await.expect("write");
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    if answer.contains("connection: close") {
+                        continue 'conns;
+                    }
+                }
+            }
+        });
+        (url, requests)
+    }
+
+    #[tokio::test]
+    async fn reads_answers_that_arrive_in_pieces_and_reconnects_after_a_close() {
+        let (url, mut requests) = scripted_server(
+            vec![
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nserver-timing: app;dur=1.500\r\n\
+                 content-length: 51\r\n\r\n{\"packet_id\":\"7\",\"user\":\"u1\",\"amount\":321,\"at\":\"x\"}",
+                "HTTP/1.1 410 Gone\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
+                "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            ],
+            7,
+        )
+        .await;
+        let endpoint = Endpoint::new(&url, "svc-key", "adm-key").await.expect("endpoint");
+        let mut client = HttpClient::connect(endpoint).await.expect("connect");
+
+        assert_eq!(client.claim(7, "u1").await, Answer::Paid(321));
+        assert_eq!(client.server_time(), Some(Duration::from_micros(1500)));
+        let sent = requests.recv().await.expect("the claim");
+        assert!(sent.starts_with("POST /v1/packets/7/claim HTTP/1.1\r\nHost: 127.0.0.1:"), "{sent}");
+        assert!(sent.contains("\r\nAuthorization: Bearer svc-key\r\n"), "{sent}");
+        assert!(sent.contains("\r\nContent-Type: application/json\r\nContent-Length: 13\r\n"), "{sent}");
+        assert!(sent.ends_with("\r\n\r\n{\"user\":\"u1\"}"), "{sent}");
+
+        // Turned away, on an answer that closes the connection: the next request reconnects.
+        assert_eq!(client.claim(7, "u2").await, Answer::Away);
+        assert_eq!(client.server_time(), None);
+        assert!(client.stream.is_none(), "the server said it closes");
+        requests.recv().await.expect("the second claim");
+        assert_eq!(client.healthz().await, Answer::Done);
+        let sent = requests.recv().await.expect("the health check");
+        assert!(sent.starts_with("GET /healthz HTTP/1.1\r\n"), "{sent}");
+        assert!(!sent.contains("Authorization") && !sent.contains("Content-Length"), "{sent}");
+
+        // The server has no answer left and closes: an error, not a hang, and no stale stream.
+        match client.healthz().await {
+            Answer::Error(e) => assert!(e.contains("closed the connection"), "{e}"),
+            other => panic!("expected an error, got {other:?}"),
+        }
+        assert!(client.stream.is_none());
     }
 
     #[test]
