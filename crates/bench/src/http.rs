@@ -10,8 +10,8 @@
 //!
 //! Until the twenty-third session this was hyper's connection-level client. Each request
 //! crossed from the calling task to the connection's task and back (a channel, two wake-ups)
-//! and built hyper's request, header map and response: 9.7 µs of the bench's user CPU per
-//! festival claim against 4.7 µs per healthz, on top of the kernel's 10–11 µs for the socket.
+//! and built hyper's request, header map and response: 6–11 µs of the bench's user CPU per
+//! festival claim, against 2.7–3.0 µs now (BENCHMARKS.md, twenty-third session).
 
 use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
@@ -182,8 +182,8 @@ impl HttpClient {
     }
 
     /// Formats `method path` with `self.scratch` as its body (JSON, when not empty) into
-    /// `self.out`, for [`HttpClient::exchange`]. Apart from it: `Arguments` may not be held
-    /// across an `.await` in a task that may move between threads.
+    /// `self.out`, for [`HttpClient::exchange`]. Not part of it because `fmt::Arguments` is
+    /// not `Send`, and a load task's future must be.
     fn request(&mut self, method: &str, path: fmt::Arguments<'_>, key: Key) {
         self.out.clear();
         let _ = write!(self.out, "{method} {path} HTTP/1.1\r\nHost: {}\r\n", self.endpoint.host);
@@ -204,6 +204,12 @@ impl HttpClient {
         }
         self.out.extend_from_slice(b"\r\n");
         self.out.extend_from_slice(self.scratch.as_bytes());
+    }
+
+    /// [`HttpClient::request`] for a `GET`, which has no body.
+    fn get(&mut self, path: fmt::Arguments<'_>, key: Key) {
+        self.scratch.clear();
+        self.request("GET", path, key);
     }
 
     /// Sends the request in `self.out` and reads the whole answer; its body is then
@@ -274,8 +280,7 @@ impl HttpClient {
 
     /// `GET /healthz`.
     pub async fn healthz(&mut self) -> Answer {
-        self.scratch.clear();
-        self.request("GET", format_args!("/healthz"), Key::None);
+        self.get(format_args!("/healthz"), Key::None);
         match self.exchange().await {
             Ok(OK) => Answer::Done,
             Ok(SERVICE_UNAVAILABLE) => Answer::Overloaded,
@@ -290,8 +295,7 @@ impl HttpClient {
             return Answer::Error(format!("bad user id {user}"));
         }
         let what = if sent { "sent" } else { "received" };
-        self.scratch.clear();
-        self.request("GET", format_args!("/v1/users/{user}/{what}?limit=20"), Key::Service);
+        self.get(format_args!("/v1/users/{user}/{what}?limit=20"), Key::Service);
         match self.exchange().await {
             Ok(OK) => Answer::Done,
             Ok(SERVICE_UNAVAILABLE) => Answer::Overloaded,
@@ -348,8 +352,7 @@ impl HttpClient {
 
     /// `GET /metrics`: the server's CPU seconds by what its threads do ([`cpu_seconds`]).
     pub async fn cpu_seconds(&mut self) -> anyhow::Result<Option<BTreeMap<String, f64>>> {
-        self.scratch.clear();
-        self.request("GET", format_args!("/metrics"), Key::None);
+        self.get(format_args!("/metrics"), Key::None);
         let status = self.exchange().await.map_err(|e| anyhow!("metrics: {e}"))?;
         if status != OK {
             bail!("metrics: {status}");
@@ -359,8 +362,7 @@ impl HttpClient {
 
     /// `GET /v1/admin/audit`, as the server wrote it.
     pub async fn audit(&mut self) -> anyhow::Result<serde_json::Value> {
-        self.scratch.clear();
-        self.request("GET", format_args!("/v1/admin/audit"), Key::Admin);
+        self.get(format_args!("/v1/admin/audit"), Key::Admin);
         let status = self.exchange().await.map_err(|e| anyhow!("audit: {e}"))?;
         if status != OK {
             bail!("audit: {status} {}", String::from_utf8_lossy(self.body()));
