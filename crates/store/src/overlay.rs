@@ -28,9 +28,12 @@ use crate::Batch;
 use crate::{EntryKind, EntryRow, PacketRow, PacketUpdate, Result, StoreError};
 
 /// The records after `pruned_upto`, up to [`Overlay::indexed_seq`], by user and by packet. A
-/// user is looked up by the name the record holds, hashed once per lookup: in the festival
-/// every claimer is a new user, and the index's cost per claim is these lookups (two when it
-/// is indexed, one when it is dropped).
+/// user is looked up by the name the record holds, hashed once per lookup, and found again by
+/// the hash the record keeps when it is dropped: in the festival every claimer is a new user,
+/// and the index's cost per claim is these lookups (two when it is indexed, one when it is
+/// dropped) and the table's growth. Its slots are small ([`Filed`]) so that growth is cheap:
+/// with each user's part in the slot (136 bytes) the index took 30 % longer (BENCHMARKS.md,
+/// twenty-fourth session).
 /// Every per-key queue is in seq order; a record's keys say what to look at when it is dropped.
 #[derive(Default)]
 pub(crate) struct Overlay {
@@ -41,7 +44,7 @@ pub(crate) struct Overlay {
     /// Entries in the records indexed since the overlay was last emptied: the number of the
     /// next record's first entry.
     entries_seen: u64,
-    users: HashTable<(UserId, UserPending)>,
+    users: HashTable<Filed>,
     packets: FastMap<PacketId, PacketPending>,
     /// Not kept while the records not folded are past the journal's bound for it.
     suspended: bool,
@@ -49,6 +52,22 @@ pub(crate) struct Overlay {
 
 fn hash(name: &str) -> u64 {
     FastHash.hash_one(name)
+}
+
+/// A user in the index: their hash, kept so that a table that grows moves each slot without
+/// reading the name again, and their part behind a box, so that the slots it moves are small.
+struct Filed {
+    hash: u64,
+    user: UserId,
+    mine: Box<UserPending>,
+}
+
+impl Filed {
+    /// Whether this is `name`'s slot (`hash` being theirs): the hashes first, so another user's
+    /// name is read only when the two hashes are equal.
+    fn is(&self, hash: u64, name: &str) -> bool {
+        self.hash == hash && self.user.as_str() == name
+    }
 }
 
 /// What the records hold for one user.
@@ -96,7 +115,8 @@ impl PacketPending {
 struct Indexed {
     seq: u64,
     first_entry: u64,
-    users: Vec<UserId>,
+    /// With each user's hash, so that dropping the record does not hash their name again.
+    users: Vec<(u64, UserId)>,
     packets: Vec<PacketId>,
 }
 
@@ -188,29 +208,29 @@ impl Overlay {
     }
 
     fn find(&self, name: &str) -> Option<&UserPending> {
-        self.users.find(hash(name), |(k, _)| k.as_str() == name).map(|(_, mine)| mine)
+        let h = hash(name);
+        self.users.find(h, |f| f.is(h, name)).map(|f| &*f.mine)
     }
 
     /// The user's part, filed under record `rec` once.
     fn user<'a>(
-        users: &'a mut HashTable<(UserId, UserPending)>,
+        users: &'a mut HashTable<Filed>,
         rec: &mut Indexed,
         name: &str,
     ) -> Result<&'a mut UserPending> {
-        let (key, mine) =
-            match users.entry(hash(name), |(k, _)| k.as_str() == name, |(k, _)| hash(k.as_str())) {
-                Entry::Occupied(o) => o.into_mut(),
-                Entry::Vacant(v) => {
-                    let key = UserId::parse(name).map_err(|e| {
-                        StoreError::Corrupt(format!("a journal record holds user {name:?}: {e}"))
-                    })?;
-                    v.insert((key, UserPending::default())).into_mut()
-                }
-            };
-        if !mine.filed_by(rec.seq) {
-            rec.users.push(key.clone());
+        let h = hash(name);
+        let filed = match users.entry(h, |f| f.is(h, name), |f| f.hash) {
+            Entry::Occupied(o) => o.into_mut(),
+            Entry::Vacant(v) => {
+                let user = UserId::parse(name)
+                    .map_err(|e| StoreError::Corrupt(format!("a journal record holds user {name:?}: {e}")))?;
+                v.insert(Filed { hash: h, user, mine: Box::default() }).into_mut()
+            }
+        };
+        if !filed.mine.filed_by(rec.seq) {
+            rec.users.push((h, filed.user.clone()));
         }
-        Ok(mine)
+        Ok(&mut filed.mine)
     }
 
     /// Files record `seq` (the one after [`Overlay::indexed_seq`]) under its keys.
@@ -261,12 +281,11 @@ impl Overlay {
     pub(crate) fn prune(&mut self, seq: u64) {
         while self.records.front().is_some_and(|r| r.seq <= seq) {
             let r = self.records.pop_front().expect("a front record");
-            for user in &r.users {
-                let name = user.as_str();
-                let Ok(mut found) = self.users.find_entry(hash(name), |(k, _)| k.as_str() == name) else {
+            for (h, user) in &r.users {
+                let Ok(mut found) = self.users.find_entry(*h, |f| f.is(*h, user.as_str())) else {
                     continue;
                 };
-                let (_, mine) = found.get_mut();
+                let mine = &mut found.get_mut().mine;
                 drop_upto(&mut mine.entries, r.seq, |p| p.seq);
                 drop_upto(&mut mine.sent, r.seq, |(s, _)| *s);
                 drop_upto(&mut mine.best, r.seq, |(s, _)| *s);
