@@ -32,7 +32,7 @@ use crate::{EntryKind, EntryRow, PacketRow, PacketUpdate, Result, StoreError};
 /// the hash the record keeps when it is dropped: in the festival every claimer is a new user,
 /// and the index's cost per claim is these lookups (two when it is indexed, one when it is
 /// dropped) and the table's growth. Its slots are small ([`Filed`]) so that growth is cheap:
-/// with each user's part in the slot (136 bytes) the index took 30 % longer (BENCHMARKS.md,
+/// with each user's part in the slot (136 bytes) the index took 35–40 % longer (BENCHMARKS.md,
 /// twenty-fourth session).
 /// Every per-key queue is in seq order; a record's keys say what to look at when it is dropped.
 #[derive(Default)]
