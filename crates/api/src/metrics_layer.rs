@@ -3,7 +3,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
@@ -199,30 +199,98 @@ impl CpuByThreads {
     }
 }
 
+/// One thread as a read of `/proc/self/task` saw it: its kind (an index into
+/// [`THREAD_KINDS`], `None` for `other`) and the clock ticks it has used.
+type ThreadTicks = (Option<usize>, u64);
+
+/// What the reads before this one saw, so that every kind's counter only grows. A sum over the
+/// live threads alone goes back when a thread exits (tokio lets an idle blocking thread go
+/// after 10 s), or when it names itself anew (a blocking thread becomes a query thread once it
+/// has run a query); and `other`, the process's total less the named threads, goes back when
+/// the threads used more between the read of the total and the read of theirs. A scrape that
+/// saw a counter go back by a tick failed the bench's check that the kinds add up to the whole.
+#[derive(Debug, Default)]
+struct Ledger {
+    /// Each live thread by id: its kind, its ticks, and the ticks it had when it took that
+    /// kind (counted under the kind it had before).
+    threads: HashMap<u64, (Option<usize>, u64, u64)>,
+    /// Ticks of threads no longer of each kind (exited, or renamed).
+    left: [u64; THREAD_KINDS.len()],
+    /// The last `other` reported.
+    other: u64,
+}
+
+impl Ledger {
+    /// Takes in one read: the process's total ticks, then each live thread's. Returns the
+    /// ticks of each kind of [`THREAD_KINDS`], then `other`: each at least what it was before.
+    fn account(&mut self, total: u64, now: HashMap<u64, ThreadTicks>) -> [u64; THREAD_KINDS.len() + 1] {
+        let mut threads = HashMap::with_capacity(now.len());
+        for (tid, (kind, ticks)) in now {
+            let base = match self.threads.remove(&tid) {
+                Some((was, before, base)) if ticks >= before => {
+                    if was == kind {
+                        base
+                    } else {
+                        // Renamed: what it used so far stays with the kind it had.
+                        self.leave(was, before - base);
+                        before
+                    }
+                }
+                // Fewer ticks than before: the id names a new thread.
+                Some((was, before, base)) => {
+                    self.leave(was, before - base);
+                    0
+                }
+                None => 0,
+            };
+            threads.insert(tid, (kind, ticks, base));
+        }
+        for (_, (was, before, base)) in std::mem::replace(&mut self.threads, threads) {
+            self.leave(was, before - base);
+        }
+        let mut out = [0u64; THREAD_KINDS.len() + 1];
+        out[..THREAD_KINDS.len()].copy_from_slice(&self.left);
+        for (kind, ticks, base) in self.threads.values() {
+            if let Some(k) = kind {
+                out[*k] += ticks - base;
+            }
+        }
+        let named: u64 = out[..THREAD_KINDS.len()].iter().sum();
+        self.other = self.other.max(total.saturating_sub(named));
+        out[THREAD_KINDS.len()] = self.other;
+        out
+    }
+
+    fn leave(&mut self, kind: Option<usize>, ticks: u64) {
+        if let Some(k) = kind {
+            self.left[k] += ticks;
+        }
+    }
+}
+
 /// Reads this process's CPU time by thread kind from `/proc/self` (Linux). `None` elsewhere, or
 /// where `/proc` cannot be read: the metric is then left out, not reported as zero.
 fn cpu_by_threads() -> Option<CpuByThreads> {
+    static LEDGER: OnceLock<Mutex<Ledger>> = OnceLock::new();
     let ticks_per_s = ticks_per_s()?;
-    // The process's own figure counts its exited threads too, so `other` never goes back.
+    // The process's own figure counts its exited threads too.
     let total = cpu_ticks(&std::fs::read_to_string("/proc/self/stat").ok()?)?;
-    let mut by_kind = [0u64; THREAD_KINDS.len()];
+    let mut now = HashMap::new();
     for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
-        // A thread can exit between the listing and the read: it then counts under `other`.
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse::<u64>().ok()) else { continue };
+        // A thread can exit between the listing and the read: the ledger keeps its ticks.
         let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
         let Some(name) = thread_name(&stat) else { continue };
         let kind = THREAD_KINDS.iter().position(|(_, prefix)| {
             name.as_bytes().starts_with(&prefix.as_bytes()[..prefix.len().min(THREAD_NAME_BYTES_MAX)])
         });
-        if let Some(kind) = kind {
-            by_kind[kind] += cpu_ticks(&stat).unwrap_or(0);
-        }
+        now.insert(tid, (kind, cpu_ticks(&stat).unwrap_or(0)));
     }
+    let ticks =
+        LEDGER.get_or_init(Mutex::default).lock().unwrap_or_else(|p| p.into_inner()).account(total, now);
     let seconds = |ticks: u64| ticks as f64 / ticks_per_s as f64;
-    let named: u64 = by_kind.iter().sum();
-    let mut out: Vec<(&'static str, f64)> =
-        THREAD_KINDS.iter().zip(by_kind).map(|((kind, _), ticks)| (*kind, seconds(ticks))).collect();
-    out.push(("other", seconds(total.saturating_sub(named))));
-    Some(CpuByThreads { seconds: out })
+    let kinds = THREAD_KINDS.iter().map(|(kind, _)| *kind).chain(["other"]);
+    Some(CpuByThreads { seconds: kinds.zip(ticks).map(|(kind, t)| (kind, seconds(t))).collect() })
 }
 
 /// The kernel's clock ticks per second, the unit of `/proc`'s CPU times.
@@ -268,6 +336,36 @@ mod tests {
         assert_eq!(thread_name(stat), Some("a (b) c"));
         assert_eq!(cpu_ticks("4242 (cut short) S 1 2"), None);
         assert_eq!(cpu_ticks("no name at all"), None);
+    }
+
+    /// A read of the ledger from (thread id, kind, ticks) triples.
+    fn read(ledger: &mut Ledger, total: u64, threads: &[(u64, Option<usize>, u64)]) -> Vec<u64> {
+        ledger
+            .account(total, threads.iter().map(|&(tid, kind, ticks)| (tid, (kind, ticks))).collect())
+            .to_vec()
+    }
+
+    #[test]
+    fn no_kind_goes_back_when_threads_exit_rename_or_outrun_the_total() {
+        let (tokio, query, set) = (Some(0), Some(1), Some(2));
+        let mut ledger = Ledger::default();
+        // tokio, query, set, fold, checkpoint, other.
+        let first = read(&mut ledger, 100, &[(1, tokio, 40), (2, tokio, 10), (3, set, 30), (4, None, 5)]);
+        assert_eq!(first, [50, 0, 30, 0, 0, 20]);
+        // Thread 2 ran a query and named itself so: its 10 ticks stay with tokio, and only
+        // what it used after counts as a query's.
+        let renamed = read(&mut ledger, 130, &[(1, tokio, 50), (2, query, 25), (3, set, 35), (4, None, 5)]);
+        assert_eq!(renamed, [60, 15, 35, 0, 0, 20]);
+        // Thread 2 exits: the query counter keeps what it used. The total was read before
+        // the threads used 10 more ticks between them: `other` stays where it was.
+        let exited = read(&mut ledger, 140, &[(1, tokio, 60), (3, set, 45), (4, None, 5)]);
+        assert_eq!(exited, [70, 15, 45, 0, 0, 20]);
+        // Id 3 now names a new set thread, with fewer ticks than the old one had.
+        let reused = read(&mut ledger, 160, &[(1, tokio, 60), (3, set, 4), (4, None, 5)]);
+        assert_eq!(reused, [70, 15, 49, 0, 0, 26]);
+        for (before, after) in [&first, &renamed, &exited, &reused].windows(2).map(|w| (w[0], w[1])) {
+            assert!(before.iter().zip(after).all(|(b, a)| a >= b), "{before:?} then {after:?}");
+        }
     }
 
     #[test]
