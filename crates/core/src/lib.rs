@@ -26,6 +26,7 @@ impl std::hash::BuildHasher for FastHash {
 }
 
 pub mod amount;
+pub mod claims;
 pub mod clock;
 pub mod ids;
 pub mod limits;
@@ -33,6 +34,7 @@ pub mod money;
 pub mod packet;
 
 pub use amount::{equal_share, lucky_share, lucky_share_v1, AmountRule};
+pub use claims::Claims;
 pub use clock::{Clock, ManualClock, Millis, SystemClock};
 pub use ids::{set_of_user, IdError, PacketId, PacketIdGen, RequestId, UserId};
 pub use limits::{Limits, SendError, SendRequest, ValidSend};

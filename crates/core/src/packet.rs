@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::amount::{equal_share, AmountRule};
+use crate::claims::Claims;
 use crate::clock::Millis;
 use crate::ids::{PacketId, UserId};
 use crate::limits::ValidSend;
@@ -156,25 +157,25 @@ pub struct Packet {
     refunded_fen: i64,
     /// Shared, so a closed packet's claims (which never change again) can be handed out
     /// without a copy; an open packet's are this packet's alone, so adding one never copies.
-    claims: Arc<FastMap<UserId, Claim>>,
+    claims: Arc<Claims>,
     /// Live reservations: user → when the hold lapses. Not stored: a restart drops holds, which
     /// moves no money and only puts the shares back in the pool.
     holds: FastMap<UserId, Millis>,
     best: Option<Claim>,
 }
 
-/// Claims a packet's map is made for at its first claim: all of its shares, up to this many.
+/// Claims a packet's list is made for at its first claim: all of its shares, up to this many.
 /// Grown one doubling at a time instead, a 1,000-share packet's map was rehashed and
 /// reallocated nine times, and that was a tenth of a set thread's time in the in-process
 /// festival (BENCHMARKS.md, 2026-12-04). A packet of up to this many shares holds from its
-/// first claim the map it holds when every share is claimed (about 57 bytes a bucket, 117 KiB
-/// for 1,000 shares); a packet without claims holds none.
+/// first claim the list it holds when every share is claimed (40 bytes a claim and 8 bytes an
+/// index bucket: 58 KiB for 1,000 shares); a packet without claims holds none.
 const CLAIMS_PRESIZED_MAX: u32 = 1024;
 
-/// One empty claims map for every packet without claims (a million resident packets would
-/// otherwise hold a million empty allocations); the first share settled copies it.
-fn no_claims() -> Arc<FastMap<UserId, Claim>> {
-    static EMPTY: std::sync::OnceLock<Arc<FastMap<UserId, Claim>>> = std::sync::OnceLock::new();
+/// One empty claims list for every packet without claims (a million resident packets would
+/// otherwise hold a million empty allocations); the first share settled replaces it.
+fn no_claims() -> Arc<Claims> {
+    static EMPTY: std::sync::OnceLock<Arc<Claims>> = std::sync::OnceLock::new();
     EMPTY.get_or_init(Arc::default).clone()
 }
 
@@ -213,15 +214,15 @@ impl Packet {
             holds: FastMap::default(),
             best: None,
         };
-        let mut by_user = FastMap::with_capacity_and_hasher(claims.len(), Default::default());
+        let mut by_user = Claims::with_capacity(claims.len());
         let mut claims = claims;
         claims.sort_by_key(|c| c.index);
         for c in claims {
             p.opened_count += 1;
             p.opened_fen = p.opened_fen.checked_add(c.amount_fen).expect("opened sum overflows");
             p.note_best(&c);
-            let dup = by_user.insert(c.user.clone(), c);
-            assert!(dup.is_none(), "a user holds two shares of packet {}", p.header.id);
+            let dup = by_user.insert(c);
+            assert!(dup.is_ok(), "a user holds two shares of packet {}", p.header.id);
         }
         if !by_user.is_empty() {
             p.claims = Arc::new(by_user);
@@ -268,15 +269,16 @@ impl Packet {
     }
 
     pub fn claim_of(&self, user: &UserId) -> Option<&Claim> {
-        self.claims.get(user)
+        self.claims.get(user.as_str())
     }
 
+    /// Every claim, in the order they were opened.
     pub fn claims(&self) -> impl Iterator<Item = &Claim> {
-        self.claims.values()
+        self.claims.iter()
     }
 
-    /// The claims by user, shared rather than copied: a closed packet's never change again.
-    pub fn claims_by_user(&self) -> Arc<FastMap<UserId, Claim>> {
+    /// The claims, shared rather than copied: a closed packet's never change again.
+    pub fn claims_shared(&self) -> Arc<Claims> {
         self.claims.clone()
     }
 
@@ -308,7 +310,7 @@ impl Packet {
 
     /// Checks shared by grab, open and claim; `Ok(Some)` is a share the user already has.
     fn admit(&self, user: &UserId, now_ms: Millis) -> Result<Option<Claim>, ClaimError> {
-        if let Some(c) = self.claims.get(user) {
+        if let Some(c) = self.claims.get(user.as_str()) {
             return Ok(Some(c.clone()));
         }
         if !self.header.audience.admits(user) {
@@ -367,7 +369,8 @@ impl Packet {
         if let Some(claim) = self.admit(user, now_ms)? {
             return Ok(OpenOutcome { claim, fresh: false });
         }
-        let held = matches!(self.holds.remove(user), Some(until) if until > now_ms);
+        // Most packets are claimed without a grab first: no holds, and no user to hash for them.
+        let held = !self.holds.is_empty() && matches!(self.holds.remove(user), Some(until) if until > now_ms);
         if !held && !self.has_free_share(now_ms) {
             return Err(ClaimError::Exhausted);
         }
@@ -395,9 +398,10 @@ impl Packet {
         self.note_best(&claim);
         if self.claims.capacity() == 0 {
             let shares = self.header.count.min(CLAIMS_PRESIZED_MAX) as usize;
-            self.claims = Arc::new(FastMap::with_capacity_and_hasher(shares, Default::default()));
+            self.claims = Arc::new(Claims::with_capacity(shares));
         }
-        Arc::make_mut(&mut self.claims).insert(user.clone(), claim.clone());
+        let fresh = Arc::make_mut(&mut self.claims).insert(claim.clone());
+        assert!(fresh.is_ok(), "{user} settled a second share of packet {}", self.header.id);
         if self.opened_count == self.header.count {
             self.status = PacketStatus::Exhausted;
             self.holds.clear();
@@ -465,18 +469,18 @@ mod tests {
     }
 
     #[test]
-    fn the_first_claim_makes_the_claims_map_for_every_share_up_to_the_bound() {
+    fn the_first_claim_makes_the_claims_list_for_every_share_up_to_the_bound() {
         for (count, made_for) in [(1, 1), (10, 10), (1_000, 1_000), (5_000, CLAIMS_PRESIZED_MAX as usize)] {
             let mut p = packet(count);
-            assert_eq!(p.claims.capacity(), 0, "a packet without claims holds no map of its own");
+            assert_eq!(p.claims.capacity(), 0, "a packet without claims holds no list of its own");
             p.claim(&user(0), 2_000).unwrap();
             let capacity = p.claims.capacity();
             assert!(capacity >= made_for, "{count} shares: made for {capacity} claims, not {made_for}");
             for i in 1..count.min(CLAIMS_PRESIZED_MAX) {
                 p.claim(&user(i), 2_000).unwrap();
             }
-            assert_eq!(p.claims.capacity(), capacity, "{count} shares: the map grew before the bound");
+            assert_eq!(p.claims.capacity(), capacity, "{count} shares: the list grew before the bound");
         }
-        assert_eq!(no_claims().capacity(), 0, "the shared empty map stays empty");
+        assert_eq!(no_claims().capacity(), 0, "the shared empty list stays empty");
     }
 }

@@ -3,9 +3,9 @@
 //! kernel in small pages, not huge ones. Both binaries call [`configure`] first in `main`.
 //!
 //! mimalloc returns a free page to the kernel 1 s after it was freed (`purge_delay`). The
-//! engine frees memory in bursts and takes as much again soon after: a packet's claims map
-//! (about 115 KiB for 1,000 shares) is freed when the packet leaves the closed cache, and the
-//! next packets' maps, a fresh wallet table after a doubling, take it again. Memory that went
+//! engine frees memory in bursts and takes as much again soon after: a packet's claims list
+//! (about 58 KiB for 1,000 shares) is freed when the packet leaves the closed cache, and the
+//! next packets' lists, a fresh wallet table after a doubling, take it again. Memory that went
 //! back to the kernel comes back as a page fault and a zeroed page each (2 MiB at a time where
 //! the kernel gives huge pages), on a set thread, in the middle of a batch. In an HTTP festival
 //! at half rate the server took 0.09–0.12 minor faults a claim with the default and

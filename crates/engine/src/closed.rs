@@ -9,12 +9,12 @@
 
 use std::sync::{Arc, PoisonError, RwLock};
 
-use hongbao_core::{Audience, Claim, ClaimError, FastMap, Millis, Packet, PacketId, PacketStatus, UserId};
+use hongbao_core::{Audience, ClaimError, Claims, FastMap, Millis, Packet, PacketId, PacketStatus, UserId};
 
 /// What a grab, open or claim of a closed packet needs to be answered without its set.
 struct Closed {
     /// The packet's own claims, shared: they never change once it is closed.
-    claims: Arc<FastMap<UserId, Claim>>,
+    claims: Arc<Claims>,
     audience: Audience,
     expires_at_ms: Millis,
     status: PacketStatus,
@@ -23,7 +23,7 @@ struct Closed {
 impl Closed {
     fn of(p: &Packet) -> Closed {
         Closed {
-            claims: p.claims_by_user(),
+            claims: p.claims_shared(),
             audience: p.header().audience.clone(),
             expires_at_ms: p.header().expires_at_ms,
             status: p.status(),
@@ -32,7 +32,7 @@ impl Closed {
 
     /// The set's answer to anyone but a claimer: `Packet::admit`'s checks, in its order.
     fn refusal(&self, user: &UserId, now_ms: Millis) -> Option<ClaimError> {
-        if self.claims.contains_key(user) {
+        if self.claims.contains(user.as_str()) {
             return None;
         }
         if !self.audience.admits(user) {
