@@ -6,7 +6,7 @@
 //! user being cloned) then waited for. Here a claim is appended to a list, next to the one
 //! before, and the index holds 8 bytes a bucket (the claim's position and its user's hash): a
 //! 1,000-share packet's index is 18 KiB, small enough to stay in cache while the packet is
-//! hot, and the whole packet takes half the memory. The index keeps the hash, so it grows
+//! hot, and a packet's claims take half the memory. The index keeps the hash, so it grows
 //! without reading any user's name again (a 100,000-share packet grows past its first size).
 
 use std::hash::BuildHasher;
@@ -49,11 +49,14 @@ impl Claims {
 
     /// The claim `user` holds.
     pub fn get(&self, user: &str) -> Option<&Claim> {
-        let h = hash(user);
-        let slot = self
-            .by_user
-            .find(table_hash(h), |s| s.hash == h && self.list[s.at as usize].user.as_str() == user)?;
+        let slot = self.slot(hash(user), user)?;
         Some(&self.list[slot.at as usize])
+    }
+
+    /// The slot of `user`, whose hash's upper half is `h`: the halves first, so another user's
+    /// name is read only when they are equal.
+    fn slot(&self, h: u32, user: &str) -> Option<&Slot> {
+        self.by_user.find(table_hash(h), |s| s.hash == h && self.list[s.at as usize].user.as_str() == user)
     }
 
     pub fn contains(&self, user: &str) -> bool {
@@ -64,10 +67,7 @@ impl Claims {
     /// and it is handed back.
     pub fn insert(&mut self, claim: Claim) -> Result<(), Claim> {
         let h = hash(claim.user.as_str());
-        let list = &self.list;
-        let found =
-            self.by_user.find(table_hash(h), |s| s.hash == h && list[s.at as usize].user == claim.user);
-        if found.is_some() {
+        if self.slot(h, claim.user.as_str()).is_some() {
             return Err(claim);
         }
         let at = u32::try_from(self.list.len()).expect("a packet holds fewer than 2^32 claims");
@@ -84,7 +84,7 @@ impl Claims {
         self.list.is_empty()
     }
 
-    /// Claims the list holds room for.
+    /// Claims it holds room for without growing.
     pub fn capacity(&self) -> usize {
         self.list.capacity().min(self.by_user.capacity())
     }
