@@ -809,12 +809,14 @@ async fn batch_claimer(mut task: Task, w: usize, batch: usize) -> TaskEnd {
     let recorder = go.recorder.clone();
     let mut rng = SmallRng::seed_from_u64(rand::random::<u64>() ^ w as u64);
     let mut user = String::with_capacity(48);
-    let mut last_paid: Option<UserId> = None;
+    // The seq of the last claimer paid: their name is written again only when a query asks
+    // for it, not kept (a reference-counted clone a claim, on the engine's users).
+    let mut last_paid: Option<u64> = None;
     let mut history_due = 0u64;
     let mut history: Option<tokio::task::JoinHandle<TaskEnd>> = None;
     let mut seq: u64 = 0;
-    // Festival: the slot and packet each claim of the call was drawn from.
-    let mut drawn: Vec<(usize, u64)> = Vec::with_capacity(batch);
+    // The slot, packet and claimer seq each claim of the call was drawn with.
+    let mut drawn: Vec<(usize, u64, u64)> = Vec::with_capacity(batch);
     while Instant::now() < go.deadline {
         let mut claims = Vec::with_capacity(batch);
         drawn.clear();
@@ -834,32 +836,30 @@ async fn batch_claimer(mut task: Task, w: usize, batch: usize) -> TaskEnd {
                 continue;
             };
             claims.push((id, u));
-            drawn.push((slot, packet));
+            drawn.push((slot, packet, seq));
         }
         if claims.is_empty() {
             // Every slot drawn is waiting for its re-send: let the refillers run.
             tokio::task::yield_now().await;
             continue;
         }
-        let users: Vec<UserId> = claims.iter().map(|(_, u)| u.clone()).collect();
         let origin = Instant::now();
         let answers = client.claim_many(claims).await;
         let now = Instant::now();
-        let latency = now.saturating_duration_since(origin);
-        for (i, answer) in answers.iter().enumerate() {
-            recorder.record(Op::Claim, answer.outcome(), latency, answer.paid_fen(), now);
+        recorder.record_many(Op::Claim, &answers, now.saturating_duration_since(origin), now);
+        for (answer, &(slot, packet, seq)) in answers.iter().zip(&drawn) {
             match (answer, &*plan) {
                 (Answer::Paid(_), Plan::Storm { .. }) => plan.storm_paid(go.start),
                 (Answer::Away, Plan::Storm { .. }) => plan.storm_emptied(go.start),
-                (Answer::Paid(_), Plan::Festival { .. }) => last_paid = Some(users[i].clone()),
-                (Answer::Away, Plan::Festival { .. }) => plan.festival_emptied(drawn[i].0, drawn[i].1),
+                (Answer::Paid(_), Plan::Festival { .. }) => last_paid = Some(seq),
+                (Answer::Away, Plan::Festival { .. }) => plan.festival_emptied(slot, packet),
                 (Answer::Error(e), _) => recorder.error_sample(e),
                 _ => {}
             }
         }
         end.requests += answers.len() as u64;
         end.last = Some(now);
-        let Plan::Festival { history_per_mille, senders, .. } = &*plan else { continue };
+        let Plan::Festival { history_per_mille, senders, prefix, .. } = &*plan else { continue };
         history_due += answers.len() as u64 * u64::from(*history_per_mille);
         // Queries come due while the last run is still going: they wait for the next call.
         if history_due < 1000 || history.as_ref().is_some_and(|h| !h.is_finished()) {
@@ -869,8 +869,11 @@ async fn batch_claimer(mut task: Task, w: usize, batch: usize) -> TaskEnd {
             end.absorb(h.await.unwrap_or(TaskEnd { requests: 0, last: None }));
         }
         let asks: Vec<(String, bool)> = (0..history_due / 1000)
-            .map(|_| match &last_paid {
-                Some(u) if rng.random_bool(0.5) => (u.as_str().to_string(), false),
+            .map(|_| match last_paid {
+                Some(paid) if rng.random_bool(0.5) => {
+                    claimer_name(&mut user, prefix, w, paid);
+                    (user.clone(), false)
+                }
                 _ => (senders[rng.random_range(0..senders.len())].clone(), true),
             })
             .collect();

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
+use crate::client::Answer;
+
 /// Highest latency a histogram holds: longer ones are recorded as this. Requests time out
 /// well before it (see `http::REQUEST_TIMEOUT`).
 pub const LATENCY_US_MAX: u64 = 60_000_000;
@@ -139,6 +141,26 @@ impl Recorder {
             slot.counts[op as usize][outcome as usize] += 1;
             slot.paid_fen += paid_fen;
             slot.latency_us[op as usize].get_or_insert_with(new_histogram).saturating_record(micros(latency));
+        });
+    }
+
+    /// Counts the answers of one batched call, which all arrived at `now` after `latency`: as
+    /// [`Recorder::record`] would count each, but with one visit to this thread's slot and one
+    /// histogram update a kind of outcome, not one a claim (the load thread's time is taken
+    /// from the engine's in the memory-only festival).
+    pub fn record_many(self: &Arc<Recorder>, op: Op, answers: &[Answer], latency: Duration, now: Instant) {
+        if answers.is_empty() {
+            return;
+        }
+        self.with_slot(now, |slot| {
+            for a in answers {
+                slot.counts[op as usize][a.outcome() as usize] += 1;
+                slot.paid_fen += a.paid_fen();
+            }
+            let n = answers.len() as u64;
+            slot.latency_us[op as usize]
+                .get_or_insert_with(new_histogram)
+                .saturating_record_n(micros(latency), n);
         });
     }
 
@@ -321,5 +343,39 @@ mod tests {
         let p = Percentiles::of(total.latency_us[Op::Claim as usize].as_ref());
         assert_eq!(p.count, 2);
         assert!(p.latency_us_max >= 899 && p.latency_us_max <= 901);
+    }
+
+    #[test]
+    fn a_batch_is_counted_as_each_of_its_answers_would_be() {
+        let start = Instant::now();
+        let answers = [
+            Answer::Paid(120),
+            Answer::Away,
+            Answer::Paid(30),
+            Answer::Overloaded,
+            Answer::Error("x".into()),
+        ];
+        let (each, many) = (Recorder::new(start), Recorder::new(start));
+        let (latency, now) = (Duration::from_micros(2_500), start + Duration::from_millis(20));
+        for a in &answers {
+            each.record(Op::Claim, a.outcome(), latency, a.paid_fen(), now);
+        }
+        many.record_many(Op::Claim, &answers, latency, now);
+        many.record_many(Op::Claim, &[], latency, now);
+        flush_thread();
+        let (each, many) = (each.total(), many.total());
+        for outcome in [Outcome::Ok, Outcome::Away, Outcome::Overloaded, Outcome::Error] {
+            assert_eq!(many.count(Op::Claim, outcome), each.count(Op::Claim, outcome), "{outcome:?}");
+        }
+        assert_eq!(many.count(Op::Claim, Outcome::Ok), 2);
+        assert_eq!(many.paid_fen, 150);
+        let (pe, pm) = (
+            Percentiles::of(each.latency_us[Op::Claim as usize].as_ref()),
+            Percentiles::of(many.latency_us[Op::Claim as usize].as_ref()),
+        );
+        assert_eq!(
+            (pm.count, pm.latency_us_p99, pm.latency_us_max),
+            (5, pe.latency_us_p99, pe.latency_us_max)
+        );
     }
 }
