@@ -97,6 +97,9 @@ struct Inner {
     config: EngineConfig,
     queues: Vec<Sender<Command>>,
     readers: Vec<Arc<dyn Reader>>,
+    /// Whether any reader's reads may wait on I/O (`Reader::blocks`): then every query runs on
+    /// the blocking pool.
+    reads_block: bool,
     ready: Vec<Arc<AtomicBool>>,
     /// Set once shutdown begins: new commands are refused, and sets reloading give up.
     stopping: Arc<AtomicBool>,
@@ -251,6 +254,7 @@ impl Engine {
             inner: Arc::new(Inner {
                 config,
                 queues,
+                reads_block: readers.iter().any(|r| r.blocks()),
                 readers,
                 ready,
                 stopping,
@@ -301,6 +305,10 @@ impl Engine {
 
     pub(crate) fn readers(&self) -> &[Arc<dyn Reader>] {
         &self.inner.readers
+    }
+
+    pub(crate) fn reads_block(&self) -> bool {
+        self.inner.reads_block
     }
 
     pub(crate) fn user_set(&self, user: &UserId) -> u32 {

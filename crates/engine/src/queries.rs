@@ -34,11 +34,16 @@ async fn read<T: Send + 'static>(
 
 /// Runs a blocking read that needs no catch-up (see the module's note). Whatever `f` reads (one
 /// set's reader or all of them, owned by the closure), it takes one query slot and one trip to
-/// the blocking pool.
+/// the blocking pool; when no reader waits on I/O (`Reader::blocks`: the memory-only store),
+/// it runs here instead, yielding as the trip would.
 async fn read_now<T: Send + 'static>(
     engine: &Engine,
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, EngineError> {
+    if !engine.reads_block() {
+        tokio::task::consume_budget().await;
+        return f().map_err(EngineError::from);
+    }
     let permits = engine.query_permits();
     let permit = tokio::time::timeout(QUERY_WAIT_MAX, permits.acquire_owned())
         .await

@@ -461,3 +461,84 @@ async fn a_busy_set_gathers_commands_for_its_commit_spacing_and_an_idle_set_comm
     let (commits, _) = deposits_and_commits(Duration::ZERO).await;
     assert!(commits >= 3, "{commits} commits without spacing");
 }
+
+/// Answers as `NullReader` does, says whether it blocks as told, and records the thread each
+/// balance was read on.
+struct WhereRead {
+    blocks: bool,
+    threads: std::sync::Mutex<Vec<std::thread::ThreadId>>,
+}
+
+impl Reader for WhereRead {
+    fn blocks(&self) -> bool {
+        self.blocks
+    }
+    fn balance(&self, user: &UserId) -> hongbao_store::Result<Option<i64>> {
+        self.threads.lock().unwrap().push(std::thread::current().id());
+        NullReader.balance(user)
+    }
+    fn entries(
+        &self,
+        u: &UserId,
+        b: Option<i64>,
+        l: u32,
+    ) -> hongbao_store::Result<Vec<hongbao_store::EntryRow>> {
+        NullReader.entries(u, b, l)
+    }
+    fn packet(&self, id: PacketId) -> hongbao_store::Result<Option<hongbao_store::PacketRow>> {
+        NullReader.packet(id)
+    }
+    fn claims(
+        &self,
+        id: PacketId,
+        a: Option<u32>,
+        l: u32,
+    ) -> hongbao_store::Result<Vec<hongbao_core::Claim>> {
+        NullReader.claims(id, a, l)
+    }
+    fn sent(
+        &self,
+        u: &UserId,
+        f: i64,
+        t: i64,
+        b: Option<PacketId>,
+        l: u32,
+    ) -> hongbao_store::Result<hongbao_store::SentPage> {
+        NullReader.sent(u, f, t, b, l)
+    }
+    fn received(
+        &self,
+        u: &UserId,
+        f: i64,
+        t: i64,
+        b: Option<i64>,
+        l: u32,
+    ) -> hongbao_store::Result<hongbao_store::ReceivedPage> {
+        NullReader.received(u, f, t, b, l)
+    }
+    fn best_luck_count(&self, u: &UserId, f: i64, t: i64) -> hongbao_store::Result<u64> {
+        NullReader.best_luck_count(u, f, t)
+    }
+}
+
+#[test]
+fn a_reader_that_waits_on_nothing_is_read_on_the_callers_thread_and_one_that_may_on_a_query_thread() {
+    for blocks in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = EngineConfig::new(dir.path().to_path_buf());
+        config.seed = Some(7);
+        let reader = Arc::new(WhereRead { blocks, threads: std::sync::Mutex::new(Vec::new()) });
+        let stores: Vec<(Box<dyn Store>, Arc<dyn Reader>)> = vec![(Box::new(NullStore), reader.clone())];
+        let engine = Engine::start_with(config, stores, Arc::new(ManualClock::new(T0_MS))).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let caller = std::thread::current().id();
+        rt.block_on(async {
+            assert_eq!(engine.wallet(user("u")).await.unwrap().balance_fen, 0);
+        });
+        rt.block_on(engine.shutdown());
+        // The runtime runs on this thread: a read here is the caller's, one elsewhere the pool's.
+        let threads = reader.threads.lock().unwrap().clone();
+        assert_eq!(threads.len(), 1, "blocks: {blocks}");
+        assert_eq!(threads[0] == caller, !blocks, "blocks: {blocks}");
+    }
+}

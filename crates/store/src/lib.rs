@@ -322,6 +322,14 @@ pub trait Reader: Send + Sync + 'static {
         None
     }
 
+    /// Whether a read may wait on I/O (a file, a server): the engine then runs it on the
+    /// blocking pool. A reader that answers from memory alone says `false`, and its reads run
+    /// on the caller's task: a trip to the pool is a thread woken and put back to sleep, which
+    /// costs more than such a read.
+    fn blocks(&self) -> bool {
+        true
+    }
+
     fn balance(&self, user: &UserId) -> Result<Option<i64>>;
     fn entries(&self, user: &UserId, before_id: Option<i64>, limit: u32) -> Result<Vec<EntryRow>>;
     fn packet(&self, id: PacketId) -> Result<Option<PacketRow>>;
