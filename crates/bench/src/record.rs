@@ -146,8 +146,8 @@ impl Recorder {
 
     /// Counts the answers of one batched call, which all arrived at `now` after `latency`: as
     /// [`Recorder::record`] would count each, but with one visit to this thread's slot and one
-    /// histogram update a kind of outcome, not one a claim (the load thread's time is taken
-    /// from the engine's in the memory-only festival).
+    /// histogram update for the call, not one a claim (the load thread's time is taken from
+    /// the engine's in the memory-only festival).
     pub fn record_many(self: &Arc<Recorder>, op: Op, answers: &[Answer], latency: Duration, now: Instant) {
         if answers.is_empty() {
             return;
