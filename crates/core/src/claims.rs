@@ -11,6 +11,7 @@
 
 use std::hash::BuildHasher;
 
+use hashbrown::hash_table::Entry;
 use hashbrown::HashTable;
 
 use crate::packet::Claim;
@@ -41,6 +42,12 @@ fn table_hash(half: u32) -> u64 {
     (u64::from(half) << 32) | u64::from(half)
 }
 
+/// Whether a slot is `user`'s, whose hash's upper half is `h`: the halves first, so another
+/// user's name is read only when they are equal.
+fn is<'a>(list: &'a [Claim], h: u32, user: &'a str) -> impl Fn(&Slot) -> bool + 'a {
+    move |s| s.hash == h && list[s.at as usize].user.as_str() == user
+}
+
 impl Claims {
     /// Room for `claims` without growing.
     pub fn with_capacity(claims: usize) -> Claims {
@@ -53,10 +60,8 @@ impl Claims {
         Some(&self.list[slot.at as usize])
     }
 
-    /// The slot of `user`, whose hash's upper half is `h`: the halves first, so another user's
-    /// name is read only when they are equal.
     fn slot(&self, h: u32, user: &str) -> Option<&Slot> {
-        self.by_user.find(table_hash(h), |s| s.hash == h && self.list[s.at as usize].user.as_str() == user)
+        self.by_user.find(table_hash(h), is(&self.list, h, user))
     }
 
     pub fn contains(&self, user: &str) -> bool {
@@ -67,12 +72,16 @@ impl Claims {
     /// and it is handed back.
     pub fn insert(&mut self, claim: Claim) -> Result<(), Claim> {
         let h = hash(claim.user.as_str());
-        if self.slot(h, claim.user.as_str()).is_some() {
+        let Claims { list, by_user } = self;
+        // One probe finds the user's slot or the place for it.
+        let user = claim.user.as_str();
+        let entry = by_user.entry(table_hash(h), is(list, h, user), |s| table_hash(s.hash));
+        let Entry::Vacant(place) = entry else {
             return Err(claim);
-        }
-        let at = u32::try_from(self.list.len()).expect("a packet holds fewer than 2^32 claims");
-        self.by_user.insert_unique(table_hash(h), Slot { at, hash: h }, |s| table_hash(s.hash));
-        self.list.push(claim);
+        };
+        let at = u32::try_from(list.len()).expect("a packet holds fewer than 2^32 claims");
+        place.insert(Slot { at, hash: h });
+        list.push(claim);
         Ok(())
     }
 
