@@ -28,6 +28,7 @@ impl std::hash::BuildHasher for FastHash {
 pub mod amount;
 pub mod claims;
 pub mod clock;
+pub mod hint;
 pub mod ids;
 pub mod limits;
 pub mod money;
