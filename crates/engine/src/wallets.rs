@@ -1,4 +1,4 @@
-//! A set's wallet balances: a hash map split into [`SHARDS`] tables by the user's hash.
+//! A set's wallet balances: [`SHARDS`] open-addressed tables, picked by the user's hash.
 //!
 //! One table of millions of wallets grows by doubling: every doubling moves each wallet into a
 //! fresh table that is faulted in page by page, all within one batch. In the in-process
@@ -10,38 +10,52 @@
 //! the place in it; it is kept beside the wallet, so a doubling moves wallets without reading a
 //! user's name again (a cache miss a wallet, in memory the set touches nowhere else: two
 //! fifths of the doubling's time in the in-process festival, BENCHMARKS.md, eleventh session).
+//!
+//! A table is an array of whole wallets, probed linearly from the place the hash picks, not a
+//! hashbrown table: hashbrown keeps its control bytes apart from its slots, so a new user's
+//! wallet cost two misses to memory (the control bytes, then the slot written), and the place
+//! it would look at cannot be known ahead. Here the place is `hash & mask`, one cache line
+//! that a batch asks for a few claims ahead ([`Wallets::prefetch`]), so the miss is paid
+//! while the set settles the claims before it (BENCHMARKS.md, 2026-12-06, twenty-seventh
+//! session).
 
 use std::hash::BuildHasher;
 
-use hashbrown::hash_table::Entry;
-use hashbrown::HashTable;
 use hongbao_core::{FastHash, UserId};
 
 /// Tables; a power of two.
 const SHARDS: usize = 64;
 /// The hash bits that pick a table: above the bits a table uses for a place (the low ones, as
-/// many as it has places in powers of two) and below its tag (the top seven).
+/// many as it has places in powers of two).
 const SHARD_SHIFT: u32 = 40;
+/// A table doubles before it would be fuller than this many eighths, so a probe for a user it
+/// does not hold ends within a few places.
+const LOAD_EIGHTHS: usize = 6;
+/// The fewest places a table has.
+const MIN_PLACES: usize = 8;
 
 #[derive(Debug)]
 pub(crate) struct Wallets {
-    shards: Box<[HashTable<Wallet>]>,
+    shards: Box<[Table]>,
 }
 
-/// One wallet, with its user's hash.
+/// One table, open-addressed: a wallet sits at the place its hash picks or the first free one
+/// after it (linear probing). Wallets are never removed, so a free place ends every probe.
 #[derive(Debug)]
-struct Wallet {
-    hash: u64,
-    user: UserId,
-    fen: i64,
+struct Table {
+    /// A power of two of them, never fuller than `LOAD_EIGHTHS`.
+    places: Box<[Place]>,
+    len: usize,
 }
 
-impl Wallet {
-    /// Whether this is `user`'s wallet (`hash` being theirs): the hashes first, so another
-    /// user's name is read only when the two hashes are equal.
-    fn is(&self, hash: u64, user: &str) -> bool {
-        self.hash == hash && self.user.as_str() == user
-    }
+/// A place: free (no user) or one wallet with its user's hash. 32 bytes aligned to 32, so a
+/// place never straddles two cache lines.
+#[derive(Debug, Default)]
+#[repr(align(32))]
+struct Place {
+    hash: u64,
+    user: Option<UserId>,
+    fen: i64,
 }
 
 impl Default for Wallets {
@@ -58,35 +72,97 @@ fn shard(hash: u64) -> usize {
     (hash >> SHARD_SHIFT) as usize & (SHARDS - 1)
 }
 
+fn free_places(n: usize) -> Box<[Place]> {
+    std::iter::repeat_with(Place::default).take(n).collect()
+}
+
+impl Table {
+    /// Room for `wallets` without doubling.
+    fn with_capacity(wallets: usize) -> Table {
+        let places = (wallets * 8).div_ceil(LOAD_EIGHTHS).next_power_of_two().max(MIN_PLACES);
+        Table { places: free_places(places), len: 0 }
+    }
+
+    fn mask(&self) -> usize {
+        self.places.len() - 1
+    }
+
+    /// Where `user`'s wallet is (true), or the free place where it would go (false).
+    fn probe(&self, hash: u64, user: &str) -> (usize, bool) {
+        let mask = self.mask();
+        let mut at = hash as usize & mask;
+        loop {
+            let place = &self.places[at];
+            match &place.user {
+                None => return (at, false),
+                Some(u) if place.hash == hash && u.as_str() == user => return (at, true),
+                Some(_) => at = (at + 1) & mask,
+            }
+        }
+    }
+
+    /// Moves every wallet into twice the places, by the hash each keeps: no user's name is
+    /// read.
+    fn double(&mut self) {
+        let doubled = free_places(self.places.len() * 2);
+        let old = std::mem::replace(&mut self.places, doubled);
+        let mask = self.mask();
+        for place in old.into_vec().into_iter().filter(|p| p.user.is_some()) {
+            let mut at = place.hash as usize & mask;
+            while self.places[at].user.is_some() {
+                at = (at + 1) & mask;
+            }
+            self.places[at] = place;
+        }
+    }
+}
+
 impl Wallets {
     /// Room for `wallets` spread evenly, so a start with a million wallets does not double
     /// its tables on the way.
     pub(crate) fn with_capacity(wallets: usize) -> Wallets {
         let each = wallets.div_ceil(SHARDS);
-        Wallets { shards: (0..SHARDS).map(|_| HashTable::with_capacity(each)).collect() }
+        Wallets { shards: (0..SHARDS).map(|_| Table::with_capacity(each)).collect() }
     }
 
-    /// Wallets held; counted table by table (it is read once, when the set starts).
+    /// Wallets held.
     pub(crate) fn len(&self) -> usize {
-        self.shards.iter().map(HashTable::len).sum()
+        self.shards.iter().map(|t| t.len).sum()
     }
 
     /// The balance of `user`; `None` when the set holds no wallet for them.
     pub(crate) fn get(&self, user: &str) -> Option<i64> {
         let h = hash(user);
-        self.shards[shard(h)].find(h, |w| w.is(h, user)).map(|w| w.fen)
+        let t = &self.shards[shard(h)];
+        match t.probe(h, user) {
+            (at, true) => Some(t.places[at].fen),
+            (_, false) => None,
+        }
     }
 
-    /// The balance of `user`, found or made at 0 in one lookup, and whether it was made. The
+    /// Asks the CPU to start loading the place where `user`'s wallet is or would go, so that
+    /// a lookup a few claims later finds it in cache. Only a hint: nothing changes.
+    pub(crate) fn prefetch(&self, user: &str) {
+        let h = hash(user);
+        let t = &self.shards[shard(h)];
+        hongbao_core::hint::prefetch(&t.places[h as usize & t.mask()]);
+    }
+
+    /// The balance of `user`, found or made at 0 in one probe, and whether it was made. The
     /// user is cloned only for a new wallet.
     fn slot(&mut self, user: &UserId) -> (&mut i64, bool) {
         let h = hash(user.as_str());
-        match self.shards[shard(h)].entry(h, |w| w.is(h, user.as_str()), |w| w.hash) {
-            Entry::Occupied(e) => (&mut e.into_mut().fen, false),
-            Entry::Vacant(e) => {
-                (&mut e.insert(Wallet { hash: h, user: user.clone(), fen: 0 }).into_mut().fen, true)
+        let t = &mut self.shards[shard(h)];
+        let (mut at, found) = t.probe(h, user.as_str());
+        if !found {
+            if (t.len + 1) * 8 > t.places.len() * LOAD_EIGHTHS {
+                t.double();
+                at = t.probe(h, user.as_str()).0;
             }
+            t.places[at] = Place { hash: h, user: Some(user.clone()), fen: 0 };
+            t.len += 1;
         }
+        (&mut t.places[at].fen, !found)
     }
 
     /// Sets the balance of `user` and returns the one before (`None`: a new wallet).
@@ -105,14 +181,18 @@ impl Wallets {
         *balance
     }
 
+    fn wallets(&self) -> impl Iterator<Item = &Place> + '_ {
+        self.shards.iter().flat_map(|t| t.places.iter().filter(|p| p.user.is_some()))
+    }
+
     /// Every wallet as (user, balance), in no particular order.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&UserId, i64)> + '_ {
-        self.shards.iter().flat_map(|t| t.iter().map(|w| (&w.user, w.fen)))
+        self.wallets().filter_map(|p| Some((p.user.as_ref()?, p.fen)))
     }
 
     /// Every balance, in no particular order.
     pub(crate) fn balances(&self) -> impl Iterator<Item = i64> + '_ {
-        self.shards.iter().flat_map(|t| t.iter().map(|w| w.fen))
+        self.wallets().map(|p| p.fen)
     }
 }
 
@@ -158,14 +238,44 @@ mod tests {
             assert_eq!(w.get(&format!("u{i}")), Some(want), "u{i}");
         }
         assert_eq!(w.balances().count(), n as usize);
+        assert_eq!(w.iter().count(), n as usize);
         // Evenly spread: no table holds twice its share, none is empty.
         let share = n as usize / SHARDS;
         for t in w.shards.iter() {
-            assert!(
-                t.len() > share / 2 && t.len() < share * 2,
-                "{} wallets against a share of {share}",
-                t.len()
-            );
+            assert!(t.len > share / 2 && t.len < share * 2, "{} wallets against a share of {share}", t.len);
+        }
+    }
+
+    proptest::proptest! {
+        /// Any run of sets and credits leaves each user the balance a plain map says, and
+        /// every wallet listed once, whatever the tables' doublings and probe chains.
+        #[test]
+        fn the_tables_hold_what_a_map_would(
+            ops in proptest::collection::vec((0u16..600, proptest::bool::ANY, 0i64..1_000), 1..3_000),
+            capacity in 0usize..2_000,
+        ) {
+            let mut w = Wallets::with_capacity(capacity);
+            let mut model = std::collections::HashMap::new();
+            for (who, set, fen) in ops {
+                let u = user(&format!("user-{who}"));
+                if set {
+                    proptest::prop_assert_eq!(w.set(&u, fen), model.insert(who, fen));
+                } else {
+                    let now = model.get(&who).copied().unwrap_or(0) + fen;
+                    model.insert(who, now);
+                    proptest::prop_assert_eq!(w.credit(&u, fen), now);
+                }
+            }
+            proptest::prop_assert_eq!(w.len(), model.len());
+            for (who, fen) in &model {
+                proptest::prop_assert_eq!(w.get(&format!("user-{who}")), Some(*fen));
+            }
+            proptest::prop_assert_eq!(w.get("user-none"), None);
+            let mut listed: Vec<(String, i64)> = w.iter().map(|(u, f)| (u.as_str().to_string(), f)).collect();
+            listed.sort();
+            let mut want: Vec<(String, i64)> = model.iter().map(|(who, f)| (format!("user-{who}"), *f)).collect();
+            want.sort();
+            proptest::prop_assert_eq!(listed, want);
         }
     }
 }
