@@ -4,15 +4,18 @@
 //! twice, in a table made for all of the packet's shares: 117 KiB for 1,000 shares, so each new
 //! claim wrote to a bucket far from the last, a cache miss that the next atomic (the claim's
 //! user being cloned) then waited for. Here a claim is appended to a list, next to the one
-//! before, and the index holds 8 bytes a bucket (the claim's position and its user's hash): a
-//! 1,000-share packet's index is 18 KiB, small enough to stay in cache while the packet is
+//! before, and the index holds 8 bytes a place (the claim's position and its user's hash): a
+//! 1,000-share packet's index is 16 KiB, small enough to stay in cache while the packet is
 //! hot, and a packet's claims take half the memory. The index keeps the hash, so it grows
 //! without reading any user's name again (a 100,000-share packet grows past its first size).
+//!
+//! The index is open-addressed, probed linearly from `hash & mask`, rather than a hashbrown
+//! table, whose control bytes sit apart from its slots: a claim to a packet not in cache was
+//! two misses there (the control bytes read, the slot written), and where they are cannot be
+//! known ahead. Here it is one place, which a set asks for a few claims before it settles the
+//! claim ([`Claims::prefetch`]; BENCHMARKS.md, 2026-12-06, twenty-seventh session).
 
 use std::hash::BuildHasher;
-
-use hashbrown::hash_table::Entry;
-use hashbrown::HashTable;
 
 use crate::packet::Claim;
 use crate::FastHash;
@@ -21,16 +24,23 @@ use crate::FastHash;
 /// fresh memory, and a claim written to a line not in cache held up the set at its next
 /// locked instruction.
 const AHEAD: usize = 3;
+/// The index has at least twice as many places as claims, so a probe for a user without a
+/// claim ends within a place or two.
+const PLACES_PER_CLAIM: usize = 2;
+/// The fewest places an index with any claim has.
+const MIN_PLACES: usize = 8;
 
 /// A packet's claims, at most one per user, in the order they were opened.
 #[derive(Debug, Clone, Default)]
 pub struct Claims {
     list: Vec<Claim>,
-    by_user: HashTable<Slot>,
+    /// Open-addressed (linear probing from `hash & mask`), a power of two of places or none.
+    index: Box<[Slot]>,
 }
 
-/// Where a user's claim stands in the list, with the upper half of the user's hash.
-#[derive(Debug, Clone, Copy)]
+/// A place in the index: free (`at` 0) or where a claim stands in the list, plus one, with the
+/// upper half of its user's hash.
+#[derive(Debug, Clone, Copy, Default)]
 struct Slot {
     at: u32,
     hash: u32,
@@ -41,32 +51,52 @@ fn hash(user: &str) -> u32 {
     (FastHash.hash_one(user) >> 32) as u32
 }
 
-/// The table's hash, made from a slot's half: its low bits pick the bucket and its top seven
-/// the tag, both from the half kept, so the table grows from the slots alone.
-fn table_hash(half: u32) -> u64 {
-    (u64::from(half) << 32) | u64::from(half)
-}
-
-/// Whether a slot is `user`'s, whose hash's upper half is `h`: the halves first, so another
-/// user's name is read only when they are equal.
-fn is<'a>(list: &'a [Claim], h: u32, user: &'a str) -> impl Fn(&Slot) -> bool + 'a {
-    move |s| s.hash == h && list[s.at as usize].user.as_str() == user
+fn places_for(claims: usize) -> usize {
+    if claims == 0 {
+        0
+    } else {
+        (claims * PLACES_PER_CLAIM).next_power_of_two().max(MIN_PLACES)
+    }
 }
 
 impl Claims {
     /// Room for `claims` without growing.
     pub fn with_capacity(claims: usize) -> Claims {
-        Claims { list: Vec::with_capacity(claims), by_user: HashTable::with_capacity(claims) }
+        Claims { list: Vec::with_capacity(claims), index: vec![Slot::default(); places_for(claims)].into() }
     }
 
     /// The claim `user` holds.
     pub fn get(&self, user: &str) -> Option<&Claim> {
-        let slot = self.slot(hash(user), user)?;
-        Some(&self.list[slot.at as usize])
+        match self.probe(hash(user), user) {
+            Some((at, true)) => Some(&self.list[self.index[at].at as usize - 1]),
+            _ => None,
+        }
     }
 
-    fn slot(&self, h: u32, user: &str) -> Option<&Slot> {
-        self.by_user.find(table_hash(h), is(&self.list, h, user))
+    /// Where in the index `user` (whose hash's upper half is `h`) has a claim (true), or the
+    /// free place where theirs would go (false); `None` when the index has no places.
+    fn probe(&self, h: u32, user: &str) -> Option<(usize, bool)> {
+        let mask = self.index.len().checked_sub(1)?;
+        let mut at = h as usize & mask;
+        loop {
+            let slot = self.index[at];
+            if slot.at == 0 {
+                return Some((at, false));
+            }
+            // The halves first, so another user's name is read only when they are equal.
+            if slot.hash == h && self.list[slot.at as usize - 1].user.as_str() == user {
+                return Some((at, true));
+            }
+            at = (at + 1) & mask;
+        }
+    }
+
+    /// Asks the CPU to fetch the place in the index where `user`'s claim is or would go, so a
+    /// claim settled a little later finds it in cache. Only a hint: nothing changes.
+    pub fn prefetch(&self, user: &str) {
+        if let Some(mask) = self.index.len().checked_sub(1) {
+            crate::hint::prefetch(&self.index[hash(user) as usize & mask]);
+        }
     }
 
     pub fn contains(&self, user: &str) -> bool {
@@ -77,20 +107,38 @@ impl Claims {
     /// and it is handed back.
     pub fn insert(&mut self, claim: Claim) -> Result<(), Claim> {
         let h = hash(claim.user.as_str());
-        let Claims { list, by_user } = self;
-        // One probe finds the user's slot or the place for it.
-        let user = claim.user.as_str();
-        let entry = by_user.entry(table_hash(h), is(list, h, user), |s| table_hash(s.hash));
-        let Entry::Vacant(place) = entry else {
-            return Err(claim);
+        // One probe finds the user's slot or the place for theirs.
+        let mut place = match self.probe(h, claim.user.as_str()) {
+            Some((_, true)) => return Err(claim),
+            Some((at, false)) => at,
+            None => usize::MAX,
         };
-        let at = u32::try_from(list.len()).expect("a packet holds fewer than 2^32 claims");
-        place.insert(Slot { at, hash: h });
-        list.push(claim);
-        if let Some(ahead) = list.spare_capacity_mut().get(AHEAD) {
+        if (self.list.len() + 1) * PLACES_PER_CLAIM > self.index.len() {
+            self.grow();
+            place = self.probe(h, claim.user.as_str()).expect("grown").0;
+        }
+        let at = u32::try_from(self.list.len() + 1).expect("a packet holds fewer than 2^32 claims");
+        self.index[place] = Slot { at, hash: h };
+        self.list.push(claim);
+        if let Some(ahead) = self.list.spare_capacity_mut().get(AHEAD) {
             crate::hint::prefetch_to_write(ahead);
         }
         Ok(())
+    }
+
+    /// Doubles the index (or makes its first), placing each slot by the hash it keeps: no
+    /// user's name is read again.
+    fn grow(&mut self) {
+        let places = places_for(self.list.len() + 1).max(self.index.len() * 2);
+        let old = std::mem::replace(&mut self.index, vec![Slot::default(); places].into());
+        let mask = places - 1;
+        for slot in old.iter().filter(|s| s.at != 0) {
+            let mut at = slot.hash as usize & mask;
+            while self.index[at].at != 0 {
+                at = (at + 1) & mask;
+            }
+            self.index[at] = *slot;
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -103,12 +151,30 @@ impl Claims {
 
     /// Claims it holds room for without growing.
     pub fn capacity(&self) -> usize {
-        self.list.capacity().min(self.by_user.capacity())
+        self.list.capacity().min(self.index.len() / PLACES_PER_CLAIM)
     }
 
     /// Every claim, in the order they were opened.
     pub fn iter(&self) -> std::slice::Iter<'_, Claim> {
         self.list.iter()
+    }
+}
+
+/// A packet's claims are dropped long after they were made (a closed packet stays in memory
+/// until a million newer claims have closed), and dropping one writes its user's count, a
+/// line out of cache by then: each is asked for `AHEAD` claims before it is dropped, so the
+/// misses overlap instead of following one another.
+impl Drop for Claims {
+    fn drop(&mut self) {
+        let mut rest = std::mem::take(&mut self.list).into_iter();
+        loop {
+            if let Some(ahead) = rest.as_slice().get(AHEAD) {
+                crate::hint::prefetch_to_write(ahead.user.as_str());
+            }
+            if rest.next().is_none() {
+                break;
+            }
+        }
     }
 }
 

@@ -365,6 +365,12 @@ impl Packet {
         }
     }
 
+    /// Asks the CPU to fetch where `user`'s claim is or would go in this packet, ahead of a
+    /// claim or an open. Only a hint: nothing changes.
+    pub fn prefetch_claim(&self, user: &UserId) {
+        self.claims.prefetch(user.as_str());
+    }
+
     pub fn claim(&mut self, user: &UserId, now_ms: Millis) -> Result<OpenOutcome, ClaimError> {
         if let Some(claim) = self.admit(user, now_ms)? {
             return Ok(OpenOutcome { claim, fresh: false });
