@@ -107,16 +107,16 @@ impl Claims {
     /// and it is handed back.
     pub fn insert(&mut self, claim: Claim) -> Result<(), Claim> {
         let h = hash(claim.user.as_str());
-        // One probe finds the user's slot or the place for theirs.
-        let mut place = match self.probe(h, claim.user.as_str()) {
+        // One probe finds the user's slot or the place for theirs; a second only after the
+        // index grew.
+        let place = match self.probe(h, claim.user.as_str()) {
             Some((_, true)) => return Err(claim),
-            Some((at, false)) => at,
-            None => usize::MAX,
+            Some((at, false)) if (self.list.len() + 1) * PLACES_PER_CLAIM <= self.index.len() => at,
+            _ => {
+                self.grow();
+                self.probe(h, claim.user.as_str()).expect("grown").0
+            }
         };
-        if (self.list.len() + 1) * PLACES_PER_CLAIM > self.index.len() {
-            self.grow();
-            place = self.probe(h, claim.user.as_str()).expect("grown").0;
-        }
         let at = u32::try_from(self.list.len() + 1).expect("a packet holds fewer than 2^32 claims");
         self.index[place] = Slot { at, hash: h };
         self.list.push(claim);

@@ -28,11 +28,12 @@ use crate::closed::ClosedPackets;
 use crate::reply::*;
 use crate::wallets::Wallets;
 
-/// How many claims (or credits) ahead a batch asks for the place of a user's wallet: enough
-/// for the load to arrive before that claim is settled, few enough that it is still in cache
-/// when it is (4, 8 and 12 ahead measured alike, each about a tenth faster than none:
-/// BENCHMARKS.md, 2026-12-06, twenty-seventh session).
+/// How many claims (or credits) ahead a batch asks for what a claim will touch in memory
+/// (`look_ahead`): enough for the loads to arrive before that claim is settled, few enough
+/// that they are still in cache when it is (4, 8 and 12 ahead measured alike, each about a
+/// tenth faster than none: BENCHMARKS.md, 2026-12-06, twenty-seventh session).
 const AHEAD: usize = 4;
+
 /// Closed packets kept in memory (with their claims) so the crowd that arrives after a packet
 /// is exhausted is turned away, and repeat claims answered, without a disk read. Bounded by
 /// claims held: about 100 bytes each, so 1,000,000 claims is ~100 MB at most per set.

@@ -181,18 +181,14 @@ impl Wallets {
         *balance
     }
 
-    fn wallets(&self) -> impl Iterator<Item = &Place> + '_ {
-        self.shards.iter().flat_map(|t| t.places.iter().filter(|p| p.user.is_some()))
-    }
-
     /// Every wallet as (user, balance), in no particular order.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&UserId, i64)> + '_ {
-        self.wallets().filter_map(|p| Some((p.user.as_ref()?, p.fen)))
+        self.shards.iter().flat_map(|t| t.places.iter()).filter_map(|p| Some((p.user.as_ref()?, p.fen)))
     }
 
     /// Every balance, in no particular order.
     pub(crate) fn balances(&self) -> impl Iterator<Item = i64> + '_ {
-        self.wallets().map(|p| p.fen)
+        self.iter().map(|(_, fen)| fen)
     }
 }
 
