@@ -6,8 +6,7 @@
 //! packet stores the [`AmountRule`] it was sent under, so a rule can be improved without
 //! changing how an old packet's amounts are recomputed.
 
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::{Rng, RngCore};
 use serde::{Deserialize, Serialize};
 
 /// Which rule draws a packet's lucky shares. Stored with the packet (`amount_rule`); a packet
@@ -53,10 +52,102 @@ impl AmountRule {
     }
 }
 
-fn share_rng(seed: u64, index: u32) -> ChaCha8Rng {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    rng.set_stream(u64::from(index));
-    rng
+fn share_rng(seed: u64, index: u32) -> ShareRng {
+    ShareRng::new(seed, index)
+}
+
+/// The random source of one share: word for word what rand_chacha's
+/// `ChaCha8Rng::seed_from_u64(seed)` on stream `index` yields, computed one ChaCha block (16
+/// words) at a time. `ChaCha8Rng` computes four blocks whenever it needs a word, and a share
+/// draws at most eight: in the in-process festival its setup and four blocks were a tenth of
+/// a set thread's samples (BENCHMARKS.md, 2026-12-06, twenty-seventh session). Amounts must
+/// not change, so a property test holds it to `ChaCha8Rng` for any run of draws.
+struct ShareRng {
+    /// ChaCha's state before the rounds: constants, key, block counter, stream.
+    input: [u32; 16],
+    /// The current block's words, and the next one to hand out (16: none left).
+    block: [u32; 16],
+    at: usize,
+}
+
+impl ShareRng {
+    fn new(seed: u64, index: u32) -> ShareRng {
+        // rand_core's `seed_from_u64`: the key is eight PCG32 outputs from `seed`.
+        let mut state = seed;
+        let mut key = [0u32; 8];
+        for word in &mut key {
+            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(11_634_580_027_462_260_723);
+            let xorshifted = (((state >> 18) ^ state) >> 27) as u32;
+            *word = xorshifted.rotate_right((state >> 59) as u32);
+        }
+        let stream = u64::from(index);
+        let mut input = [0u32; 16];
+        input[..4].copy_from_slice(&[0x6170_7865, 0x3320_646e, 0x7962_2d32, 0x6b20_6574]);
+        input[4..12].copy_from_slice(&key);
+        // Words 12 and 13 are the block counter, from 0.
+        input[14] = stream as u32;
+        input[15] = (stream >> 32) as u32;
+        ShareRng { input, block: [0; 16], at: 16 }
+    }
+
+    fn word(&mut self) -> u32 {
+        if self.at == 16 {
+            self.block = chacha8_block(&self.input);
+            let counter = (u64::from(self.input[13]) << 32 | u64::from(self.input[12])).wrapping_add(1);
+            (self.input[12], self.input[13]) = (counter as u32, (counter >> 32) as u32);
+            self.at = 0;
+        }
+        self.at += 1;
+        self.block[self.at - 1]
+    }
+}
+
+/// ChaCha with 8 rounds (4 double rounds) over `input`, added back to it.
+fn chacha8_block(input: &[u32; 16]) -> [u32; 16] {
+    fn quarter(x: &mut [u32; 16], a: usize, b: usize, c: usize, d: usize) {
+        x[a] = x[a].wrapping_add(x[b]);
+        x[d] = (x[d] ^ x[a]).rotate_left(16);
+        x[c] = x[c].wrapping_add(x[d]);
+        x[b] = (x[b] ^ x[c]).rotate_left(12);
+        x[a] = x[a].wrapping_add(x[b]);
+        x[d] = (x[d] ^ x[a]).rotate_left(8);
+        x[c] = x[c].wrapping_add(x[d]);
+        x[b] = (x[b] ^ x[c]).rotate_left(7);
+    }
+    let mut x = *input;
+    for _ in 0..4 {
+        quarter(&mut x, 0, 4, 8, 12);
+        quarter(&mut x, 1, 5, 9, 13);
+        quarter(&mut x, 2, 6, 10, 14);
+        quarter(&mut x, 3, 7, 11, 15);
+        quarter(&mut x, 0, 5, 10, 15);
+        quarter(&mut x, 1, 6, 11, 12);
+        quarter(&mut x, 2, 7, 8, 13);
+        quarter(&mut x, 3, 4, 9, 14);
+    }
+    for (x, i) in x.iter_mut().zip(input) {
+        *x = x.wrapping_add(*i);
+    }
+    x
+}
+
+/// As rand_core's `BlockRng` reads its words: a `u64` is two words, the first the low half;
+/// bytes are words in little-endian order, a word begun is a word used.
+impl RngCore for ShareRng {
+    fn next_u32(&mut self) -> u32 {
+        self.word()
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        let low = self.word();
+        u64::from(self.word()) << 32 | u64::from(low)
+    }
+
+    fn fill_bytes(&mut self, dst: &mut [u8]) {
+        for chunk in dst.chunks_mut(4) {
+            chunk.copy_from_slice(&self.word().to_le_bytes()[..chunk.len()]);
+        }
+    }
 }
 
 /// The size of share number `index` (0-based) of a lucky packet when `remaining_fen` is left
@@ -109,6 +200,59 @@ pub fn equal_share(total_fen: i64, count: u32) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// The share's stream is rand_chacha's ChaCha8Rng on the same seed and stream, for
+        /// any run of words, double words and bytes, across block boundaries.
+        #[test]
+        fn the_share_stream_is_chacha8rng_word_for_word(
+            seed in proptest::num::u64::ANY,
+            index in proptest::num::u32::ANY,
+            draws in proptest::collection::vec((0u8..3, 0usize..40), 1..60),
+        ) {
+            use rand::SeedableRng;
+            let mut want = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            want.set_stream(u64::from(index));
+            let mut got = ShareRng::new(seed, index);
+            for (kind, len) in draws {
+                match kind {
+                    0 => proptest::prop_assert_eq!(got.next_u32(), want.next_u32()),
+                    1 => proptest::prop_assert_eq!(got.next_u64(), want.next_u64()),
+                    _ => {
+                        let (mut a, mut b) = (vec![0u8; len], vec![0u8; len]);
+                        got.fill_bytes(&mut a);
+                        want.fill_bytes(&mut b);
+                        proptest::prop_assert_eq!(a, b);
+                    }
+                }
+            }
+        }
+
+        /// Both rules draw the amounts they drew from ChaCha8Rng itself.
+        #[test]
+        fn shares_are_the_amounts_chacha8rng_drew(
+            seed in proptest::num::u64::ANY,
+            index in 0u32..100_000,
+            rc in 2u32..100_000,
+            extra in 0i64..10_000_000,
+        ) {
+            use rand::SeedableRng;
+            let remaining = i64::from(rc) + extra;
+            let chacha = || {
+                let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+                r.set_stream(u64::from(index));
+                r
+            };
+            let rci = i64::from(rc);
+            let spare_twice = (remaining - rci) * 2;
+            let (k, frac) = (spare_twice / rci, spare_twice % rci);
+            let mut r = chacha();
+            let top = if frac > 0 && r.random_range(0..rci) < frac { k + 1 } else { k };
+            proptest::prop_assert_eq!(lucky_share(seed, index, remaining, rc), 1 + r.random_range(0..=top));
+            let max = (remaining * 2 / rci).min(remaining - (rci - 1));
+            proptest::prop_assert_eq!(lucky_share_v1(seed, index, remaining, rc), chacha().random_range(1..=max));
+        }
+    }
 
     #[test]
     fn last_share_takes_the_rest() {
