@@ -329,6 +329,10 @@ pub(crate) struct SetRunner {
     last_commit: Option<Instant>,
     /// Kept between batches for its allocations; empty outside `step`.
     work: Work,
+    /// Commands taken from the queue ahead of the one being applied, in order: a claim's
+    /// memory is asked for when it is taken, `AHEAD` commands before it is applied
+    /// (`SetState::look_ahead`). What a batch did not reach begins the next.
+    ahead: VecDeque<Command>,
 }
 
 impl SetRunner {
@@ -348,7 +352,16 @@ impl SetRunner {
         );
         state.relay_all(&ctx, i64::MIN);
         let last_tick_ms = ctx.clock.now_ms();
-        Ok(SetRunner { ctx, state, store, rx, last_tick_ms, last_commit: None, work: Work::default() })
+        Ok(SetRunner {
+            ctx,
+            state,
+            store,
+            rx,
+            last_tick_ms,
+            last_commit: None,
+            work: Work::default(),
+            ahead: VecDeque::with_capacity(AHEAD + 1),
+        })
     }
 
     /// Applies one batch: waits up to `wait` for a first command (`None`: do not wait), drains
@@ -357,13 +370,14 @@ impl SetRunner {
     /// on for more commands instead of ending the batch; a step that does not wait for its
     /// first command (the simulation's) does not wait for more either.
     pub(crate) fn step(&mut self, wait: Option<Duration>) -> bool {
-        let first = match wait {
-            Some(d) => match self.rx.recv_timeout(d) {
+        let first = match (self.ahead.pop_front(), wait) {
+            (Some(c), _) => Some(c),
+            (None, Some(d)) => match self.rx.recv_timeout(d) {
                 Ok(c) => Some(c),
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => return false,
             },
-            None => self.rx.try_recv().ok(),
+            (None, None) => self.rx.try_recv().ok(),
         };
         let now_ms = self.ctx.clock.now_ms();
         // The last batch's collections, emptied: a batch of thousands of claims grows them
@@ -388,7 +402,7 @@ impl SetRunner {
                     self.state.apply(&self.ctx, self.store.as_mut(), cmd, now_ms, &mut work);
                 }
             }
-            next = if applied < self.ctx.batch_max { self.rx.try_recv().ok() } else { None };
+            next = if applied < self.ctx.batch_max { self.take() } else { None };
             if next.is_none() && applied < self.ctx.batch_max && wait.is_some() {
                 let now = Instant::now();
                 if let Some(left) =
@@ -429,9 +443,7 @@ impl SetRunner {
             Some(Control::Shutdown) => {
                 // The engine refuses new commands before it sends Shutdown; answer any that
                 // slipped in so no caller waits forever.
-                while let Ok(cmd) = self.rx.try_recv() {
-                    reject(cmd);
-                }
+                self.reject_queued();
                 tracing::info!(set = self.ctx.set, "set stopped");
                 false
             }
@@ -449,9 +461,7 @@ impl SetRunner {
         // The closed cache starts empty again, and nothing in it would be forgotten.
         self.ctx.closed.clear();
         loop {
-            while let Ok(cmd) = self.rx.try_recv() {
-                reject(cmd);
-            }
+            self.reject_queued();
             if self.ctx.stopping.load(Ordering::SeqCst) {
                 tracing::warn!(set = self.ctx.set, "shutting down while the store is failing");
                 return false;
@@ -471,6 +481,29 @@ impl SetRunner {
         self.ctx.ready.store(true, Ordering::SeqCst);
         self.state.relay_all(&self.ctx, i64::MIN);
         true
+    }
+
+    /// The next command taken from the queue, after those taken ahead; tops the look-ahead up
+    /// first, asking for the memory of each claim it takes.
+    fn take(&mut self) -> Option<Command> {
+        while self.ahead.len() <= AHEAD {
+            let Ok(cmd) = self.rx.try_recv() else { break };
+            if let Command::Claim { packet, user, .. } | Command::Open { packet, user, .. } = &cmd {
+                self.state.look_ahead(&self.ctx, *packet, user);
+            }
+            self.ahead.push_back(cmd);
+        }
+        self.ahead.pop_front()
+    }
+
+    /// Answers every command taken ahead or still queued as unavailable.
+    fn reject_queued(&mut self) {
+        for cmd in self.ahead.drain(..) {
+            reject(cmd);
+        }
+        while let Ok(cmd) = self.rx.try_recv() {
+            reject(cmd);
+        }
     }
 
     /// This set's figures and its store's, for the simulation.
@@ -1297,6 +1330,10 @@ mod tests {
 
     impl TwoSets {
         fn new() -> TwoSets {
+            TwoSets::with_batch_max(1_024)
+        }
+
+        fn with_batch_max(batch_max: usize) -> TwoSets {
             let dir = tempfile::tempdir().unwrap();
             let (store, _) = hongbao_store::open_sqlite(dir.path(), 0, 2).unwrap();
             let (to_0, rx_0) = crossbeam_channel::bounded(1_024);
@@ -1306,7 +1343,7 @@ mod tests {
                 set: 0,
                 sets: 2,
                 limits: Limits::default(),
-                batch_max: 1_024,
+                batch_max,
                 commit_spacing: Duration::ZERO,
                 idempotency_retention_ms: 24 * 3600 * 1000,
                 clock: Arc::new(clock.clone()),
@@ -1382,6 +1419,43 @@ mod tests {
                 return user;
             }
         }
+    }
+
+    /// Claims queued one by one are taken a few ahead of the one applied (for their memory to
+    /// be asked for), yet applied in the order they were queued, and a batch that is full
+    /// leaves those it took ahead to begin the next.
+    #[test]
+    fn claims_taken_ahead_are_applied_in_order_and_a_full_batch_leaves_them_to_the_next() {
+        let mut t = TwoSets::with_batch_max(3);
+        let (_, packet) = t.funded_packet();
+        let mut k = 0;
+        let users: Vec<UserId> = (0..10).map(|_| user_on(0, "c", &mut k)).collect();
+        let mut replies: Vec<_> = users
+            .iter()
+            .map(|user| {
+                let (reply, rx) = oneshot::channel();
+                t.to_0.send(Command::Claim { packet, user: user.clone(), reply }).unwrap();
+                rx
+            })
+            .collect();
+        let mut answered = Vec::new();
+        for want in [3, 6, 9, 10] {
+            assert!(t.runner.step(None));
+            for (i, rx) in replies.iter_mut().enumerate() {
+                if let Ok(r) = rx.try_recv() {
+                    assert_eq!(r.expect("paid").user, users[i]);
+                    answered.push(i);
+                }
+            }
+            assert_eq!(answered.len(), want, "a batch of at most 3");
+            if want == 3 {
+                assert!(!t.runner.ahead.is_empty(), "the first batch took claims ahead");
+            }
+        }
+        assert_eq!(answered, (0..10).collect::<Vec<_>>(), "answered in the order queued");
+        let p = &t.runner.state.packets[&packet];
+        assert!(p.claims().map(|c| &c.user).eq(users.iter()), "settled in the order queued");
+        assert!(t.runner.ahead.is_empty(), "nothing left taken ahead");
     }
 
     /// What `hongbao_credits_resent_total` counted on this thread so far.
