@@ -52,10 +52,6 @@ impl AmountRule {
     }
 }
 
-fn share_rng(seed: u64, index: u32) -> ShareRng {
-    ShareRng::new(seed, index)
-}
-
 /// The random source of one share: word for word what rand_chacha's
 /// `ChaCha8Rng::seed_from_u64(seed)` on stream `index` yields, computed one ChaCha block (16
 /// words) at a time. `ChaCha8Rng` computes four blocks whenever it needs a word, and a share
@@ -166,7 +162,7 @@ pub fn lucky_share(seed: u64, index: u32, remaining_fen: i64, remaining_count: u
     // remaining_fen ≤ AMOUNT_MAX_FEN, so doubling cannot overflow.
     let spare_twice = (remaining_fen - rc) * 2;
     let (k, frac) = (spare_twice / rc, spare_twice % rc);
-    let mut rng = share_rng(seed, index);
+    let mut rng = ShareRng::new(seed, index);
     // Round the top up with the probability of the fraction, so the mean is exact. The share
     // is then at most 1 + ⌈2 (remaining − rc) / rc⌉, which is ≤ ⌊2 × remaining / rc⌋ (double
     // average) and ≤ remaining − (rc − 1) (1 fen for every later share) when rc ≥ 2.
@@ -188,7 +184,7 @@ pub fn lucky_share_v1(seed: u64, index: u32, remaining_fen: i64, remaining_count
     let keep_for_others = remaining_fen - (rc - 1);
     let max = double_average.min(keep_for_others);
     debug_assert!(max >= 1);
-    share_rng(seed, index).random_range(1..=max)
+    ShareRng::new(seed, index).random_range(1..=max)
 }
 
 /// The size of every share of an `equal` packet (validated to divide exactly at send).
