@@ -15,14 +15,12 @@
 //! known ahead. Here it is one place, which a set asks for a few claims before it settles the
 //! claim ([`Claims::prefetch`]; BENCHMARKS.md, 2026-12-06, twenty-seventh session).
 
-use std::hash::BuildHasher;
-
 use crate::packet::Claim;
 use crate::FastHash;
 
-/// How many places past the last claim the list asks the CPU to fetch, to write: the list is
+/// How many places past the last claim the list asks the CPU to fetch, to write (the list is
 /// fresh memory, and a claim written to a line not in cache held up the set at its next
-/// locked instruction.
+/// locked instruction), and how many claims ahead a dropped list asks for a claim's user.
 const AHEAD: usize = 3;
 /// The index has at least twice as many places as claims, so a probe for a user without a
 /// claim ends within a place or two.
@@ -46,9 +44,9 @@ struct Slot {
     hash: u32,
 }
 
-/// The upper half of the user's hash: what a slot keeps.
-fn hash(user: &str) -> u32 {
-    (FastHash.hash_one(user) >> 32) as u32
+/// The upper half of a user's hash (`FastHash::of`): what a slot keeps.
+fn half(hash: u64) -> u32 {
+    (hash >> 32) as u32
 }
 
 fn places_for(claims: usize) -> usize {
@@ -67,7 +65,7 @@ impl Claims {
 
     /// The claim `user` holds.
     pub fn get(&self, user: &str) -> Option<&Claim> {
-        match self.probe(hash(user), user) {
+        match self.probe(half(FastHash::of(user)), user) {
             Some((at, true)) => Some(&self.list[self.index[at].at as usize - 1]),
             _ => None,
         }
@@ -91,11 +89,12 @@ impl Claims {
         }
     }
 
-    /// Asks the CPU to fetch the place in the index where `user`'s claim is or would go, so a
-    /// claim settled a little later finds it in cache. Only a hint: nothing changes.
-    pub fn prefetch(&self, user: &str) {
+    /// Asks the CPU to fetch the place in the index where the claim of the user whose hash
+    /// (`FastHash::of`) is `user_hash` is or would go, so a claim settled a little later finds
+    /// it in cache. Only a hint: nothing changes.
+    pub fn prefetch(&self, user_hash: u64) {
         if let Some(mask) = self.index.len().checked_sub(1) {
-            crate::hint::prefetch(&self.index[hash(user) as usize & mask]);
+            crate::hint::prefetch(&self.index[half(user_hash) as usize & mask]);
         }
     }
 
@@ -106,7 +105,7 @@ impl Claims {
     /// Adds `claim` after the others, unless its user holds one already: then nothing changes
     /// and it is handed back.
     pub fn insert(&mut self, claim: Claim) -> Result<(), Claim> {
-        let h = hash(claim.user.as_str());
+        let h = half(FastHash::of(claim.user.as_str()));
         // One probe finds the user's slot or the place for theirs; a second only after the
         // index grew.
         let place = match self.probe(h, claim.user.as_str()) {

@@ -16,6 +16,16 @@ pub type FastSet<K> = std::collections::HashSet<K, FastHash>;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct FastHash;
 
+impl FastHash {
+    /// A name's hash as every index of names by hash keeps it (the wallet tables, a packet's
+    /// claims, the overlay's users): one function, so a caller that hashed a name once can
+    /// hand the hash to each of them.
+    pub fn of(name: &str) -> u64 {
+        use std::hash::BuildHasher;
+        FastHash.hash_one(name)
+    }
+}
+
 impl std::hash::BuildHasher for FastHash {
     type Hasher = ahash::AHasher;
 

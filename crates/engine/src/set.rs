@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use hongbao_core::{
-    set_of_user, Amount, Claim, Clock, FastMap, FastSet, GrabOutcome, Limits, Millis, Packet, PacketId,
-    PacketIdGen, PacketStatus, RequestId, UserId, ValidSend,
+    set_of_user, Amount, Claim, Clock, FastHash, FastMap, FastSet, GrabOutcome, Limits, Millis, Packet,
+    PacketId, PacketIdGen, PacketStatus, RequestId, UserId, ValidSend,
 };
 use hongbao_store::{
     Batch, ClaimRow, Entry, EntryKind, IdemRecord, IdemResult, Loaded, OutboxItem, PacketUpdate, Store,
@@ -28,8 +28,8 @@ use crate::closed::ClosedPackets;
 use crate::reply::*;
 use crate::wallets::Wallets;
 
-/// How many claims (or credits) ahead a batch asks for what a claim will touch in memory
-/// (`look_ahead`): enough for the loads to arrive before that claim is settled, few enough
+/// How many claims (or credits, or commands taken from the queue) ahead a set asks for what a
+/// claim will touch in memory (`look_ahead`): enough for the loads to arrive before that claim is settled, few enough
 /// that they are still in cache when it is (4, 8 and 12 ahead measured alike, each about a
 /// tenth faster than none: BENCHMARKS.md, 2026-12-06, twenty-seventh session).
 const AHEAD: usize = 4;
@@ -740,11 +740,12 @@ impl SetState {
     /// the wallet tables are hundreds of megabytes and the packets' indexes tens, and each was
     /// a miss to memory that the set otherwise waited for.
     fn look_ahead(&self, ctx: &SetContext, packet: PacketId, user: &UserId) {
+        let h = FastHash::of(user.as_str());
         if let Some(p) = self.packets.get(&packet) {
-            p.prefetch_claim(user);
+            p.prefetch_claim(h);
         }
         if set_of_user(user, ctx.sets) == ctx.set {
-            self.wallets.prefetch(user.as_str());
+            self.wallets.prefetch(h);
         }
     }
 
@@ -1016,7 +1017,7 @@ impl SetState {
         let before = mark;
         for (i, item) in items.iter().enumerate() {
             if let Some(ahead) = items.get(i + AHEAD) {
-                self.wallets.prefetch(ahead.user.as_str());
+                self.wallets.prefetch(FastHash::of(ahead.user.as_str()));
             }
             if item.seq <= mark {
                 continue;

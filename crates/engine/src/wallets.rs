@@ -19,8 +19,6 @@
 //! while the set settles the claims before it (BENCHMARKS.md, 2026-12-06, twenty-seventh
 //! session).
 
-use std::hash::BuildHasher;
-
 use hongbao_core::{FastHash, UserId};
 
 /// Tables; a power of two.
@@ -62,10 +60,6 @@ impl Default for Wallets {
     fn default() -> Wallets {
         Wallets::with_capacity(0)
     }
-}
-
-fn hash(user: &str) -> u64 {
-    FastHash.hash_one(user)
 }
 
 fn shard(hash: u64) -> usize {
@@ -132,7 +126,7 @@ impl Wallets {
 
     /// The balance of `user`; `None` when the set holds no wallet for them.
     pub(crate) fn get(&self, user: &str) -> Option<i64> {
-        let h = hash(user);
+        let h = FastHash::of(user);
         let t = &self.shards[shard(h)];
         match t.probe(h, user) {
             (at, true) => Some(t.places[at].fen),
@@ -140,18 +134,18 @@ impl Wallets {
         }
     }
 
-    /// Asks the CPU to start loading the place where `user`'s wallet is or would go, so that
-    /// a lookup a few claims later finds it in cache. Only a hint: nothing changes.
-    pub(crate) fn prefetch(&self, user: &str) {
-        let h = hash(user);
-        let t = &self.shards[shard(h)];
-        hongbao_core::hint::prefetch(&t.places[h as usize & t.mask()]);
+    /// Asks the CPU to start loading the place where the wallet of the user whose hash
+    /// (`FastHash::of`) is `user_hash` is or would go, so that a lookup a few claims later
+    /// finds it in cache. Only a hint: nothing changes.
+    pub(crate) fn prefetch(&self, user_hash: u64) {
+        let t = &self.shards[shard(user_hash)];
+        hongbao_core::hint::prefetch(&t.places[user_hash as usize & t.mask()]);
     }
 
     /// The balance of `user`, found or made at 0 in one probe, and whether it was made. The
     /// user is cloned only for a new wallet.
     fn slot(&mut self, user: &UserId) -> (&mut i64, bool) {
-        let h = hash(user.as_str());
+        let h = FastHash::of(user.as_str());
         let t = &mut self.shards[shard(h)];
         let (mut at, found) = t.probe(h, user.as_str());
         if !found {

@@ -15,7 +15,6 @@
 //! entry not yet folded already has the id it will have.
 
 use std::collections::VecDeque;
-use std::hash::BuildHasher;
 
 use hashbrown::hash_table::{Entry, HashTable};
 use hongbao_core::packet::PacketHeader;
@@ -48,10 +47,6 @@ pub(crate) struct Overlay {
     packets: FastMap<PacketId, PacketPending>,
     /// Not kept while the records not folded are past the journal's bound for it.
     suspended: bool,
-}
-
-fn hash(name: &str) -> u64 {
-    FastHash.hash_one(name)
 }
 
 /// A user in the index: their hash, kept so that a table that grows moves each slot without
@@ -208,7 +203,7 @@ impl Overlay {
     }
 
     fn find(&self, name: &str) -> Option<&UserPending> {
-        let h = hash(name);
+        let h = FastHash::of(name);
         self.users.find(h, |f| f.is(h, name)).map(|f| &*f.mine)
     }
 
@@ -218,7 +213,7 @@ impl Overlay {
         rec: &mut Indexed,
         name: &str,
     ) -> Result<&'a mut UserPending> {
-        let h = hash(name);
+        let h = FastHash::of(name);
         let filed = match users.entry(h, |f| f.is(h, name), |f| f.hash) {
             Entry::Occupied(o) => o.into_mut(),
             Entry::Vacant(v) => {
