@@ -16,7 +16,7 @@
 //! claim ([`Claims::prefetch`]; BENCHMARKS.md, 2026-12-06, twenty-seventh session).
 
 use crate::packet::Claim;
-use crate::FastHash;
+use crate::UserId;
 
 /// How many places past the last claim the list asks the CPU to fetch, to write (the list is
 /// fresh memory, and a claim written to a line not in cache held up the set at its next
@@ -44,7 +44,7 @@ struct Slot {
     hash: u32,
 }
 
-/// The upper half of a user's hash (`FastHash::of`): what a slot keeps.
+/// The upper half of a user's hash (`UserId::fast_hash`): what a slot keeps.
 fn half(hash: u64) -> u32 {
     (hash >> 32) as u32
 }
@@ -64,8 +64,8 @@ impl Claims {
     }
 
     /// The claim `user` holds.
-    pub fn get(&self, user: &str) -> Option<&Claim> {
-        match self.probe(half(FastHash::of(user)), user) {
+    pub fn get(&self, user: &UserId) -> Option<&Claim> {
+        match self.probe(half(user.fast_hash()), user.as_str()) {
             Some((at, true)) => Some(&self.list[self.index[at].at as usize - 1]),
             _ => None,
         }
@@ -90,7 +90,7 @@ impl Claims {
     }
 
     /// Asks the CPU to fetch the place in the index where the claim of the user whose hash
-    /// (`FastHash::of`) is `user_hash` is or would go, so a claim settled a little later finds
+    /// (`UserId::fast_hash`) is `user_hash` is or would go, so a claim settled a little later finds
     /// it in cache. Only a hint: nothing changes.
     pub fn prefetch(&self, user_hash: u64) {
         if let Some(mask) = self.index.len().checked_sub(1) {
@@ -98,14 +98,14 @@ impl Claims {
         }
     }
 
-    pub fn contains(&self, user: &str) -> bool {
+    pub fn contains(&self, user: &UserId) -> bool {
         self.get(user).is_some()
     }
 
     /// Adds `claim` after the others, unless its user holds one already: then nothing changes
     /// and it is handed back.
     pub fn insert(&mut self, claim: Claim) -> Result<(), Claim> {
-        let h = half(FastHash::of(claim.user.as_str()));
+        let h = half(claim.user.fast_hash());
         // One probe finds the user's slot or the place for theirs; a second only after the
         // index grew.
         let place = match self.probe(h, claim.user.as_str()) {
@@ -182,22 +182,26 @@ mod tests {
     use super::*;
     use crate::UserId;
 
-    fn claim(user: &str, index: u32) -> Claim {
-        Claim { user: UserId::parse(user).unwrap(), amount_fen: i64::from(index) + 1, at_ms: 5, index }
+    fn user(name: &str) -> UserId {
+        UserId::parse(name).unwrap()
+    }
+
+    fn claim(name: &str, index: u32) -> Claim {
+        Claim { user: user(name), amount_fen: i64::from(index) + 1, at_ms: 5, index }
     }
 
     #[test]
     fn each_user_holds_one_claim_found_by_name_and_listed_in_opening_order() {
         let mut c = Claims::default();
         assert!(c.is_empty());
-        assert_eq!(c.get("alice"), None);
+        assert_eq!(c.get(&user("alice")), None);
         assert_eq!(c.insert(claim("alice", 0)), Ok(()));
         assert_eq!(c.insert(claim("bob", 1)), Ok(()));
         assert_eq!(c.insert(claim("alice", 2)), Err(claim("alice", 2)), "a second claim is refused");
         assert_eq!(c.len(), 2);
-        assert_eq!(c.get("alice"), Some(&claim("alice", 0)));
-        assert_eq!(c.get("bob").map(|c| c.index), Some(1));
-        assert!(c.contains("bob") && !c.contains("carol"));
+        assert_eq!(c.get(&user("alice")), Some(&claim("alice", 0)));
+        assert_eq!(c.get(&user("bob")).map(|c| c.index), Some(1));
+        assert!(c.contains(&user("bob")) && !c.contains(&user("carol")));
         assert_eq!(c.iter().map(|c| c.user.as_str()).collect::<Vec<_>>(), ["alice", "bob"]);
     }
 
@@ -214,9 +218,9 @@ mod tests {
         }
         assert_eq!(c.len(), n as usize);
         for i in 0..n {
-            assert_eq!(c.get(&format!("u{i}")).map(|c| c.index), Some(i), "u{i}");
+            assert_eq!(c.get(&user(&format!("u{i}"))).map(|c| c.index), Some(i), "u{i}");
         }
         assert!(c.iter().map(|c| c.index).eq(0..n), "in opening order");
-        assert_eq!(c.get("u-none"), None);
+        assert_eq!(c.get(&user("u-none")), None);
     }
 }

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::clock::Millis;
+use crate::FastHash;
 
 /// Longest user id, in bytes. Long enough for UUIDs and app-scoped ids, short enough that a
 /// group of thousands stays a small request body.
@@ -34,14 +35,55 @@ pub enum IdError {
 
 /// A user: 1 to 64 characters of `[A-Za-z0-9_.-]`. Cheap to clone: the engine keeps one
 /// allocation per user and shares it between wallets, claims and holds.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct UserId(Arc<str>);
+///
+/// It carries its name's [`FastHash::of`], computed once where the id is made: a set looks a
+/// claimer up in a packet's claims and in its wallets, and with the hash beside the pointer it
+/// neither hashes the name again for each nor reads the name (memory another thread wrote,
+/// where the id was parsed) to find where to look. Equality, order and `Hash` are the name's.
+#[derive(Clone)]
+pub struct UserId {
+    name: Arc<str>,
+    hash: u64,
+}
+
+impl PartialEq for UserId {
+    fn eq(&self, other: &UserId) -> bool {
+        self.hash == other.hash && self.name == other.name
+    }
+}
+
+impl Eq for UserId {}
+
+impl PartialOrd for UserId {
+    fn partial_cmp(&self, other: &UserId) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for UserId {
+    fn cmp(&self, other: &UserId) -> std::cmp::Ordering {
+        self.name.cmp(&other.name)
+    }
+}
+
+/// The name's hash, as `str` hashes it: a map keyed by users can be searched with a `&str`.
+impl std::hash::Hash for UserId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.name.hash(state);
+    }
+}
+
+impl fmt::Debug for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("UserId").field(&&*self.name).finish()
+    }
+}
 
 /// Written as the bare string, without the copy into a `String` that `serde(into)` makes: a set
 /// journals three or four user ids a claim.
 impl Serialize for UserId {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.0)
+        s.serialize_str(&self.name)
     }
 }
 
@@ -71,14 +113,19 @@ impl UserId {
             && s.len() <= USER_ID_LEN_MAX
             && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
         if ok {
-            Ok(UserId(Arc::from(s)))
+            Ok(UserId { name: Arc::from(s), hash: FastHash::of(s) })
         } else {
             Err(IdError::BadUserId)
         }
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.name
+    }
+
+    /// [`FastHash::of`] the name, computed when the id was made.
+    pub fn fast_hash(&self) -> u64 {
+        self.hash
     }
 }
 
@@ -86,13 +133,13 @@ impl UserId {
 /// string's.
 impl std::borrow::Borrow<str> for UserId {
     fn borrow(&self) -> &str {
-        &self.0
+        &self.name
     }
 }
 
 impl fmt::Display for UserId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.name)
     }
 }
 
@@ -250,6 +297,19 @@ mod tests {
         for bad in ["", "a b", "ä", "a/b", "a\n", &"a".repeat(65)] {
             assert_eq!(UserId::parse(bad), Err(IdError::BadUserId), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_user_id_carries_its_names_hash_and_compares_and_hashes_as_the_name() {
+        use std::collections::HashSet;
+        let a = UserId::parse("alice").unwrap();
+        assert_eq!(a.fast_hash(), FastHash::of("alice"));
+        assert_eq!(a, UserId::parse("alice").unwrap());
+        assert_ne!(a, UserId::parse("alicf").unwrap());
+        assert!(a < UserId::parse("bob").unwrap());
+        let users: HashSet<UserId> = [a.clone()].into();
+        assert!(users.contains("alice"), "found by the name: Hash is the name's");
+        assert_eq!(format!("{a:?}"), r#"UserId("alice")"#);
     }
 
     #[test]

@@ -269,7 +269,7 @@ impl Packet {
     }
 
     pub fn claim_of(&self, user: &UserId) -> Option<&Claim> {
-        self.claims.get(user.as_str())
+        self.claims.get(user)
     }
 
     /// Every claim, in the order they were opened.
@@ -310,7 +310,7 @@ impl Packet {
 
     /// Checks shared by grab, open and claim; `Ok(Some)` is a share the user already has.
     fn admit(&self, user: &UserId, now_ms: Millis) -> Result<Option<Claim>, ClaimError> {
-        if let Some(c) = self.claims.get(user.as_str()) {
+        if let Some(c) = self.claims.get(user) {
             return Ok(Some(c.clone()));
         }
         if !self.header.audience.admits(user) {
@@ -365,7 +365,7 @@ impl Packet {
         }
     }
 
-    /// Asks the CPU to fetch where the claim of the user whose hash (`FastHash::of`) is
+    /// Asks the CPU to fetch where the claim of the user whose hash (`UserId::fast_hash`) is
     /// `user_hash` is or would go in this packet, ahead of a claim or an open. Only a hint:
     /// nothing changes.
     pub fn prefetch_claim(&self, user_hash: u64) {

@@ -32,7 +32,7 @@ impl Closed {
 
     /// The set's answer to anyone but a claimer: `Packet::admit`'s checks, in its order.
     fn refusal(&self, user: &UserId, now_ms: Millis) -> Option<ClaimError> {
-        if self.claims.contains(user.as_str()) {
+        if self.claims.contains(user) {
             return None;
         }
         if !self.audience.admits(user) {

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use hongbao_core::{
-    set_of_user, Amount, Claim, Clock, FastHash, FastMap, FastSet, GrabOutcome, Limits, Millis, Packet,
-    PacketId, PacketIdGen, PacketStatus, RequestId, UserId, ValidSend,
+    set_of_user, Amount, Claim, Clock, FastMap, FastSet, GrabOutcome, Limits, Millis, Packet, PacketId,
+    PacketIdGen, PacketStatus, RequestId, UserId, ValidSend,
 };
 use hongbao_store::{
     Batch, ClaimRow, Entry, EntryKind, IdemRecord, IdemResult, Loaded, OutboxItem, PacketUpdate, Store,
@@ -740,7 +740,7 @@ impl SetState {
     /// the wallet tables are hundreds of megabytes and the packets' indexes tens, and each was
     /// a miss to memory that the set otherwise waited for.
     fn look_ahead(&self, ctx: &SetContext, packet: PacketId, user: &UserId) {
-        let h = FastHash::of(user.as_str());
+        let h = user.fast_hash();
         if let Some(p) = self.packets.get(&packet) {
             p.prefetch_claim(h);
         }
@@ -1017,7 +1017,7 @@ impl SetState {
         let before = mark;
         for (i, item) in items.iter().enumerate() {
             if let Some(ahead) = items.get(i + AHEAD) {
-                self.wallets.prefetch(FastHash::of(ahead.user.as_str()));
+                self.wallets.prefetch(ahead.user.fast_hash());
             }
             if item.seq <= mark {
                 continue;

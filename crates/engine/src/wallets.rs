@@ -6,9 +6,9 @@
 //! doubling held every claim of its set for as long as it took (BENCHMARKS.md, 2026-12-04,
 //! tenth session). Split, each table is a sixty-fourth of the whole: it doubles in cache, the
 //! table it leaves is small enough for the allocator to hand out again, and a doubling holds a
-//! batch a sixty-fourth as long. Each user's hash is computed once and picks both the table and
-//! the place in it; it is kept beside the wallet, so a doubling moves wallets without reading a
-//! user's name again (a cache miss a wallet, in memory the set touches nowhere else: two
+//! batch a sixty-fourth as long. Each user's hash picks both the table and the place in it; it
+//! is the one their id carries ([`UserId::fast_hash`]), so a doubling moves wallets without
+//! reading a user's name again (a cache miss a wallet, in memory the set touches nowhere else: two
 //! fifths of the doubling's time in the in-process festival, BENCHMARKS.md, eleventh session).
 //!
 //! A table is an array of whole wallets, probed linearly from the place the hash picks, not a
@@ -46,15 +46,16 @@ struct Table {
     len: usize,
 }
 
-/// A place: free (no user) or one wallet with its user's hash. 32 bytes aligned to 32, so a
-/// place never straddles two cache lines.
+/// A place: free (no user) or one wallet, its user's id carrying their hash. 32 bytes aligned
+/// to 32, so a place never straddles two cache lines.
 #[derive(Debug, Default)]
 #[repr(align(32))]
 struct Place {
-    hash: u64,
     user: Option<UserId>,
     fen: i64,
 }
+
+const _: () = assert!(std::mem::size_of::<Place>() == 32, "a place fills half a cache line");
 
 impl Default for Wallets {
     fn default() -> Wallets {
@@ -89,20 +90,21 @@ impl Table {
             let place = &self.places[at];
             match &place.user {
                 None => return (at, false),
-                Some(u) if place.hash == hash && u.as_str() == user => return (at, true),
+                Some(u) if u.fast_hash() == hash && u.as_str() == user => return (at, true),
                 Some(_) => at = (at + 1) & mask,
             }
         }
     }
 
-    /// Moves every wallet into twice the places, by the hash each keeps: no user's name is
-    /// read.
+    /// Moves every wallet into twice the places, by the hash each user's id carries: no user's
+    /// name is read.
     fn double(&mut self) {
         let doubled = free_places(self.places.len() * 2);
         let old = std::mem::replace(&mut self.places, doubled);
         let mask = self.mask();
-        for place in old.into_vec().into_iter().filter(|p| p.user.is_some()) {
-            let mut at = place.hash as usize & mask;
+        for place in old.into_vec().into_iter() {
+            let Some(user) = &place.user else { continue };
+            let mut at = user.fast_hash() as usize & mask;
             while self.places[at].user.is_some() {
                 at = (at + 1) & mask;
             }
@@ -135,7 +137,7 @@ impl Wallets {
     }
 
     /// Asks the CPU to start loading the place where the wallet of the user whose hash
-    /// (`FastHash::of`) is `user_hash` is or would go, so that a lookup a few claims later
+    /// (`UserId::fast_hash`) is `user_hash` is or would go, so that a lookup a few claims later
     /// finds it in cache. Only a hint: nothing changes.
     pub(crate) fn prefetch(&self, user_hash: u64) {
         let t = &self.shards[shard(user_hash)];
@@ -145,7 +147,7 @@ impl Wallets {
     /// The balance of `user`, found or made at 0 in one probe, and whether it was made. The
     /// user is cloned only for a new wallet.
     fn slot(&mut self, user: &UserId) -> (&mut i64, bool) {
-        let h = FastHash::of(user.as_str());
+        let h = user.fast_hash();
         let t = &mut self.shards[shard(h)];
         let (mut at, found) = t.probe(h, user.as_str());
         if !found {
@@ -153,7 +155,7 @@ impl Wallets {
                 t.double();
                 at = t.probe(h, user.as_str()).0;
             }
-            t.places[at] = Place { hash: h, user: Some(user.clone()), fen: 0 };
+            t.places[at] = Place { user: Some(user.clone()), fen: 0 };
             t.len += 1;
         }
         (&mut t.places[at].fen, !found)

@@ -28,7 +28,7 @@ use crate::{EntryKind, EntryRow, PacketRow, PacketUpdate, Result, StoreError};
 
 /// The records after `pruned_upto`, up to [`Overlay::indexed_seq`], by user and by packet. A
 /// user is looked up by the name the record holds, hashed once per lookup, and found again by
-/// the hash the record keeps when it is dropped: in the festival every claimer is a new user,
+/// the hash their id carries when the record is dropped: in the festival every claimer is a new user,
 /// and the index's cost per claim is these lookups (two when it is indexed, one when it is
 /// dropped) and the table's growth. Its slots are small ([`Filed`]) so that growth is cheap:
 /// with each user's part in the slot (136 bytes) the index took 35–40 % longer (BENCHMARKS.md,
@@ -49,10 +49,9 @@ pub(crate) struct Overlay {
     suspended: bool,
 }
 
-/// A user in the index: their hash, kept so that a table that grows moves each slot without
+/// A user in the index: their id, whose hash a table that grows moves each slot by without
 /// reading the name again, and their part behind a box, so that the slots it moves are small.
 struct Filed {
-    hash: u64,
     user: UserId,
     mine: Box<UserPending>,
 }
@@ -61,7 +60,7 @@ impl Filed {
     /// Whether this is `name`'s slot (`hash` being theirs): the hashes first, so another user's
     /// name is read only when the two hashes are equal.
     fn is(&self, hash: u64, name: &str) -> bool {
-        self.hash == hash && self.user.as_str() == name
+        self.user.fast_hash() == hash && self.user.as_str() == name
     }
 }
 
@@ -110,8 +109,8 @@ impl PacketPending {
 struct Indexed {
     seq: u64,
     first_entry: u64,
-    /// With each user's hash, so that dropping the record does not hash their name again.
-    users: Vec<(u64, UserId)>,
+    /// Their ids carry their hashes, so dropping the record does not hash a name again.
+    users: Vec<UserId>,
     packets: Vec<PacketId>,
 }
 
@@ -214,16 +213,16 @@ impl Overlay {
         name: &str,
     ) -> Result<&'a mut UserPending> {
         let h = FastHash::of(name);
-        let filed = match users.entry(h, |f| f.is(h, name), |f| f.hash) {
+        let filed = match users.entry(h, |f| f.is(h, name), |f| f.user.fast_hash()) {
             Entry::Occupied(o) => o.into_mut(),
             Entry::Vacant(v) => {
                 let user = UserId::parse(name)
                     .map_err(|e| StoreError::Corrupt(format!("a journal record holds user {name:?}: {e}")))?;
-                v.insert(Filed { hash: h, user, mine: Box::default() }).into_mut()
+                v.insert(Filed { user, mine: Box::default() }).into_mut()
             }
         };
         if !filed.mine.filed_by(rec.seq) {
-            rec.users.push((h, filed.user.clone()));
+            rec.users.push(filed.user.clone());
         }
         Ok(&mut filed.mine)
     }
@@ -283,8 +282,9 @@ impl Overlay {
     pub(crate) fn prune(&mut self, seq: u64) {
         while self.records.front().is_some_and(|r| r.seq <= seq) {
             let r = self.records.pop_front().expect("a front record");
-            for (h, user) in &r.users {
-                let Ok(mut found) = self.users.find_entry(*h, |f| f.is(*h, user.as_str())) else {
+            for user in &r.users {
+                let h = user.fast_hash();
+                let Ok(mut found) = self.users.find_entry(h, |f| f.is(h, user.as_str())) else {
                     continue;
                 };
                 let mine = &mut found.get_mut().mine;
