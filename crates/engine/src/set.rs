@@ -26,7 +26,7 @@ use tokio::sync::oneshot;
 
 use crate::closed::ClosedPackets;
 use crate::reply::*;
-use crate::wallets::Wallets;
+use crate::wallets::{Changed, Wallets};
 
 /// How many claims (or credits, or commands taken from the queue) ahead a set asks for what a
 /// claim will touch in memory (`look_ahead`): enough for the loads to arrive before that claim is settled, few enough
@@ -246,7 +246,7 @@ struct Work {
     batch: Batch,
     /// Wallets this batch changed, with their balances now: the commit writes them without
     /// looking them up again.
-    dirty_wallets: FastMap<UserId, i64>,
+    dirty_wallets: Changed,
     dirty_packets: FastSet<PacketId>,
     replies: Vec<Pending>,
     /// Acks to send after commit: (source set, upto).
@@ -536,8 +536,8 @@ fn load(ctx: &SetContext, store: &mut dyn Store) -> Result<SetState, StoreError>
     Ok(SetState::from_loaded(ctx, loaded))
 }
 
-fn claim_reply(packet: PacketId, c: &Claim) -> ClaimReply {
-    ClaimReply { packet_id: packet, user: c.user.clone(), amount_fen: c.amount_fen, at_ms: c.at_ms }
+fn claim_reply(packet: PacketId, c: Claim) -> ClaimReply {
+    ClaimReply { packet_id: packet, user: c.user, amount_fen: c.amount_fen, at_ms: c.at_ms }
 }
 
 /// A stable fingerprint of an idempotent request: xxh3 over a canonical text form.
@@ -650,23 +650,23 @@ impl SetState {
                 w.replies.push(Pending::Grab(reply, r));
             }
             Command::Open { packet, user, reply } => {
-                let r = self.settle(ctx, store, packet, &user, now_ms, w, false);
+                let r = self.settle(ctx, store, packet, user, now_ms, w, false);
                 w.replies.push(Pending::Claim(reply, r));
             }
             Command::Claim { packet, user, reply } => {
-                let r = self.settle(ctx, store, packet, &user, now_ms, w, true);
+                let r = self.settle(ctx, store, packet, user, now_ms, w, true);
                 w.replies.push(Pending::Claim(reply, r));
             }
             Command::Claims { claims, reply } => {
-                let r = (0..claims.len())
-                    .map(|i| {
-                        if let Some((packet, user)) = claims.get(i + AHEAD) {
-                            self.look_ahead(ctx, *packet, user);
-                        }
-                        let (packet, user) = &claims[i];
-                        self.settle(ctx, store, *packet, user, now_ms, w, true)
-                    })
-                    .collect();
+                let mut claims = claims.into_iter();
+                let mut r = Vec::with_capacity(claims.len());
+                while let Some((packet, user)) = claims.next() {
+                    // `AHEAD` past this one, which `next` has taken already.
+                    if let Some((packet, user)) = claims.as_slice().get(AHEAD - 1) {
+                        self.look_ahead(ctx, *packet, user);
+                    }
+                    r.push(self.settle(ctx, store, packet, user, now_ms, w, true));
+                }
                 w.replies.push(Pending::Claims(reply, r));
             }
             Command::Credit { from_set, items } => self.credit(from_set, items, w),
@@ -731,7 +731,7 @@ impl SetState {
         assert!(balance >= 0, "negative balance for {user}");
         let old = self.wallets.set(user, balance).unwrap_or(0);
         self.balances_fen = self.balances_fen - old + balance;
-        w.dirty_wallets.insert(user.clone(), balance);
+        w.dirty_wallets.note(user, balance);
     }
 
     /// Asks for what a claim of `packet` by `user` will touch, a few claims before it is
@@ -753,7 +753,7 @@ impl SetState {
     fn credit_wallet(&mut self, user: &UserId, fen: i64, w: &mut Work) {
         let balance = self.wallets.credit(user, fen);
         self.balances_fen += fen;
-        w.dirty_wallets.insert(user.clone(), balance);
+        w.dirty_wallets.note(user, balance);
     }
 
     fn entry(
@@ -956,7 +956,7 @@ impl SetState {
         let p = self.packets.get_mut(&id).expect("prepared");
         match p.grab(user, now_ms, hold_ms)? {
             GrabOutcome::Grabbed { hold_expires_at_ms } => Ok(GrabReply::Grabbed { hold_expires_at_ms }),
-            GrabOutcome::AlreadyOpened(c) => Ok(GrabReply::AlreadyOpened(claim_reply(id, &c))),
+            GrabOutcome::AlreadyOpened(c) => Ok(GrabReply::AlreadyOpened(claim_reply(id, c))),
         }
     }
 
@@ -966,27 +966,32 @@ impl SetState {
         ctx: &SetContext,
         store: &mut dyn Store,
         id: PacketId,
-        user: &UserId,
+        user: UserId,
         now_ms: Millis,
         w: &mut Work,
         claim: bool,
     ) -> Result<ClaimReply, EngineError> {
         self.prepare_packet(ctx, store, id, now_ms, w)?;
         let p = self.packets.get_mut(&id).expect("prepared");
-        let outcome = if claim { p.claim(user, now_ms) } else { p.open(user, now_ms) }?;
+        let outcome = if claim { p.claim(&user, now_ms) } else { p.open(&user, now_ms) }?;
         let c = outcome.claim;
         if !outcome.fresh {
-            return Ok(claim_reply(id, &c));
+            return Ok(claim_reply(id, c));
         }
         let exhausted = p.status() == PacketStatus::Exhausted;
         let expires_at = p.header().expires_at_ms;
         self.escrow_fen -= c.amount_fen;
-        w.batch.claims.push(ClaimRow { packet_id: id, claim: c.clone() });
+        // The reply takes the caller's id, and the store's row the claim the packet handed
+        // back: each reference-counted copy of the id is an atomic write to the line that
+        // holds the name, and a claim made seven of them.
+        let reply = ClaimReply { packet_id: id, user, amount_fen: c.amount_fen, at_ms: c.at_ms };
+        let user = &reply.user;
+        w.batch.claims.push(ClaimRow { packet_id: id, claim: c });
         w.dirty_packets.insert(id);
         let target = set_of_user(user, ctx.sets);
         if target == ctx.set {
-            self.credit_wallet(user, c.amount_fen, w);
-            self.entry(user, EntryKind::Claim, c.amount_fen, Some(id), c.at_ms, w);
+            self.credit_wallet(user, reply.amount_fen, w);
+            self.entry(user, EntryKind::Claim, reply.amount_fen, Some(id), reply.at_ms, w);
         } else {
             let seq = self.outbox_last_seq.entry(target).or_insert(0);
             *seq += 1;
@@ -994,20 +999,20 @@ impl SetState {
                 target_set: target,
                 seq: *seq,
                 user: user.clone(),
-                amount_fen: c.amount_fen,
+                amount_fen: reply.amount_fen,
                 packet_id: id,
-                at_ms: c.at_ms,
+                at_ms: reply.at_ms,
             };
             self.outbox.entry(target).or_default().push_back(item.clone());
             w.batch.outbox_new.push(item);
-            w.credits_out_fen += c.amount_fen;
+            w.credits_out_fen += reply.amount_fen;
         }
         if exhausted {
             self.expiries.remove(&(expires_at, id));
             w.closed.push(id);
             self.note_closed(ctx, id);
         }
-        Ok(claim_reply(id, &c))
+        Ok(reply)
     }
 
     /// Applies credits from another set, each seq once and in order. A gap (an earlier message

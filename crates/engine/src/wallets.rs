@@ -19,6 +19,7 @@
 //! while the set settles the claims before it (BENCHMARKS.md, 2026-12-06, twenty-seventh
 //! session).
 
+use hashbrown::hash_table::{Entry, HashTable};
 use hongbao_core::{FastHash, UserId};
 
 /// Tables; a power of two.
@@ -188,12 +189,51 @@ impl Wallets {
     }
 }
 
+/// The wallets a batch changed, each once, with its balance now: what the commit writes. Found
+/// by the hash each user's id carries; a map keyed by `UserId` hashed every claimer's name
+/// again, reading it.
+#[derive(Debug, Default)]
+pub(crate) struct Changed(HashTable<(UserId, i64)>);
+
+impl Changed {
+    /// Notes `user`'s balance now; their id is copied the first time only.
+    pub(crate) fn note(&mut self, user: &UserId, balance: i64) {
+        match self.0.entry(user.fast_hash(), |(u, _)| u == user, |(u, _)| u.fast_hash()) {
+            Entry::Occupied(mut o) => o.get_mut().1 = balance,
+            Entry::Vacant(v) => {
+                v.insert((user.clone(), balance));
+            }
+        }
+    }
+
+    /// Every wallet noted, leaving none (and the room they took).
+    pub(crate) fn drain(&mut self) -> impl Iterator<Item = (UserId, i64)> + '_ {
+        self.0.drain()
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn user(s: &str) -> UserId {
         UserId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn a_wallet_changed_twice_in_a_batch_is_written_once_with_its_last_balance() {
+        let mut changed = Changed::default();
+        changed.note(&user("alice"), 5);
+        changed.note(&user("bob"), 7);
+        changed.note(&user("alice"), 9);
+        let mut written: Vec<(String, i64)> = changed.drain().map(|(u, fen)| (u.to_string(), fen)).collect();
+        written.sort();
+        assert_eq!(written, [("alice".to_string(), 9), ("bob".to_string(), 7)]);
+        assert_eq!(changed.drain().count(), 0, "drained");
     }
 
     #[test]
