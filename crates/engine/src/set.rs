@@ -29,10 +29,17 @@ use crate::reply::*;
 use crate::wallets::{Changed, Wallets};
 
 /// How many claims (or credits, or commands taken from the queue) ahead a set asks for what a
-/// claim will touch in memory (`look_ahead`): enough for the loads to arrive before that claim is settled, few enough
-/// that they are still in cache when it is (4, 8 and 12 ahead measured alike, each about a
-/// tenth faster than none: BENCHMARKS.md, 2026-12-06, twenty-seventh session).
+/// claim will touch in memory (`look_ahead`): enough for the loads to arrive before that claim
+/// is settled, few enough that they are still in cache when it is (4, 8 and 12 ahead measured
+/// alike, each about a tenth faster than none: BENCHMARKS.md, 2026-12-06, twenty-seventh
+/// session).
 const AHEAD: usize = 4;
+/// How many claims of a call ahead a set asks for the claimer's name: `look_ahead` reads it
+/// to route the wallet (`set_of_user`), and the caller's thread wrote it on the other core.
+/// Further ahead than `AHEAD`, so the line has arrived when `look_ahead` reads it (8 and 16
+/// ahead measured alike, 2–3 % faster than none: BENCHMARKS.md, 2026-12-06, twenty-eighth
+/// session).
+const NAME_AHEAD: usize = 16;
 
 /// Closed packets kept in memory (with their claims) so the crowd that arrives after a packet
 /// is exhausted is turned away, and repeat claims answered, without a disk read. Bounded by
@@ -664,6 +671,9 @@ impl SetState {
                     // `AHEAD` past this one, which `next` has taken already.
                     if let Some((packet, user)) = claims.as_slice().get(AHEAD - 1) {
                         self.look_ahead(ctx, *packet, user);
+                    }
+                    if let Some((_, user)) = claims.as_slice().get(NAME_AHEAD - 1) {
+                        hongbao_core::hint::prefetch(user.as_str());
                     }
                     r.push(self.settle(ctx, store, packet, user, now_ms, w, true));
                 }
