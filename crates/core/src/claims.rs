@@ -90,8 +90,8 @@ impl Claims {
     }
 
     /// Asks the CPU to fetch the place in the index where the claim of the user whose hash
-    /// (`UserId::fast_hash`) is `user_hash` is or would go, so a claim settled a little later finds
-    /// it in cache. Only a hint: nothing changes.
+    /// (`UserId::fast_hash`) is `user_hash` is or would go, so a claim settled a little later
+    /// finds it in cache. Only a hint: nothing changes.
     pub fn prefetch(&self, user_hash: u64) {
         if let Some(mask) = self.index.len().checked_sub(1) {
             crate::hint::prefetch(&self.index[half(user_hash) as usize & mask]);
@@ -180,7 +180,6 @@ impl Drop for Claims {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::UserId;
 
     fn user(name: &str) -> UserId {
         UserId::parse(name).unwrap()

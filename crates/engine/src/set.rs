@@ -734,7 +734,7 @@ impl SetState {
     }
 
     fn balance(&self, user: &UserId) -> i64 {
-        self.wallets.get(user.as_str()).unwrap_or(0)
+        self.wallets.get(user).unwrap_or(0)
     }
 
     fn set_balance(&mut self, user: &UserId, balance: i64, w: &mut Work) {
@@ -1218,7 +1218,7 @@ impl SetState {
             }
         }
         for (user, fen) in &stored.wallets {
-            if self.wallets.get(user.as_str()).is_none() {
+            if self.wallets.get(user).is_none() {
                 note("wallet", format!("{user}: store {fen}, not in memory"));
             }
         }

@@ -20,7 +20,7 @@
 //! session).
 
 use hashbrown::hash_table::{Entry, HashTable};
-use hongbao_core::{FastHash, UserId};
+use hongbao_core::UserId;
 
 /// Tables; a power of two.
 const SHARDS: usize = 64;
@@ -128,10 +128,10 @@ impl Wallets {
     }
 
     /// The balance of `user`; `None` when the set holds no wallet for them.
-    pub(crate) fn get(&self, user: &str) -> Option<i64> {
-        let h = FastHash::of(user);
+    pub(crate) fn get(&self, user: &UserId) -> Option<i64> {
+        let h = user.fast_hash();
         let t = &self.shards[shard(h)];
-        match t.probe(h, user) {
+        match t.probe(h, user.as_str()) {
             (at, true) => Some(t.places[at].fen),
             (_, false) => None,
         }
@@ -239,17 +239,17 @@ mod tests {
     #[test]
     fn a_balance_set_is_the_balance_read_and_each_user_is_one_wallet() {
         let mut w = Wallets::default();
-        assert_eq!(w.get("alice"), None);
+        assert_eq!(w.get(&user("alice")), None);
         assert_eq!(w.set(&user("alice"), 100), None);
         assert_eq!(w.set(&user("bob"), 5), None);
         assert_eq!(w.set(&user("alice"), 70), Some(100));
         assert_eq!(w.credit(&user("bob"), 3), 8);
         assert_eq!(w.credit(&user("dave"), 2), 2);
         assert_eq!(w.set(&user("dave"), 0), Some(2));
-        assert_eq!(w.get("alice"), Some(70));
-        assert_eq!(w.get("bob"), Some(8));
-        assert_eq!(w.get("carol"), None);
-        assert_eq!(w.get("dave"), Some(0));
+        assert_eq!(w.get(&user("alice")), Some(70));
+        assert_eq!(w.get(&user("bob")), Some(8));
+        assert_eq!(w.get(&user("carol")), None);
+        assert_eq!(w.get(&user("dave")), Some(0));
         assert_eq!(w.len(), 3);
         assert_eq!(w.balances().sum::<i64>(), 78);
     }
@@ -267,7 +267,7 @@ mod tests {
         assert_eq!(w.len(), n as usize);
         for i in 0..n {
             let want = if i % 7 == 0 { i + 1 } else { i };
-            assert_eq!(w.get(&format!("u{i}")), Some(want), "u{i}");
+            assert_eq!(w.get(&user(&format!("u{i}"))), Some(want), "u{i}");
         }
         assert_eq!(w.balances().count(), n as usize);
         assert_eq!(w.iter().count(), n as usize);
@@ -300,9 +300,9 @@ mod tests {
             }
             proptest::prop_assert_eq!(w.len(), model.len());
             for (who, fen) in &model {
-                proptest::prop_assert_eq!(w.get(&format!("user-{who}")), Some(*fen));
+                proptest::prop_assert_eq!(w.get(&user(&format!("user-{who}"))), Some(*fen));
             }
-            proptest::prop_assert_eq!(w.get("user-none"), None);
+            proptest::prop_assert_eq!(w.get(&user("user-none")), None);
             let mut listed: Vec<(String, i64)> = w.iter().map(|(u, f)| (u.as_str().to_string(), f)).collect();
             listed.sort();
             let mut want: Vec<(String, i64)> = model.iter().map(|(who, f)| (format!("user-{who}"), *f)).collect();
