@@ -8,8 +8,9 @@
 //! table it leaves is small enough for the allocator to hand out again, and a doubling holds a
 //! batch a sixty-fourth as long. Each user's hash picks both the table and the place in it; it
 //! is the one their id carries ([`UserId::fast_hash`]), so a doubling moves wallets without
-//! reading a user's name again (a cache miss a wallet, in memory the set touches nowhere else: two
-//! fifths of the doubling's time in the in-process festival, BENCHMARKS.md, eleventh session).
+//! reading a user's name again (a cache miss a wallet, in memory the set touches nowhere else:
+//! two fifths of the doubling's time in the in-process festival, BENCHMARKS.md, eleventh
+//! session).
 //!
 //! A table is an array of whole wallets, probed linearly from the place the hash picks, not a
 //! hashbrown table: hashbrown keeps its control bytes apart from its slots, so a new user's

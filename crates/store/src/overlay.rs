@@ -28,9 +28,9 @@ use crate::{EntryKind, EntryRow, PacketRow, PacketUpdate, Result, StoreError};
 
 /// The records after `pruned_upto`, up to [`Overlay::indexed_seq`], by user and by packet. A
 /// user is looked up by the name the record holds, hashed once per lookup, and found again by
-/// the hash their id carries when the record is dropped: in the festival every claimer is a new user,
-/// and the index's cost per claim is these lookups (two when it is indexed, one when it is
-/// dropped) and the table's growth. Its slots are small ([`Filed`]) so that growth is cheap:
+/// the hash their id carries when the record is dropped: in the festival every claimer is a
+/// new user, and the index's cost per claim is these lookups (two when it is indexed, one when
+/// it is dropped) and the table's growth. Its slots are small ([`Filed`]) so that growth is cheap:
 /// with each user's part in the slot (136 bytes) the index took 35–40 % longer (BENCHMARKS.md,
 /// twenty-fourth session).
 /// Every per-key queue is in seq order; a record's keys say what to look at when it is dropped.
