@@ -89,12 +89,11 @@ impl Claims {
         }
     }
 
-    /// Asks the CPU to fetch the place in the index where the claim of the user whose hash
-    /// (`UserId::fast_hash`) is `user_hash` is or would go, so a claim settled a little later
-    /// finds it in cache. Only a hint: nothing changes.
-    pub fn prefetch(&self, user_hash: u64) {
+    /// Asks the CPU to fetch the place in the index where `user`'s claim is or would go, so a
+    /// claim settled a little later finds it in cache. Only a hint: nothing changes.
+    pub fn prefetch(&self, user: &UserId) {
         if let Some(mask) = self.index.len().checked_sub(1) {
-            crate::hint::prefetch(&self.index[half(user_hash) as usize & mask]);
+            crate::hint::prefetch(&self.index[half(user.fast_hash()) as usize & mask]);
         }
     }
 

@@ -18,8 +18,8 @@ pub struct FastHash;
 
 impl FastHash {
     /// A name's hash as every index of names by hash keeps it (the wallet tables, a packet's
-    /// claims, the overlay's users): one function, so a caller that hashed a name once can
-    /// hand the hash to each of them.
+    /// claims, the overlay's users): the one a `UserId` carries (`UserId::fast_hash`), and
+    /// what a lookup by a bare name hashes it with.
     pub fn of(name: &str) -> u64 {
         use std::hash::BuildHasher;
         FastHash.hash_one(name)

@@ -365,11 +365,10 @@ impl Packet {
         }
     }
 
-    /// Asks the CPU to fetch where the claim of the user whose hash (`UserId::fast_hash`) is
-    /// `user_hash` is or would go in this packet, ahead of a claim or an open. Only a hint:
-    /// nothing changes.
-    pub fn prefetch_claim(&self, user_hash: u64) {
-        self.claims.prefetch(user_hash);
+    /// Asks the CPU to fetch where `user`'s claim is or would go in this packet, ahead of a
+    /// claim or an open. Only a hint: nothing changes.
+    pub fn prefetch_claim(&self, user: &UserId) {
+        self.claims.prefetch(user);
     }
 
     pub fn claim(&mut self, user: &UserId, now_ms: Millis) -> Result<OpenOutcome, ClaimError> {

@@ -750,12 +750,11 @@ impl SetState {
     /// the wallet tables are hundreds of megabytes and the packets' indexes tens, and each was
     /// a miss to memory that the set otherwise waited for.
     fn look_ahead(&self, ctx: &SetContext, packet: PacketId, user: &UserId) {
-        let h = user.fast_hash();
         if let Some(p) = self.packets.get(&packet) {
-            p.prefetch_claim(h);
+            p.prefetch_claim(user);
         }
         if set_of_user(user, ctx.sets) == ctx.set {
-            self.wallets.prefetch(h);
+            self.wallets.prefetch(user);
         }
     }
 
@@ -1032,7 +1031,7 @@ impl SetState {
         let before = mark;
         for (i, item) in items.iter().enumerate() {
             if let Some(ahead) = items.get(i + AHEAD) {
-                self.wallets.prefetch(ahead.user.fast_hash());
+                self.wallets.prefetch(&ahead.user);
             }
             if item.seq <= mark {
                 continue;

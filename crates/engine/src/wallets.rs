@@ -138,12 +138,12 @@ impl Wallets {
         }
     }
 
-    /// Asks the CPU to start loading the place where the wallet of the user whose hash
-    /// (`UserId::fast_hash`) is `user_hash` is or would go, so that a lookup a few claims later
-    /// finds it in cache. Only a hint: nothing changes.
-    pub(crate) fn prefetch(&self, user_hash: u64) {
-        let t = &self.shards[shard(user_hash)];
-        hongbao_core::hint::prefetch(&t.places[user_hash as usize & t.mask()]);
+    /// Asks the CPU to start loading the place where `user`'s wallet is or would go, so that
+    /// a lookup a few claims later finds it in cache. Only a hint: nothing changes.
+    pub(crate) fn prefetch(&self, user: &UserId) {
+        let h = user.fast_hash();
+        let t = &self.shards[shard(h)];
+        hongbao_core::hint::prefetch(&t.places[h as usize & t.mask()]);
     }
 
     /// The balance of `user`, found or made at 0 in one probe, and whether it was made. The
