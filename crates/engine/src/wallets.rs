@@ -4,13 +4,14 @@
 //! fresh table that is faulted in page by page, all within one batch. In the in-process
 //! festival (every claimer a new user) that was a fifth of a set thread's time, and each
 //! doubling held every claim of its set for as long as it took (BENCHMARKS.md, 2026-12-04,
-//! tenth session). Split, each table is a sixty-fourth of the whole: it doubles in cache, the
-//! table it leaves is small enough for the allocator to hand out again, and a doubling holds a
-//! batch a sixty-fourth as long. Each user's hash picks both the table and the place in it; it
-//! is the one their id carries ([`UserId::fast_hash`]), so a doubling moves wallets without
-//! reading a user's name again (a cache miss a wallet, in memory the set touches nowhere else:
-//! two fifths of the doubling's time in the in-process festival, BENCHMARKS.md, eleventh
-//! session).
+//! tenth session). Split, each table is about a sixty-fourth of the whole: it doubles in cache,
+//! the table it leaves is small enough for the allocator to hand out again, and a doubling
+//! holds a batch a sixty-fourth as long. The tables' shares differ (up to twice the smallest),
+//! so they do not all double in the same few batches. Each user's hash picks both the table
+//! and the place in it; it is the one their id carries ([`UserId::fast_hash`]), so a doubling
+//! moves wallets without reading a user's name again (a cache miss a wallet, in memory the set
+//! touches nowhere else: two fifths of the doubling's time in the in-process festival,
+//! BENCHMARKS.md, eleventh session).
 //!
 //! A table is an array of whole wallets, probed linearly from the place the hash picks, not a
 //! hashbrown table: hashbrown keeps its control bytes apart from its slots, so a new user's
@@ -23,11 +24,38 @@
 use hashbrown::hash_table::{Entry, HashTable};
 use hongbao_core::UserId;
 
-/// Tables; a power of two.
+/// Tables.
 const SHARDS: usize = 64;
-/// The hash bits that pick a table: above the bits a table uses for a place (the low ones, as
-/// many as it has places in powers of two).
+/// The hash bits that pick a table: the top 24, above the bits a table uses for a place (the
+/// low ones, as many as it has places in powers of two).
 const SHARD_SHIFT: u32 = 40;
+/// Table `i` takes `SHARD_WEIGHT_MIN + i` parts of every `PICKS` new wallets: the largest
+/// twice the smallest (less one part). With even shares every table reached the point where it
+/// doubles within a few batches of the others, so all of a set's wallets moved at once: in the
+/// in-process festival at 12.6 million wallets a set, a second in which the set paid a tenth
+/// of its claims (BENCHMARKS.md, twenty-ninth session). With shares spread over a factor of
+/// two, the tables' doubling points spread over the whole span between one doubling of the
+/// wallets and the next, and each batch meets at most one or two of them.
+const SHARD_WEIGHT_MIN: usize = SHARDS;
+/// The parts all tables' weights add up to.
+const PICKS: usize = SHARDS * SHARD_WEIGHT_MIN + SHARDS * (SHARDS - 1) / 2;
+/// Which table each of the `PICKS` parts belongs to, in order.
+static SHARD_OF: [u8; PICKS] = shard_of();
+
+const fn shard_of() -> [u8; PICKS] {
+    let mut of = [0u8; PICKS];
+    let (mut shard, mut at) = (0, 0);
+    while shard < SHARDS {
+        let mut part = 0;
+        while part < SHARD_WEIGHT_MIN + shard {
+            of[at] = shard as u8;
+            at += 1;
+            part += 1;
+        }
+        shard += 1;
+    }
+    of
+}
 /// A table doubles before it would be fuller than this many eighths, so a probe for a user it
 /// does not hold ends within a few places.
 const LOAD_EIGHTHS: usize = 6;
@@ -65,8 +93,15 @@ impl Default for Wallets {
     }
 }
 
+/// The table that holds the wallet with this hash: the top bits, scaled to `PICKS` parts.
 fn shard(hash: u64) -> usize {
-    (hash >> SHARD_SHIFT) as usize & (SHARDS - 1)
+    let part = ((hash >> SHARD_SHIFT) * PICKS as u64) >> (64 - SHARD_SHIFT);
+    SHARD_OF[part as usize] as usize
+}
+
+/// The share of new wallets that table `shard` takes, in parts of `PICKS`.
+fn weight(shard: usize) -> usize {
+    SHARD_WEIGHT_MIN + shard
 }
 
 fn free_places(n: usize) -> Box<[Place]> {
@@ -116,11 +151,11 @@ impl Table {
 }
 
 impl Wallets {
-    /// Room for `wallets` spread evenly, so a start with a million wallets does not double
-    /// its tables on the way.
+    /// Room for `wallets` spread by each table's share, so a start with a million wallets does
+    /// not double its tables on the way.
     pub(crate) fn with_capacity(wallets: usize) -> Wallets {
-        let each = wallets.div_ceil(SHARDS);
-        Wallets { shards: (0..SHARDS).map(|_| Table::with_capacity(each)).collect() }
+        let each = |shard| (wallets * weight(shard)).div_ceil(PICKS);
+        Wallets { shards: (0..SHARDS).map(|shard| Table::with_capacity(each(shard))).collect() }
     }
 
     /// Wallets held.
@@ -272,10 +307,53 @@ mod tests {
         }
         assert_eq!(w.balances().count(), n as usize);
         assert_eq!(w.iter().count(), n as usize);
-        // Evenly spread: no table holds twice its share, none is empty.
-        let share = n as usize / SHARDS;
-        for t in w.shards.iter() {
-            assert!(t.len > share / 2 && t.len < share * 2, "{} wallets against a share of {share}", t.len);
+        // Spread by weight: no table holds twice its share or half of it.
+        for (i, t) in w.shards.iter().enumerate() {
+            let share = n as usize * weight(i) / PICKS;
+            assert!(
+                t.len > share / 2 && t.len < share * 2,
+                "table {i}: {} wallets against a share of {share}",
+                t.len
+            );
+        }
+    }
+
+    #[test]
+    fn the_tables_double_at_different_times() {
+        // New wallets one at a time, noting after which each table doubled. With even shares
+        // every table's doubling to 4,096 places came within a few hundred wallets of the
+        // others'; spread over a factor of two, they come throughout a doubling of the whole.
+        let mut w = Wallets::default();
+        let places = |w: &Wallets| w.shards.iter().map(|t| t.places.len()).collect::<Vec<_>>();
+        let mut before = places(&w);
+        let mut doubled_at = vec![Vec::new(); SHARDS];
+        for i in 0..400_000 {
+            w.credit(&user(&format!("u{i}")), 1);
+            let now = places(&w);
+            for (shard, (b, n)) in before.iter().zip(&now).enumerate() {
+                if n > b {
+                    doubled_at[shard].push((*n, i));
+                }
+            }
+            before = now;
+        }
+        // When each table reached 4,096 places: 64 tables, at least a quarter apart.
+        let mut at: Vec<i32> = doubled_at
+            .iter()
+            .map(|d| d.iter().find(|(n, _)| *n == 4_096).expect("every table reached 4,096 places").1)
+            .collect();
+        at.sort();
+        let (first, last) = (at[0], at[SHARDS - 1]);
+        assert!(last as f64 > first as f64 * 1.5, "all tables doubled between {first} and {last} wallets");
+        // And no eighth of that span holds more than a quarter of the doublings.
+        let eighth = (last - first) / 8;
+        for from in (first..last).step_by(eighth.max(1) as usize) {
+            let within = at.iter().filter(|&&a| a >= from && a < from + eighth).count();
+            assert!(
+                within <= SHARDS / 4,
+                "{within} tables doubled between {from} and {} wallets",
+                from + eighth
+            );
         }
     }
 
