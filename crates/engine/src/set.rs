@@ -52,6 +52,11 @@ const CLOSED_PACKETS_MAX: usize = 100_000;
 const DIFFERENCES_SHOWN: usize = 5;
 /// How often an idle set wakes to expire packets and retry undelivered credits.
 const TICK: Duration = Duration::from_millis(50);
+/// The longest a set sleeps at once while it waits out its commit spacing: under a spacing
+/// longer than this, the set still takes the commands that came every so often, so a batch
+/// that fills commits then and the queue does not fill behind a sleeping set. The default
+/// spacing (1 ms) is one sleep.
+const SPACING_SLEEP_MAX: Duration = Duration::from_millis(1);
 /// How long a set's sent credits wait for their acknowledgements to move before they are all
 /// sent again, from the oldest.
 const RELAY_RETRY_MS: i64 = 500;
@@ -374,7 +379,8 @@ impl SetRunner {
     /// Applies one batch: waits up to `wait` for a first command (`None`: do not wait), drains
     /// up to `batch_max`, runs timers when due, commits, replies. Returns false once stopped.
     /// While the last commit began less than `commit_spacing` ago, an empty queue does not end
-    /// the batch: the thread sleeps out the rest of the spacing and takes what came meanwhile.
+    /// the batch: the thread sleeps out the rest of the spacing (in sleeps of at most
+    /// `SPACING_SLEEP_MAX`, so a batch that fills meanwhile commits then) and takes what came.
     /// It sleeps rather than blocks on the queue, so the callers' sends wake nobody and the
     /// set does not spin and yield for each command (HTTP festival: 0.5–0.9 µs less CPU a
     /// request; BENCHMARKS.md, twenty-ninth session). A step that does not wait for its first
@@ -413,14 +419,16 @@ impl SetRunner {
                 }
             }
             next = if applied < self.ctx.batch_max { self.take() } else { None };
-            if next.is_none() && applied < self.ctx.batch_max && wait.is_some() {
+            while next.is_none() && applied < self.ctx.batch_max && wait.is_some() {
                 let now = Instant::now();
-                if let Some(left) =
-                    self.last_commit.and_then(|at| (at + self.ctx.commit_spacing).checked_duration_since(now))
-                {
-                    std::thread::sleep(left);
-                    next = self.take();
-                }
+                let Some(left) = self
+                    .last_commit
+                    .and_then(|at| (at + self.ctx.commit_spacing).checked_duration_since(now))
+                else {
+                    break;
+                };
+                std::thread::sleep(left.min(SPACING_SLEEP_MAX));
+                next = self.take();
             }
         }
         self.last_commit = Some(Instant::now());

@@ -462,6 +462,37 @@ async fn a_busy_set_gathers_commands_for_its_commit_spacing_and_an_idle_set_comm
     assert!(commits >= 3, "{commits} commits without spacing");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_fills_commits_before_its_spacing_ends() {
+    // A spacing of 10 s and batches of 4: after a first commit, one deposit and, 50 ms later,
+    // three more fill a batch, which commits then, not when the spacing ends.
+    let dir = tempfile::tempdir().unwrap();
+    let commits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut config = EngineConfig::new(dir.path().to_path_buf());
+    config.seed = Some(7);
+    config.commit_spacing = Duration::from_secs(10);
+    config.batch_max = 4;
+    let stores: Vec<(Box<dyn Store>, Arc<dyn Reader>)> =
+        vec![(Box::new(CountingStore(commits.clone())), Arc::new(NullReader))];
+    let engine = Engine::start_with(config, stores, Arc::new(ManualClock::new(T0_MS))).unwrap();
+    let deposit = |i: u32| {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.deposit(user("u"), fen(1), rid(&format!("d{i}"))).await })
+    };
+    deposit(0).await.unwrap().unwrap();
+    let started = std::time::Instant::now();
+    let mut four = vec![deposit(1)];
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    four.extend((2..5).map(deposit));
+    for d in four {
+        d.await.unwrap().unwrap();
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(2), "a full batch waited {took:?} for the spacing");
+    assert_eq!(commits.load(std::sync::atomic::Ordering::SeqCst), 2, "the four share one commit");
+    engine.shutdown().await;
+}
+
 /// Answers as `NullReader` does, says whether it blocks as told, and records the thread each
 /// balance was read on.
 struct WhereRead {
