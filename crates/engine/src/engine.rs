@@ -56,9 +56,9 @@ pub struct EngineConfig {
     pub batch_max: usize,
     /// Least time between the starts of a set's commits while it is busy: a set whose last
     /// commit began less than this ago sleeps out the rest of it and takes the commands that
-    /// came (up to `batch_max`) before it commits again. Under load each commit (an `fdatasync`) then carries more commands, and
-    /// the set spends less CPU per command; an idle set commits at once. Zero commits as soon
-    /// as the queue is empty.
+    /// came (up to `batch_max`) before it commits again. Under load each commit (an
+    /// `fdatasync`) then carries more commands, and the set spends less CPU per command; an
+    /// idle set commits at once. Zero commits as soon as the queue is empty.
     pub commit_spacing: Duration,
     /// How long a request_id is remembered.
     pub idempotency_retention_s: i64,

@@ -29,13 +29,13 @@ const SHARDS: usize = 64;
 /// The hash bits that pick a table: the top 24, above the bits a table uses for a place (the
 /// low ones, as many as it has places in powers of two).
 const SHARD_SHIFT: u32 = 40;
-/// Table `i` takes `SHARD_WEIGHT_MIN + i` parts of every `PICKS` new wallets: the largest
-/// twice the smallest (less one part). With even shares every table reached the point where it
-/// doubles within a few batches of the others, so all of a set's wallets moved at once: in the
-/// in-process festival at 12.6 million wallets a set, a second in which the set paid a tenth
-/// of its claims (BENCHMARKS.md, twenty-ninth session). With shares spread over a factor of
-/// two, the tables' doubling points spread over the whole span between one doubling of the
-/// wallets and the next, and each batch meets at most one or two of them.
+/// Table `i` takes `SHARD_WEIGHT_MIN + i` parts of every `PICKS` new wallets: 64 parts for the
+/// first, 127 for the last. With even shares every table reached the point where it doubles
+/// within a few batches of the others, so all of a set's wallets moved at once: in the
+/// in-process festival at 12.6 million wallets a set, a second in which the set paid as few as
+/// a twentieth of its claims (BENCHMARKS.md, twenty-ninth session). With shares spread over a
+/// factor of two, the tables' doubling points spread over the whole span between one doubling
+/// of the wallets and the next, and a batch seldom meets more than one.
 const SHARD_WEIGHT_MIN: usize = SHARDS;
 /// The parts all tables' weights add up to.
 const PICKS: usize = SHARDS * SHARD_WEIGHT_MIN + SHARDS * (SHARDS - 1) / 2;
@@ -47,7 +47,7 @@ const fn shard_of() -> [u8; PICKS] {
     let (mut shard, mut at) = (0, 0);
     while shard < SHARDS {
         let mut part = 0;
-        while part < SHARD_WEIGHT_MIN + shard {
+        while part < weight(shard) {
             of[at] = shard as u8;
             at += 1;
             part += 1;
@@ -56,6 +56,7 @@ const fn shard_of() -> [u8; PICKS] {
     }
     of
 }
+
 /// A table doubles before it would be fuller than this many eighths, so a probe for a user it
 /// does not hold ends within a few places.
 const LOAD_EIGHTHS: usize = 6;
@@ -100,7 +101,7 @@ fn shard(hash: u64) -> usize {
 }
 
 /// The share of new wallets that table `shard` takes, in parts of `PICKS`.
-fn weight(shard: usize) -> usize {
+const fn weight(shard: usize) -> usize {
     SHARD_WEIGHT_MIN + shard
 }
 

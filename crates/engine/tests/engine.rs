@@ -419,14 +419,16 @@ impl Store for CountingStore {
     }
 }
 
-/// Deposits into one set with `spacing`: one awaited, then one more at once, then three 50 ms
-/// later. Returns the commits they took and how long the first took.
-async fn deposits_and_commits(spacing: Duration) -> (usize, Duration) {
+/// Deposits into one set with `spacing` (and `batch_max`, else the default): one awaited, then
+/// one more at once, then three 50 ms later. Returns the commits they took, how long the first
+/// took, and how long the four later ones took.
+async fn deposits_and_commits(spacing: Duration, batch_max: Option<usize>) -> (usize, Duration, Duration) {
     let dir = tempfile::tempdir().unwrap();
     let commits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut config = EngineConfig::new(dir.path().to_path_buf());
     config.seed = Some(7);
     config.commit_spacing = spacing;
+    config.batch_max = batch_max.unwrap_or(config.batch_max);
     let stores: Vec<(Box<dyn Store>, Arc<dyn Reader>)> =
         vec![(Box::new(CountingStore(commits.clone())), Arc::new(NullReader))];
     let engine = Engine::start_with(config, stores, Arc::new(ManualClock::new(T0_MS))).unwrap();
@@ -437,6 +439,7 @@ async fn deposits_and_commits(spacing: Duration) -> (usize, Duration) {
     let started = std::time::Instant::now();
     deposit(0).await.unwrap().unwrap();
     let first = started.elapsed();
+    let started = std::time::Instant::now();
     let second = deposit(1);
     tokio::time::sleep(Duration::from_millis(50)).await;
     let rest: Vec<_> = (2..5).map(deposit).collect();
@@ -444,9 +447,10 @@ async fn deposits_and_commits(spacing: Duration) -> (usize, Duration) {
     for r in rest {
         r.await.unwrap().unwrap();
     }
+    let later = started.elapsed();
     let n = commits.load(std::sync::atomic::Ordering::SeqCst);
     engine.shutdown().await;
-    (n, first)
+    (n, first, later)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -454,43 +458,21 @@ async fn a_busy_set_gathers_commands_for_its_commit_spacing_and_an_idle_set_comm
     // The first deposit finds the set idle and commits at once; the second arrives while that
     // commit is fresh, so the set waits out the spacing and takes the other three with it.
     let spacing = Duration::from_secs(2);
-    let (commits, first) = deposits_and_commits(spacing).await;
+    let (commits, first, _) = deposits_and_commits(spacing, None).await;
     assert_eq!(commits, 2, "the four later deposits share one commit");
     assert!(first < spacing / 2, "an idle set waited {first:?} to commit");
     // Without spacing, the deposit sent 50 ms later is in a commit of its own.
-    let (commits, _) = deposits_and_commits(Duration::ZERO).await;
+    let (commits, _, _) = deposits_and_commits(Duration::ZERO, None).await;
     assert!(commits >= 3, "{commits} commits without spacing");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_that_fills_commits_before_its_spacing_ends() {
-    // A spacing of 10 s and batches of 4: after a first commit, one deposit and, 50 ms later,
-    // three more fill a batch, which commits then, not when the spacing ends.
-    let dir = tempfile::tempdir().unwrap();
-    let commits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut config = EngineConfig::new(dir.path().to_path_buf());
-    config.seed = Some(7);
-    config.commit_spacing = Duration::from_secs(10);
-    config.batch_max = 4;
-    let stores: Vec<(Box<dyn Store>, Arc<dyn Reader>)> =
-        vec![(Box::new(CountingStore(commits.clone())), Arc::new(NullReader))];
-    let engine = Engine::start_with(config, stores, Arc::new(ManualClock::new(T0_MS))).unwrap();
-    let deposit = |i: u32| {
-        let engine = engine.clone();
-        tokio::spawn(async move { engine.deposit(user("u"), fen(1), rid(&format!("d{i}"))).await })
-    };
-    deposit(0).await.unwrap().unwrap();
-    let started = std::time::Instant::now();
-    let mut four = vec![deposit(1)];
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    four.extend((2..5).map(deposit));
-    for d in four {
-        d.await.unwrap().unwrap();
-    }
-    let took = started.elapsed();
-    assert!(took < Duration::from_secs(2), "a full batch waited {took:?} for the spacing");
-    assert_eq!(commits.load(std::sync::atomic::Ordering::SeqCst), 2, "the four share one commit");
-    engine.shutdown().await;
+    // A spacing of 10 s and batches of 4: the four later deposits fill a batch, which commits
+    // when the last of them comes, not when the spacing ends.
+    let (commits, _, later) = deposits_and_commits(Duration::from_secs(10), Some(4)).await;
+    assert_eq!(commits, 2, "the four later deposits share one commit");
+    assert!(later < Duration::from_secs(2), "a full batch waited {later:?} for the spacing");
 }
 
 /// Answers as `NullReader` does, says whether it blocks as told, and records the thread each
