@@ -65,16 +65,17 @@ impl Claims {
 
     /// The claim `user` holds.
     pub fn get(&self, user: &UserId) -> Option<&Claim> {
-        match self.probe(half(user.fast_hash()), user.as_str()) {
+        match self.probe(user) {
             Some((at, true)) => Some(&self.list[self.index[at].at as usize - 1]),
             _ => None,
         }
     }
 
-    /// Where in the index `user` (whose hash's upper half is `h`) has a claim (true), or the
-    /// free place where theirs would go (false); `None` when the index has no places.
-    fn probe(&self, h: u32, user: &str) -> Option<(usize, bool)> {
+    /// Where in the index `user` has a claim (true), or the free place where theirs would go
+    /// (false); `None` when the index has no places.
+    fn probe(&self, user: &UserId) -> Option<(usize, bool)> {
         let mask = self.index.len().checked_sub(1)?;
+        let h = half(user.fast_hash());
         let mut at = h as usize & mask;
         loop {
             let slot = self.index[at];
@@ -82,7 +83,7 @@ impl Claims {
                 return Some((at, false));
             }
             // The halves first, so another user's name is read only when they are equal.
-            if slot.hash == h && self.list[slot.at as usize - 1].user.as_str() == user {
+            if slot.hash == h && self.list[slot.at as usize - 1].user == *user {
                 return Some((at, true));
             }
             at = (at + 1) & mask;
@@ -104,19 +105,18 @@ impl Claims {
     /// Adds `claim` after the others, unless its user holds one already: then nothing changes
     /// and it is handed back.
     pub fn insert(&mut self, claim: Claim) -> Result<(), Claim> {
-        let h = half(claim.user.fast_hash());
         // One probe finds the user's slot or the place for theirs; a second only after the
         // index grew.
-        let place = match self.probe(h, claim.user.as_str()) {
+        let place = match self.probe(&claim.user) {
             Some((_, true)) => return Err(claim),
             Some((at, false)) if (self.list.len() + 1) * PLACES_PER_CLAIM <= self.index.len() => at,
             _ => {
                 self.grow();
-                self.probe(h, claim.user.as_str()).expect("grown").0
+                self.probe(&claim.user).expect("grown").0
             }
         };
         let at = u32::try_from(self.list.len() + 1).expect("a packet holds fewer than 2^32 claims");
-        self.index[place] = Slot { at, hash: h };
+        self.index[place] = Slot { at, hash: half(claim.user.fast_hash()) };
         self.list.push(claim);
         if let Some(ahead) = self.list.spare_capacity_mut().get(AHEAD) {
             crate::hint::prefetch_to_write(ahead);

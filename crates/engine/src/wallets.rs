@@ -38,7 +38,14 @@ const SHARD_SHIFT: u32 = 40;
 /// of the wallets and the next, and a batch seldom meets more than one.
 const SHARD_WEIGHT_MIN: usize = SHARDS;
 /// The parts all tables' weights add up to.
-const PICKS: usize = SHARDS * SHARD_WEIGHT_MIN + SHARDS * (SHARDS - 1) / 2;
+const PICKS: usize = {
+    let (mut sum, mut shard) = (0, 0);
+    while shard < SHARDS {
+        sum += weight(shard);
+        shard += 1;
+    }
+    sum
+};
 /// Which table each of the `PICKS` parts belongs to, in order.
 static SHARD_OF: [u8; PICKS] = shard_of();
 
@@ -94,9 +101,9 @@ impl Default for Wallets {
     }
 }
 
-/// The table that holds the wallet with this hash: the top bits, scaled to `PICKS` parts.
-fn shard(hash: u64) -> usize {
-    let part = ((hash >> SHARD_SHIFT) * PICKS as u64) >> (64 - SHARD_SHIFT);
+/// The table that holds `user`'s wallet: their hash's top bits, scaled to `PICKS` parts.
+fn shard(user: &UserId) -> usize {
+    let part = ((user.fast_hash() >> SHARD_SHIFT) * PICKS as u64) >> (64 - SHARD_SHIFT);
     SHARD_OF[part as usize] as usize
 }
 
@@ -120,15 +127,21 @@ impl Table {
         self.places.len() - 1
     }
 
-    /// Where `user`'s wallet is (true), or the free place where it would go (false).
-    fn probe(&self, hash: u64, user: &str) -> (usize, bool) {
+    /// The place `user`'s hash picks: where their probe starts.
+    fn home(&self, user: &UserId) -> usize {
+        user.fast_hash() as usize & self.mask()
+    }
+
+    /// Where `user`'s wallet is (true), or the free place where it would go (false). Ids
+    /// compare their hashes first, so another user's name is read only when those are equal.
+    fn probe(&self, user: &UserId) -> (usize, bool) {
         let mask = self.mask();
-        let mut at = hash as usize & mask;
+        let mut at = self.home(user);
         loop {
             let place = &self.places[at];
             match &place.user {
                 None => return (at, false),
-                Some(u) if u.fast_hash() == hash && u.as_str() == user => return (at, true),
+                Some(u) if u == user => return (at, true),
                 Some(_) => at = (at + 1) & mask,
             }
         }
@@ -142,7 +155,7 @@ impl Table {
         let mask = self.mask();
         for place in old.into_vec().into_iter() {
             let Some(user) = &place.user else { continue };
-            let mut at = user.fast_hash() as usize & mask;
+            let mut at = self.home(user);
             while self.places[at].user.is_some() {
                 at = (at + 1) & mask;
             }
@@ -166,9 +179,8 @@ impl Wallets {
 
     /// The balance of `user`; `None` when the set holds no wallet for them.
     pub(crate) fn get(&self, user: &UserId) -> Option<i64> {
-        let h = user.fast_hash();
-        let t = &self.shards[shard(h)];
-        match t.probe(h, user.as_str()) {
+        let t = &self.shards[shard(user)];
+        match t.probe(user) {
             (at, true) => Some(t.places[at].fen),
             (_, false) => None,
         }
@@ -177,21 +189,19 @@ impl Wallets {
     /// Asks the CPU to start loading the place where `user`'s wallet is or would go, so that
     /// a lookup a few claims later finds it in cache. Only a hint: nothing changes.
     pub(crate) fn prefetch(&self, user: &UserId) {
-        let h = user.fast_hash();
-        let t = &self.shards[shard(h)];
-        hongbao_core::hint::prefetch(&t.places[h as usize & t.mask()]);
+        let t = &self.shards[shard(user)];
+        hongbao_core::hint::prefetch(&t.places[t.home(user)]);
     }
 
     /// The balance of `user`, found or made at 0 in one probe, and whether it was made. The
     /// user is cloned only for a new wallet.
     fn slot(&mut self, user: &UserId) -> (&mut i64, bool) {
-        let h = user.fast_hash();
-        let t = &mut self.shards[shard(h)];
-        let (mut at, found) = t.probe(h, user.as_str());
+        let t = &mut self.shards[shard(user)];
+        let (mut at, found) = t.probe(user);
         if !found {
             if (t.len + 1) * 8 > t.places.len() * LOAD_EIGHTHS {
                 t.double();
-                at = t.probe(h, user.as_str()).0;
+                at = t.probe(user).0;
             }
             t.places[at] = Place { user: Some(user.clone()), fen: 0 };
             t.len += 1;
@@ -346,14 +356,16 @@ mod tests {
         at.sort();
         let (first, last) = (at[0], at[SHARDS - 1]);
         assert!(last as f64 > first as f64 * 1.5, "all tables doubled between {first} and {last} wallets");
-        // And no eighth of that span holds more than a quarter of the doublings.
-        let eighth = (last - first) / 8;
-        for from in (first..last).step_by(eighth.max(1) as usize) {
-            let within = at.iter().filter(|&&a| a >= from && a < from + eighth).count();
+        // And no 5,000 wallets in a row see a third of the doublings. With even shares about
+        // two thirds of them came within 5,000 wallets; spread, the densest stretch (the
+        // largest tables, at the start) sees nine to twelve, with the hash's luck (its
+        // keys are drawn per process).
+        for (i, from) in at.iter().enumerate() {
+            let within = at[i..].iter().take_while(|&&a| a < from + 5_000).count();
             assert!(
-                within <= SHARDS / 4,
+                within <= SHARDS / 3,
                 "{within} tables doubled between {from} and {} wallets",
-                from + eighth
+                from + 5_000
             );
         }
     }

@@ -283,8 +283,7 @@ impl Overlay {
         while self.records.front().is_some_and(|r| r.seq <= seq) {
             let r = self.records.pop_front().expect("a front record");
             for user in &r.users {
-                let h = user.fast_hash();
-                let Ok(mut found) = self.users.find_entry(h, |f| f.is(h, user.as_str())) else {
+                let Ok(mut found) = self.users.find_entry(user.fast_hash(), |f| f.user == *user) else {
                     continue;
                 };
                 let mine = &mut found.get_mut().mine;
