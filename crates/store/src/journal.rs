@@ -57,6 +57,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use hashbrown::HashTable;
 use hongbao_core::{Claim, Millis, Packet, PacketId, PacketStatus, UserId};
 
 use crate::overlay::{add_totals, history_view, newer_first, Overlay};
@@ -707,7 +708,9 @@ impl Yield {
 #[derive(Default)]
 struct Merger {
     out: Batch,
-    wallets: HashMap<UserId, usize>,
+    /// Where each wallet is in `out.wallets`, found by the hash its id carries: neither its
+    /// name hashed again nor the id cloned for a key, once per wallet per batch.
+    wallets: HashTable<usize>,
     packets: HashMap<PacketId, usize>,
     idem: HashMap<(UserId, String), usize>,
     watermarks: HashMap<u32, usize>,
@@ -739,7 +742,7 @@ impl Merger {
         }
         for b in batches {
             for (user, fen) in b.wallets {
-                keep_last(wallets, &mut out.wallets, user.clone(), (user, fen));
+                keep_last_wallet(wallets, &mut out.wallets, user, fen);
             }
             for u in b.packet_updates {
                 keep_last(packets, &mut out.packet_updates, u.id, u);
@@ -778,6 +781,18 @@ fn keep_last<K: std::hash::Hash + Eq, T>(index: &mut HashMap<K, usize>, out: &mu
         std::collections::hash_map::Entry::Vacant(e) => {
             e.insert(out.len());
             out.push(item);
+        }
+    }
+}
+
+/// [`keep_last`] for wallets, indexed by their ids' hashes.
+fn keep_last_wallet(index: &mut HashTable<usize>, out: &mut Vec<(UserId, i64)>, user: UserId, fen: i64) {
+    let entry = index.entry(user.fast_hash(), |&i| out[i].0 == user, |&i| out[i].0.fast_hash());
+    match entry {
+        hashbrown::hash_table::Entry::Occupied(e) => out[*e.get()].1 = fen,
+        hashbrown::hash_table::Entry::Vacant(e) => {
+            e.insert(out.len());
+            out.push((user, fen));
         }
     }
 }
