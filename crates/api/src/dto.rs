@@ -2,7 +2,7 @@
 //! ids strings. Only this module knows field names.
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use hongbao_core::Millis;
+use hongbao_core::{Millis, PacketId, UserId};
 use hongbao_engine::{
     AuditReport, ClaimReply, ClaimView, EntriesPage, PacketDetails, PacketSummary, ReceivedHistory,
     SentHistory, SentItem, WalletReply,
@@ -13,9 +13,78 @@ use utoipa::{ToResponse, ToSchema};
 
 /// RFC 3339 UTC with milliseconds, e.g. `2026-01-01T00:00:00.000Z`.
 pub fn time(ms: Millis) -> String {
+    match rfc3339_ms(ms, &mut [0; RFC3339_MS_BYTES]) {
+        Some(text) => text.to_owned(),
+        None => chrono_time(ms),
+    }
+}
+
+/// [`time`] as chrono writes it: the reference, and the writer of years outside 0–9999
+/// (`+10000-…`, `-0001-…`) and of instants chrono cannot hold (the epoch).
+fn chrono_time(ms: Millis) -> String {
     DateTime::<Utc>::from_timestamp_millis(ms)
         .unwrap_or_default()
         .to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+const RFC3339_MS_BYTES: usize = 24;
+
+/// Writes [`time`] into `buf` for a year from 0 to 9999 (else `None`), with the civil date
+/// taken from the day number by H. Hinnant's `civil_from_days`.
+fn rfc3339_ms(ms: Millis, buf: &mut [u8; RFC3339_MS_BYTES]) -> Option<&str> {
+    let (days, in_day) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
+    // Days from 0000-03-01, in 400-year eras of 146,097 days.
+    let z = days.checked_add(719_468)?;
+    let (era, doe) = (z.div_euclid(146_097), z.rem_euclid(146_097));
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = (era * 400 + yoe).checked_add(i64::from(month <= 2))?;
+    if !(0..=9_999).contains(&year) {
+        return None;
+    }
+    let fields = [
+        (0, 4, year),
+        (5, 2, month),
+        (8, 2, day),
+        (11, 2, in_day / 3_600_000),
+        (14, 2, in_day / 60_000 % 60),
+        (17, 2, in_day / 1_000 % 60),
+        (20, 3, in_day % 1_000),
+    ];
+    for (at, width, mut value) in fields {
+        for i in (at..at + width).rev() {
+            buf[i] = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+    }
+    for (at, sep) in [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':'), (19, b'.'), (23, b'Z')] {
+        buf[at] = sep;
+    }
+    Some(std::str::from_utf8(buf).expect("digits and separators are ASCII"))
+}
+
+/// A time on the wire ([`time`]), written into the body from a buffer on the stack rather than
+/// a `String` of its own: a claim's answer, the body the server writes most, holds one.
+#[derive(Debug, Clone, Copy)]
+pub struct Time(pub Millis);
+
+impl Serialize for Time {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match rfc3339_ms(self.0, &mut [0; RFC3339_MS_BYTES]) {
+            Some(text) => s.serialize_str(text),
+            None => s.serialize_str(&chrono_time(self.0)),
+        }
+    }
+}
+
+/// An id written as its decimal string, straight into the body (serde_json's `collect_str`
+/// formats in place).
+fn as_text<T: std::fmt::Display, S: serde::Serializer>(id: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(id)
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -117,22 +186,24 @@ impl PacketOut {
     }
 }
 
+// Written as four strings and a number, like every body here, but built without a `String`:
+// the claim's answer is the body the server writes most. (A `//` comment: a doc comment would
+// become the schema's description.)
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ClaimOut {
-    pub packet_id: String,
-    pub user: String,
+    #[serde(serialize_with = "as_text")]
+    #[schema(value_type = String)]
+    pub packet_id: PacketId,
+    #[schema(value_type = String)]
+    pub user: UserId,
     pub amount: i64,
-    pub at: String,
+    #[schema(value_type = String)]
+    pub at: Time,
 }
 
 impl From<ClaimReply> for ClaimOut {
     fn from(c: ClaimReply) -> ClaimOut {
-        ClaimOut {
-            packet_id: c.packet_id.to_string(),
-            user: c.user.to_string(),
-            amount: c.amount_fen,
-            at: time(c.at_ms),
-        }
+        ClaimOut { packet_id: c.packet_id, user: c.user, amount: c.amount_fen, at: Time(c.at_ms) }
     }
 }
 
@@ -390,4 +461,71 @@ fn object<'de, D: Deserializer<'de>, T: DeserializeOwned>(d: D) -> Result<T, D::
 
     let map = d.deserialize_map(ObjectVisitor)?;
     T::deserialize(serde_json::Value::Object(map)).map_err(D::Error::custom)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Year 0 to 9999, the years `rfc3339_ms` writes itself.
+    const FOUR_DIGIT_YEARS: std::ops::RangeInclusive<Millis> = -62_167_219_200_000..=253_402_300_799_999;
+
+    fn written_as_chrono_writes_it(ms: Millis) -> Result<(), TestCaseError> {
+        let expected = chrono_time(ms);
+        prop_assert_eq!(time(ms), expected.clone());
+        prop_assert_eq!(serde_json::to_string(&Time(ms)).unwrap(), format!("\"{expected}\""));
+        Ok(())
+    }
+
+    proptest! {
+        /// A time is written as chrono writes it, whatever the instant: from year 0 to 9999 by
+        /// `rfc3339_ms`, outside them by chrono.
+        #[test]
+        fn times_are_written_as_chrono_writes_them(ms in prop_oneof![FOUR_DIGIT_YEARS, any::<Millis>()]) {
+            written_as_chrono_writes_it(ms)?;
+        }
+    }
+
+    /// The edges: the epoch and just before it, a leap day, the first and last instants of
+    /// the four-digit years and just outside them, and the ends of the type.
+    #[test]
+    fn edge_times_are_written_as_chrono_writes_them() {
+        for ms in [
+            0,
+            -1,
+            951_782_400_000,
+            951_868_799_999,
+            *FOUR_DIGIT_YEARS.start(),
+            *FOUR_DIGIT_YEARS.start() - 1,
+            *FOUR_DIGIT_YEARS.end(),
+            *FOUR_DIGIT_YEARS.end() + 1,
+            Millis::MIN,
+            Millis::MAX,
+        ] {
+            written_as_chrono_writes_it(ms).unwrap();
+        }
+    }
+
+    /// A claim's answer holds its ids and its time as strings, as before they were written
+    /// from the reply's own values.
+    #[test]
+    fn a_claim_answer_is_written_as_strings() {
+        let out = ClaimOut {
+            packet_id: PacketId::parse("65356955429896192").unwrap(),
+            user: UserId::parse("alice").unwrap(),
+            amount: 138,
+            at: Time(1_765_021_410_095),
+        };
+        assert_eq!(
+            serde_json::to_value(&out).unwrap(),
+            serde_json::json!({
+                "packet_id": "65356955429896192",
+                "user": "alice",
+                "amount": 138,
+                "at": "2025-12-06T11:43:30.095Z",
+            })
+        );
+    }
 }
