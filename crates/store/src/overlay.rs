@@ -26,14 +26,18 @@ use crate::sqlite::Folded;
 use crate::Batch;
 use crate::{EntryKind, EntryRow, PacketRow, PacketUpdate, Result, StoreError};
 
-/// The records after `pruned_upto`, up to [`Overlay::indexed_seq`], by user and by packet. A
-/// user is looked up by the name the record holds, hashed once per lookup, and found again by
-/// the hash their id carries when the record is dropped: in the festival every claimer is a
-/// new user, and the index's cost per claim is these lookups (two when it is indexed, one when
-/// it is dropped) and the table's growth. Its slots are small ([`Filed`]) so that growth is cheap:
-/// with each user's part in the slot (136 bytes) the index took 35–40 % longer (BENCHMARKS.md,
-/// twenty-fourth session).
-/// Every per-key queue is in seq order; a record's keys say what to look at when it is dropped.
+/// The records after `pruned_upto`, up to [`Overlay::indexed_seq`], by user and by packet.
+///
+/// A user's part of the records (an entry, a balance, a packet sent, a best luck) is an
+/// [`Item`] in one queue of every user's items, in record order, each linked to the same
+/// user's item before it; the users table ([`Filed`]) holds where each user's newest item is.
+/// Indexing a record appends to the queue and looks each user up once per item (in the
+/// festival every claimer is new: one insert, then one hit); dropping a record pops its items
+/// off the front and forgets a user whose newest item went with them. Nothing is allocated
+/// per user but the id: a box per user and a queue per part cost the query threads a third of
+/// their time in the HTTP festival, most of it memory fetched fresh (BENCHMARKS.md, thirtieth
+/// session). The table's slots stay small so that its growth is cheap: with each user's part
+/// in the slot (136 bytes) the index took 35–40 % longer (twenty-fourth session).
 #[derive(Default)]
 pub(crate) struct Overlay {
     /// No record up to this one is indexed (any more): every snapshot that may still use the
@@ -43,51 +47,42 @@ pub(crate) struct Overlay {
     /// Entries in the records indexed since the overlay was last emptied: the number of the
     /// next record's first entry.
     entries_seen: u64,
+    /// Every user's items, oldest first; the first is number `items_gone + 1`.
+    items: VecDeque<Item>,
+    /// Items dropped since the overlay was last emptied: numbers up to this one are gone.
+    items_gone: u64,
     users: HashTable<Filed>,
     packets: FastMap<PacketId, PacketPending>,
     /// Not kept while the records not folded are past the journal's bound for it.
     suspended: bool,
 }
 
-/// A user in the index: their id, whose hash a table that grows moves each slot by without
-/// reading the name again, and their part behind a box, so that the slots it moves are small.
+/// A user in the index: their id (whose hash a table that grows moves each slot by, without
+/// reading the name again) and the number of their newest item.
 struct Filed {
     user: UserId,
-    mine: Box<UserPending>,
+    newest: u64,
 }
 
-impl Filed {
-    /// Whether this is `name`'s slot (`hash` being theirs): the hashes first, so another user's
-    /// name is read only when the two hashes are equal.
-    fn is(&self, hash: u64, name: &str) -> bool {
-        self.user.fast_hash() == hash && self.user.as_str() == name
-    }
+/// One user's part of one record.
+struct Item {
+    seq: u64,
+    /// The user's id's hash: what finds their slot when the item is dropped.
+    hash: u64,
+    /// The number of the same user's item before this one; none (0, or a number dropped) ends
+    /// the user's items.
+    older: u64,
+    what: What,
 }
 
-/// What the records hold for one user.
-#[derive(Default)]
-struct UserPending {
-    /// The newest balance written, and its record.
-    wallet: Option<(u64, i64)>,
-    entries: VecDeque<Pending>,
-    /// Packets the user sent.
-    sent: VecDeque<(u64, PacketHeader)>,
-    /// Packets that became exhausted with the user as best luck.
-    best: VecDeque<(u64, PacketId)>,
-}
-
-impl UserPending {
-    /// Whether record `seq` already filed this user.
-    fn filed_by(&self, seq: u64) -> bool {
-        self.entries.back().is_some_and(|p| p.seq == seq)
-            || self.wallet.is_some_and(|(s, _)| s == seq)
-            || self.sent.back().is_some_and(|(s, _)| *s == seq)
-            || self.best.back().is_some_and(|(s, _)| *s == seq)
-    }
-
-    fn is_empty(&self) -> bool {
-        self.wallet.is_none() && self.entries.is_empty() && self.sent.is_empty() && self.best.is_empty()
-    }
+enum What {
+    Entry(Pending),
+    /// The balance the record wrote.
+    Wallet(i64),
+    /// A packet the user sent (boxed: a header is large, and few items are one).
+    Sent(Box<PacketHeader>),
+    /// A packet that became exhausted with the user as best luck.
+    Best(PacketId),
 }
 
 /// What the records hold for one packet.
@@ -105,18 +100,15 @@ impl PacketPending {
     }
 }
 
-/// One indexed record: its seq, the number of its first entry, and the keys it filed under.
+/// One indexed record: its seq, the number of its first entry, and the packets it filed under.
 struct Indexed {
     seq: u64,
     first_entry: u64,
-    /// Their ids carry their hashes, so dropping the record does not hash a name again.
-    users: Vec<UserId>,
     packets: Vec<PacketId>,
 }
 
 /// An entry not yet folded: `number` counts entries from the overlay's start.
 struct Pending {
-    seq: u64,
     number: u64,
     kind: EntryKind,
     amount_fen: i64,
@@ -155,13 +147,6 @@ pub(crate) fn history_view(payload: &[u8]) -> Result<HistoryView<'_>> {
         .map_err(|e| StoreError::Corrupt(format!("a journal record does not decode: {e}")))
 }
 
-/// Drops the front of `q` up to record `seq`.
-fn drop_upto<T>(q: &mut VecDeque<T>, seq: u64, seq_of: impl Fn(&T) -> u64) {
-    while q.front().is_some_and(|t| seq_of(t) <= seq) {
-        q.pop_front();
-    }
-}
-
 fn overflow(what: &str) -> StoreError {
     StoreError::Corrupt(format!("{what} overflows"))
 }
@@ -198,33 +183,42 @@ impl Overlay {
 
     #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
-        self.records.is_empty() && self.users.is_empty() && self.packets.is_empty()
+        self.records.is_empty() && self.items.is_empty() && self.users.is_empty() && self.packets.is_empty()
     }
 
-    fn find(&self, name: &str) -> Option<&UserPending> {
+    /// The user's items, newest first.
+    fn items_of(&self, name: &str) -> impl Iterator<Item = &Item> {
         let h = FastHash::of(name);
-        self.users.find(h, |f| f.is(h, name)).map(|f| &*f.mine)
+        let mut next = self
+            .users
+            .find(h, |f| f.user.fast_hash() == h && f.user.as_str() == name)
+            .map_or(0, |f| f.newest);
+        std::iter::from_fn(move || {
+            if next <= self.items_gone {
+                return None;
+            }
+            let item = &self.items[(next - self.items_gone - 1) as usize];
+            next = item.older;
+            Some(item)
+        })
     }
 
-    /// The user's part, filed under record `rec` once.
-    fn user<'a>(
-        users: &'a mut HashTable<Filed>,
-        rec: &mut Indexed,
-        name: &str,
-    ) -> Result<&'a mut UserPending> {
+    /// Appends `what`, from record `seq`, as `name`'s newest item.
+    fn file(&mut self, seq: u64, name: &str, what: What) -> Result<()> {
         let h = FastHash::of(name);
-        let filed = match users.entry(h, |f| f.is(h, name), |f| f.user.fast_hash()) {
-            Entry::Occupied(o) => o.into_mut(),
+        let number = self.items_gone + self.items.len() as u64 + 1;
+        let eq = |f: &Filed| f.user.fast_hash() == h && f.user.as_str() == name;
+        let older = match self.users.entry(h, eq, |f| f.user.fast_hash()) {
+            Entry::Occupied(mut o) => std::mem::replace(&mut o.get_mut().newest, number),
             Entry::Vacant(v) => {
                 let user = UserId::parse(name)
                     .map_err(|e| StoreError::Corrupt(format!("a journal record holds user {name:?}: {e}")))?;
-                v.insert(Filed { user, mine: Box::default() }).into_mut()
+                v.insert(Filed { user, newest: number });
+                0
             }
         };
-        if !filed.mine.filed_by(rec.seq) {
-            rec.users.push(filed.user.clone());
-        }
-        Ok(&mut filed.mine)
+        self.items.push_back(Item { seq, hash: h, older, what });
+        Ok(())
     }
 
     /// Files record `seq` (the one after [`Overlay::indexed_seq`]) under its keys.
@@ -235,40 +229,31 @@ impl Overlay {
         let mut rec = Indexed {
             seq,
             first_entry,
-            users: Vec::with_capacity(batch.entries.len()),
             packets: Vec::with_capacity(batch.packet_updates.len() + batch.new_packets.len()),
         };
         self.entries_seen += batch.entries.len() as u64;
-        let users = &mut self.users;
         for (i, e) in batch.entries.into_iter().enumerate() {
-            let entries = &mut Overlay::user(users, &mut rec, e.user)?.entries;
-            // Most users in a peak have one entry pending (every claimer in the festival is
-            // new): room for one, not the four (192 bytes) a first push makes, which was a
-            // tenth of the query threads' time, faulting in fresh pages.
-            if entries.capacity() == 0 {
-                entries.reserve_exact(1);
-            }
-            entries.push_back(Pending {
-                seq,
+            let pending = Pending {
                 number: first_entry + i as u64,
                 kind: e.kind,
                 amount_fen: e.amount_fen,
                 packet_id: e.packet_id,
                 at_ms: e.at_ms,
-            });
+            };
+            self.file(seq, e.user, What::Entry(pending))?;
         }
         for (name, fen) in batch.wallets {
-            Overlay::user(users, &mut rec, name)?.wallet = Some((seq, fen));
+            self.file(seq, name, What::Wallet(fen))?;
         }
         for h in batch.new_packets {
             rec.packets.push(h.id);
             self.packets.entry(h.id).or_default().created = Some((seq, h.created_at_ms));
             let sender = h.sender.clone();
-            Overlay::user(users, &mut rec, sender.as_str())?.sent.push_back((seq, h));
+            self.file(seq, sender.as_str(), What::Sent(Box::new(h)))?;
         }
         for u in batch.packet_updates {
             if let (PacketStatus::Exhausted, Some((user, _))) = (u.status, &u.best) {
-                Overlay::user(users, &mut rec, user.as_str())?.best.push_back((seq, u.id));
+                self.file(seq, user.as_str(), What::Best(u.id))?;
             }
             let id = u.id;
             rec.packets.push(id);
@@ -280,23 +265,17 @@ impl Overlay {
 
     /// Drops every record up to `seq`: a snapshot that holds them is about to read the rest.
     pub(crate) fn prune(&mut self, seq: u64) {
+        while self.items.front().is_some_and(|i| i.seq <= seq) {
+            let item = self.items.pop_front().expect("a front item");
+            self.items_gone += 1;
+            let gone = self.items_gone;
+            // The user goes when their newest item does: no later record filed them.
+            if let Ok(found) = self.users.find_entry(item.hash, |f| f.newest == gone) {
+                found.remove();
+            }
+        }
         while self.records.front().is_some_and(|r| r.seq <= seq) {
             let r = self.records.pop_front().expect("a front record");
-            for user in &r.users {
-                let Ok(mut found) = self.users.find_entry(user.fast_hash(), |f| f.user == *user) else {
-                    continue;
-                };
-                let mine = &mut found.get_mut().mine;
-                drop_upto(&mut mine.entries, r.seq, |p| p.seq);
-                drop_upto(&mut mine.sent, r.seq, |(s, _)| *s);
-                drop_upto(&mut mine.best, r.seq, |(s, _)| *s);
-                if mine.wallet.is_some_and(|(s, _)| s <= r.seq) {
-                    mine.wallet = None;
-                }
-                if mine.is_empty() {
-                    found.remove();
-                }
-            }
             for id in &r.packets {
                 let Some(p) = self.packets.get_mut(id) else { continue };
                 if p.created.is_some_and(|(s, _)| s <= r.seq) {
@@ -325,7 +304,10 @@ impl Overlay {
 
     /// The user's balance as the newest record not folded wrote it.
     pub(crate) fn balance(&self, user: &UserId) -> Option<i64> {
-        self.find(user.as_str()).and_then(|mine| mine.wallet).map(|(_, fen)| fen)
+        self.items_of(user.as_str()).find_map(|i| match i.what {
+            What::Wallet(fen) => Some(fen),
+            _ => None,
+        })
     }
 
     /// The user's entries not folded, newest first, those that `keep`, before entry id `before`.
@@ -336,9 +318,12 @@ impl Overlay {
         before: Option<i64>,
         keep: impl Fn(&Pending) -> bool,
     ) -> Result<Vec<EntryRow>> {
-        let Some(mine) = self.find(user.as_str()) else { return Ok(Vec::new()) };
         let mut out = Vec::new();
-        for p in mine.entries.iter().rev().filter(|p| keep(p)) {
+        for i in self.items_of(user.as_str()) {
+            let What::Entry(p) = &i.what else { continue };
+            if !keep(p) {
+                continue;
+            }
             let id = self.entry_id(p, at)?;
             if before.is_none_or(|b| id < b) {
                 out.push(EntryRow {
@@ -375,14 +360,14 @@ impl Overlay {
     /// Packets the user sent in records not folded, created in `[from_ms, to_ms)`, newest
     /// first, as rows in their newest state.
     pub(crate) fn sent(&self, user: &UserId, from_ms: Millis, to_ms: Millis) -> Vec<PacketRow> {
-        let Some(mine) = self.find(user.as_str()) else { return Vec::new() };
-        mine.sent
-            .iter()
-            .rev()
-            .filter(|(_, h)| from_ms <= h.created_at_ms && h.created_at_ms < to_ms)
-            .map(|(_, h)| {
+        self.items_of(user.as_str())
+            .filter_map(|i| match &i.what {
+                What::Sent(h) if from_ms <= h.created_at_ms && h.created_at_ms < to_ms => Some(h),
+                _ => None,
+            })
+            .map(|h| {
                 let mut row = PacketRow {
-                    header: h.clone(),
+                    header: (**h).clone(),
                     status: PacketStatus::Active,
                     opened_count: 0,
                     opened_fen: 0,
@@ -409,9 +394,9 @@ impl Overlay {
     /// Packets that became exhausted with `user` as best luck in records not folded, each once,
     /// with when they were created if these records made them.
     pub(crate) fn best_lucks(&self, user: &UserId) -> Vec<(PacketId, Option<Millis>)> {
-        let Some(mine) = self.find(user.as_str()) else { return Vec::new() };
         let mut out: Vec<(PacketId, Option<Millis>)> = Vec::new();
-        for &(_, id) in &mine.best {
+        for i in self.items_of(user.as_str()) {
+            let What::Best(id) = i.what else { continue };
             if !out.iter().any(|(p, _)| *p == id) {
                 out.push((id, self.packets.get(&id).and_then(|p| p.created).map(|(_, at)| at)));
             }
