@@ -48,7 +48,7 @@ pub(crate) struct Overlay {
     /// next record's first entry.
     entries_seen: u64,
     /// Every user's items, oldest first; the first is number `items_gone + 1`.
-    items: VecDeque<Item>,
+    items: Chunked<Item>,
     /// Items dropped since the overlay was last emptied: numbers up to this one are gone.
     items_gone: u64,
     users: HashTable<Filed>,
@@ -66,7 +66,6 @@ struct Filed {
 
 /// One user's part of one record.
 struct Item {
-    seq: u64,
     /// The user's id's hash: what finds their slot when the item is dropped.
     hash: u64,
     /// The number of the same user's item before this one; none (0, or a number dropped) ends
@@ -100,11 +99,72 @@ impl PacketPending {
     }
 }
 
-/// One indexed record: its seq, the number of its first entry, and the packets it filed under.
+/// One indexed record: its seq, the numbers of its first entry and of its first item, and
+/// the packets it filed under.
 struct Indexed {
     seq: u64,
     first_entry: u64,
+    first_item: u64,
     packets: Vec<PacketId>,
+}
+
+/// A queue kept in chunks of [`CHUNK`] items, so that it grows without moving what it holds:
+/// a `VecDeque` that doubles copies every item into fresh memory and faults every page of it
+/// in, which was a third of the query threads' time in the HTTP festival (BENCHMARKS.md,
+/// thirtieth session). A chunk emptied at the front is kept to be the next one at the back.
+/// Every chunk but the first and the last is full.
+struct Chunked<T> {
+    chunks: VecDeque<VecDeque<T>>,
+    spare: Option<VecDeque<T>>,
+    len: usize,
+}
+
+/// Items a chunk holds (256 KiB of them).
+const CHUNK: usize = 4096;
+
+impl<T> Default for Chunked<T> {
+    fn default() -> Chunked<T> {
+        Chunked { chunks: VecDeque::new(), spare: None, len: 0 }
+    }
+}
+
+impl<T> Chunked<T> {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn push_back(&mut self, t: T) {
+        if self.chunks.back().is_none_or(|c| c.len() == CHUNK) {
+            let chunk = self.spare.take().unwrap_or_else(|| VecDeque::with_capacity(CHUNK));
+            self.chunks.push_back(chunk);
+        }
+        self.chunks.back_mut().expect("a chunk at the back").push_back(t);
+        self.len += 1;
+    }
+
+    fn pop_front(&mut self) -> Option<T> {
+        let front = self.chunks.front_mut()?;
+        let t = front.pop_front().expect("no chunk is kept empty");
+        self.len -= 1;
+        if front.is_empty() {
+            self.spare = self.chunks.pop_front();
+        }
+        Some(t)
+    }
+
+    /// The `i`-th item from the front.
+    fn get(&self, i: usize) -> Option<&T> {
+        let first = self.chunks.front()?;
+        match i.checked_sub(first.len()) {
+            None => first.get(i),
+            Some(rest) => self.chunks.get(1 + rest / CHUNK)?.get(rest % CHUNK),
+        }
+    }
 }
 
 /// An entry not yet folded: `number` counts entries from the overlay's start.
@@ -197,14 +257,14 @@ impl Overlay {
             if next <= self.items_gone {
                 return None;
             }
-            let item = &self.items[(next - self.items_gone - 1) as usize];
+            let item = self.items.get((next - self.items_gone - 1) as usize).expect("a live item");
             next = item.older;
             Some(item)
         })
     }
 
-    /// Appends `what`, from record `seq`, as `name`'s newest item.
-    fn file(&mut self, seq: u64, name: &str, what: What) -> Result<()> {
+    /// Appends `what` as `name`'s newest item.
+    fn file(&mut self, name: &str, what: What) -> Result<()> {
         let h = FastHash::of(name);
         let number = self.items_gone + self.items.len() as u64 + 1;
         let eq = |f: &Filed| f.user.fast_hash() == h && f.user.as_str() == name;
@@ -217,7 +277,7 @@ impl Overlay {
                 0
             }
         };
-        self.items.push_back(Item { seq, hash: h, older, what });
+        self.items.push_back(Item { hash: h, older, what });
         Ok(())
     }
 
@@ -229,6 +289,7 @@ impl Overlay {
         let mut rec = Indexed {
             seq,
             first_entry,
+            first_item: self.items_gone + self.items.len() as u64 + 1,
             packets: Vec::with_capacity(batch.packet_updates.len() + batch.new_packets.len()),
         };
         self.entries_seen += batch.entries.len() as u64;
@@ -240,20 +301,20 @@ impl Overlay {
                 packet_id: e.packet_id,
                 at_ms: e.at_ms,
             };
-            self.file(seq, e.user, What::Entry(pending))?;
+            self.file(e.user, What::Entry(pending))?;
         }
         for (name, fen) in batch.wallets {
-            self.file(seq, name, What::Wallet(fen))?;
+            self.file(name, What::Wallet(fen))?;
         }
         for h in batch.new_packets {
             rec.packets.push(h.id);
             self.packets.entry(h.id).or_default().created = Some((seq, h.created_at_ms));
             let sender = h.sender.clone();
-            self.file(seq, sender.as_str(), What::Sent(Box::new(h)))?;
+            self.file(sender.as_str(), What::Sent(Box::new(h)))?;
         }
         for u in batch.packet_updates {
             if let (PacketStatus::Exhausted, Some((user, _))) = (u.status, &u.best) {
-                self.file(seq, user.as_str(), What::Best(u.id))?;
+                self.file(user.as_str(), What::Best(u.id))?;
             }
             let id = u.id;
             rec.packets.push(id);
@@ -265,15 +326,6 @@ impl Overlay {
 
     /// Drops every record up to `seq`: a snapshot that holds them is about to read the rest.
     pub(crate) fn prune(&mut self, seq: u64) {
-        while self.items.front().is_some_and(|i| i.seq <= seq) {
-            let item = self.items.pop_front().expect("a front item");
-            self.items_gone += 1;
-            let gone = self.items_gone;
-            // The user goes when their newest item does: no later record filed them.
-            if let Ok(found) = self.users.find_entry(item.hash, |f| f.newest == gone) {
-                found.remove();
-            }
-        }
         while self.records.front().is_some_and(|r| r.seq <= seq) {
             let r = self.records.pop_front().expect("a front record");
             for id in &r.packets {
@@ -287,6 +339,18 @@ impl Overlay {
                 if p.is_empty() {
                     self.packets.remove(id);
                 }
+            }
+        }
+        // The dropped records' items: every one before the first item of the first record left.
+        let kept_from =
+            self.records.front().map_or(self.items_gone + self.items.len() as u64 + 1, |r| r.first_item);
+        while self.items_gone + 1 < kept_from {
+            let item = self.items.pop_front().expect("an item of a dropped record");
+            self.items_gone += 1;
+            let gone = self.items_gone;
+            // The user goes when their newest item does: no later record filed them.
+            if let Ok(found) = self.users.find_entry(item.hash, |f| f.newest == gone) {
+                found.remove();
             }
         }
         self.pruned_upto = self.pruned_upto.max(seq);
@@ -434,8 +498,35 @@ pub(crate) fn add_totals<T>(
 #[cfg(test)]
 mod tests {
     use hongbao_core::{AmountRule, Audience, Kind};
+    use proptest::prelude::*;
 
     use super::*;
+
+    proptest! {
+        /// The chunked queue holds what a `VecDeque` holds, in the same places, across chunk
+        /// ends, whatever the runs of pushes and pops (each pop of more than it holds takes
+        /// what there is).
+        #[test]
+        fn a_chunked_queue_holds_what_a_deque_holds(runs in prop::collection::vec((0..9_000usize, 0..9_000usize), 1..6)) {
+            let (mut chunked, mut deque) = (Chunked::default(), VecDeque::new());
+            let mut next = 0u64;
+            for (pushes, pops) in runs {
+                for _ in 0..pushes {
+                    chunked.push_back(next);
+                    deque.push_back(next);
+                    next += 1;
+                }
+                for _ in 0..pops {
+                    prop_assert_eq!(chunked.pop_front(), deque.pop_front());
+                }
+                prop_assert_eq!(chunked.len(), deque.len());
+                prop_assert_eq!(chunked.is_empty(), deque.is_empty());
+                for i in [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, deque.len() / 2, deque.len().saturating_sub(1), deque.len()] {
+                    prop_assert_eq!(chunked.get(i), deque.get(i), "item {}", i);
+                }
+            }
+        }
+    }
     use crate::{Batch, ClaimRow, Entry, IdemRecord, IdemResult, OutboxItem, Totals};
 
     /// The view reads a batch's first four fields exactly, whatever follows them in the record.
