@@ -8,7 +8,8 @@
 //! says the last record it holds ([`Folded`]), and adds what the records after that one hold
 //! for the user or packets it asks about. Those records are indexed here by the queries
 //! themselves, each record read back and decoded once: with no queries, the index costs the
-//! claims nothing; with them, it costs about 1.5 µs of a query thread per claim.
+//! claims nothing; with them, it costs about half a microsecond of a query thread per claim
+//! (the HTTP festival, BENCHMARKS.md, thirtieth session).
 //!
 //! Entry ids are the history's cursors. The fold issues them in journal order after the last
 //! one issued, so a record's entries get the ids after those of every record before it: an
