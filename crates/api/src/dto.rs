@@ -13,9 +13,14 @@ use utoipa::{ToResponse, ToSchema};
 
 /// RFC 3339 UTC with milliseconds, e.g. `2026-01-01T00:00:00.000Z`.
 pub fn time(ms: Millis) -> String {
+    written(ms, str::to_owned)
+}
+
+/// Hands `f` the text of [`time`]: from a buffer on the stack for a year from 0 to 9999.
+fn written<R>(ms: Millis, f: impl FnOnce(&str) -> R) -> R {
     match rfc3339_ms(ms, &mut [0; RFC3339_MS_BYTES]) {
-        Some(text) => text.to_owned(),
-        None => chrono_time(ms),
+        Some(text) => f(text),
+        None => f(&chrono_time(ms)),
     }
 }
 
@@ -74,10 +79,7 @@ pub struct Time(pub Millis);
 
 impl Serialize for Time {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match rfc3339_ms(self.0, &mut [0; RFC3339_MS_BYTES]) {
-            Some(text) => s.serialize_str(text),
-            None => s.serialize_str(&chrono_time(self.0)),
-        }
+        written(self.0, |text| s.serialize_str(text))
     }
 }
 

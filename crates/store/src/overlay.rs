@@ -248,12 +248,8 @@ impl Overlay {
     }
 
     /// The user's items, newest first.
-    fn items_of(&self, name: &str) -> impl Iterator<Item = &Item> {
-        let h = FastHash::of(name);
-        let mut next = self
-            .users
-            .find(h, |f| f.user.fast_hash() == h && f.user.as_str() == name)
-            .map_or(0, |f| f.newest);
+    fn items_of(&self, user: &UserId) -> impl Iterator<Item = &Item> {
+        let mut next = self.users.find(user.fast_hash(), |f| f.user == *user).map_or(0, |f| f.newest);
         std::iter::from_fn(move || {
             if next <= self.items_gone {
                 return None;
@@ -369,7 +365,7 @@ impl Overlay {
 
     /// The user's balance as the newest record not folded wrote it.
     pub(crate) fn balance(&self, user: &UserId) -> Option<i64> {
-        self.items_of(user.as_str()).find_map(|i| match i.what {
+        self.items_of(user).find_map(|i| match i.what {
             What::Wallet(fen) => Some(fen),
             _ => None,
         })
@@ -384,7 +380,7 @@ impl Overlay {
         keep: impl Fn(&Pending) -> bool,
     ) -> Result<Vec<EntryRow>> {
         let mut out = Vec::new();
-        for i in self.items_of(user.as_str()) {
+        for i in self.items_of(user) {
             let What::Entry(p) = &i.what else { continue };
             if !keep(p) {
                 continue;
@@ -425,7 +421,7 @@ impl Overlay {
     /// Packets the user sent in records not folded, created in `[from_ms, to_ms)`, newest
     /// first, as rows in their newest state.
     pub(crate) fn sent(&self, user: &UserId, from_ms: Millis, to_ms: Millis) -> Vec<PacketRow> {
-        self.items_of(user.as_str())
+        self.items_of(user)
             .filter_map(|i| match &i.what {
                 What::Sent(h) if from_ms <= h.created_at_ms && h.created_at_ms < to_ms => Some(h),
                 _ => None,
@@ -460,7 +456,7 @@ impl Overlay {
     /// with when they were created if these records made them.
     pub(crate) fn best_lucks(&self, user: &UserId) -> Vec<(PacketId, Option<Millis>)> {
         let mut out: Vec<(PacketId, Option<Millis>)> = Vec::new();
-        for i in self.items_of(user.as_str()) {
+        for i in self.items_of(user) {
             let What::Best(id) = i.what else { continue };
             if !out.iter().any(|(p, _)| *p == id) {
                 out.push((id, self.packets.get(&id).and_then(|p| p.created).map(|(_, at)| at)));

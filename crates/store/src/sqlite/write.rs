@@ -571,7 +571,7 @@ fn write_batch(tx: &Transaction<'_>, b: &Batch) -> Result<()> {
 /// as numbers taken in one pass over the rows, and reads two names only when those are equal:
 /// a fold's rows are hundreds of thousands, each name behind its own pointer, and comparing
 /// through the pointers and then reading the rows in the sorted order missed the CPU's cache at
-/// nearly every step (a fifth of the fold's samples in the HTTP festival: BENCHMARKS.md,
+/// nearly every step (a sixth of the fold's samples in the HTTP festival: BENCHMARKS.md,
 /// thirtieth session).
 fn in_name_order<T>(rows: &[T], name: impl Fn(&T) -> &str) -> Vec<usize> {
     let mut keys: Vec<(u128, usize)> =
