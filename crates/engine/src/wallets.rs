@@ -348,7 +348,8 @@ mod tests {
             }
             before = now;
         }
-        // When each table reached 4,096 places: 64 tables, at least a quarter apart.
+        // When each table reached 4,096 places: the last at least half again as many wallets
+        // in as the first.
         let mut at: Vec<i32> = doubled_at
             .iter()
             .map(|d| d.iter().find(|(n, _)| *n == 4_096).expect("every table reached 4,096 places").1)

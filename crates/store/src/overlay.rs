@@ -247,6 +247,11 @@ impl Overlay {
         self.records.is_empty() && self.items.is_empty() && self.users.is_empty() && self.packets.is_empty()
     }
 
+    /// The number the next item filed gets.
+    fn next_item(&self) -> u64 {
+        self.items_gone + self.items.len() as u64 + 1
+    }
+
     /// The user's items, newest first.
     fn items_of(&self, user: &UserId) -> impl Iterator<Item = &Item> {
         let mut next = self.users.find(user.fast_hash(), |f| f.user == *user).map_or(0, |f| f.newest);
@@ -263,7 +268,7 @@ impl Overlay {
     /// Appends `what` as `name`'s newest item.
     fn file(&mut self, name: &str, what: What) -> Result<()> {
         let h = FastHash::of(name);
-        let number = self.items_gone + self.items.len() as u64 + 1;
+        let number = self.next_item();
         let eq = |f: &Filed| f.user.fast_hash() == h && f.user.as_str() == name;
         let older = match self.users.entry(h, eq, |f| f.user.fast_hash()) {
             Entry::Occupied(mut o) => std::mem::replace(&mut o.get_mut().newest, number),
@@ -286,7 +291,7 @@ impl Overlay {
         let mut rec = Indexed {
             seq,
             first_entry,
-            first_item: self.items_gone + self.items.len() as u64 + 1,
+            first_item: self.next_item(),
             packets: Vec::with_capacity(batch.packet_updates.len() + batch.new_packets.len()),
         };
         self.entries_seen += batch.entries.len() as u64;
@@ -339,8 +344,7 @@ impl Overlay {
             }
         }
         // The dropped records' items: every one before the first item of the first record left.
-        let kept_from =
-            self.records.front().map_or(self.items_gone + self.items.len() as u64 + 1, |r| r.first_item);
+        let kept_from = self.records.front().map_or(self.next_item(), |r| r.first_item);
         while self.items_gone + 1 < kept_from {
             let item = self.items.pop_front().expect("an item of a dropped record");
             self.items_gone += 1;
