@@ -73,7 +73,8 @@ fn rfc3339_ms(ms: Millis, buf: &mut [u8; RFC3339_MS_BYTES]) -> Option<&str> {
 }
 
 /// A time on the wire ([`time`]), written into the body from a buffer on the stack rather than
-/// a `String` of its own: a claim's answer, the body the server writes most, holds one.
+/// a `String` of its own: a claim's answer, the body the server writes most, holds one, and
+/// every row of a history page one or two.
 #[derive(Debug, Clone, Copy)]
 pub struct Time(pub Millis);
 
@@ -87,6 +88,14 @@ impl Serialize for Time {
 /// formats in place).
 fn as_text<T: std::fmt::Display, S: serde::Serializer>(id: &T, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(id)
+}
+
+/// [`as_text`] for an id that may be absent (written as `null`).
+fn some_as_text<T: std::fmt::Display, S: serde::Serializer>(id: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
+    match id {
+        Some(id) => s.collect_str(id),
+        None => s.serialize_none(),
+    }
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -151,40 +160,53 @@ impl From<WalletReply> for Wallet {
     }
 }
 
+// A packet, as a send answers and as each row of a sent page says. Ids, times and names are
+// written into the body from the reply's own values, not copied into `String`s first: a page
+// has up to 200 rows (a `//` comment: a doc comment would become the schema's description).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct PacketOut {
-    pub id: String,
-    pub sender: String,
-    pub kind: String,
+    #[serde(serialize_with = "as_text")]
+    #[schema(value_type = String)]
+    pub id: PacketId,
+    #[schema(value_type = String)]
+    pub sender: UserId,
+    pub kind: &'static str,
     pub total_amount: i64,
     pub count: u32,
     pub greeting: String,
-    pub created_at: String,
-    pub expires_at: String,
-    pub status: String,
+    #[schema(value_type = String)]
+    pub created_at: Time,
+    #[schema(value_type = String)]
+    pub expires_at: Time,
+    pub status: &'static str,
     pub remaining_amount: i64,
     pub remaining_count: u32,
 }
 
 impl PacketOut {
-    pub fn new(s: &PacketSummary, status: &str, remaining_amount: i64, remaining_count: u32) -> PacketOut {
+    pub fn new(
+        s: PacketSummary,
+        status: &'static str,
+        remaining_amount: i64,
+        remaining_count: u32,
+    ) -> PacketOut {
         PacketOut {
-            id: s.id.to_string(),
-            sender: s.sender.to_string(),
-            kind: s.kind.as_str().to_string(),
+            id: s.id,
+            sender: s.sender,
+            kind: s.kind.as_str(),
             total_amount: s.total_fen,
             count: s.count,
-            greeting: s.greeting.clone(),
-            created_at: time(s.created_at_ms),
-            expires_at: time(s.expires_at_ms),
-            status: status.to_string(),
+            greeting: s.greeting,
+            created_at: Time(s.created_at_ms),
+            expires_at: Time(s.expires_at_ms),
+            status,
             remaining_amount,
             remaining_count,
         }
     }
 
-    pub fn sent(i: &SentItem) -> PacketOut {
-        PacketOut::new(&i.summary, i.status.as_str(), i.remaining_fen, i.remaining_count)
+    pub fn sent(i: SentItem) -> PacketOut {
+        PacketOut::new(i.summary, i.status.as_str(), i.remaining_fen, i.remaining_count)
     }
 }
 
@@ -225,29 +247,36 @@ pub struct GrabOut {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ClaimLine {
-    pub user: String,
+    #[schema(value_type = String)]
+    pub user: UserId,
     pub amount: i64,
-    pub at: String,
+    #[schema(value_type = String)]
+    pub at: Time,
 }
 
 impl From<ClaimView> for ClaimLine {
     fn from(c: ClaimView) -> ClaimLine {
-        ClaimLine { user: c.user.to_string(), amount: c.amount_fen, at: time(c.at_ms) }
+        ClaimLine { user: c.user, amount: c.amount_fen, at: Time(c.at_ms) }
     }
 }
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct PacketDetailsOut {
-    pub id: String,
-    pub sender: String,
-    pub kind: String,
+    #[serde(serialize_with = "as_text")]
+    #[schema(value_type = String)]
+    pub id: PacketId,
+    #[schema(value_type = String)]
+    pub sender: UserId,
+    pub kind: &'static str,
     pub total_amount: i64,
     pub count: u32,
     pub remaining_amount: i64,
     pub remaining_count: u32,
-    pub status: String,
-    pub created_at: String,
-    pub expires_at: String,
+    pub status: &'static str,
+    #[schema(value_type = String)]
+    pub created_at: Time,
+    #[schema(value_type = String)]
+    pub expires_at: Time,
     pub greeting: String,
     pub best_luck: Option<ClaimLine>,
     pub claims: Vec<ClaimLine>,
@@ -259,19 +288,19 @@ pub struct PacketDetailsOut {
 
 impl From<PacketDetails> for PacketDetailsOut {
     fn from(d: PacketDetails) -> PacketDetailsOut {
-        let s = &d.summary;
+        let s = d.summary;
         PacketDetailsOut {
-            id: s.id.to_string(),
-            sender: s.sender.to_string(),
-            kind: s.kind.as_str().to_string(),
+            id: s.id,
+            sender: s.sender,
+            kind: s.kind.as_str(),
             total_amount: s.total_fen,
             count: s.count,
             remaining_amount: d.remaining_fen,
             remaining_count: d.remaining_count,
-            status: d.status.as_str().to_string(),
-            created_at: time(s.created_at_ms),
-            expires_at: time(s.expires_at_ms),
-            greeting: s.greeting.clone(),
+            status: d.status.as_str(),
+            created_at: Time(s.created_at_ms),
+            expires_at: Time(s.expires_at_ms),
+            greeting: s.greeting,
             best_luck: d.best_luck.map(ClaimLine::from),
             claims: d.claims.into_iter().map(ClaimLine::from).collect(),
             next_cursor: d.next_cursor.map(|c| c.to_string()),
@@ -283,12 +312,14 @@ impl From<PacketDetails> for PacketDetailsOut {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct EntryOut {
     /// `deposit`, `withdraw`, `send`, `claim` or `refund`.
-    pub kind: String,
+    pub kind: &'static str,
     /// Integer fen, always positive; `kind` says the direction.
     pub amount: i64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub packet_id: Option<String>,
-    pub at: String,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "some_as_text")]
+    #[schema(value_type = Option<String>)]
+    pub packet_id: Option<PacketId>,
+    #[schema(value_type = String)]
+    pub at: Time,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -307,10 +338,10 @@ impl From<EntriesPage> for EntriesOut {
                 .entries
                 .into_iter()
                 .map(|e| EntryOut {
-                    kind: e.kind.as_str().to_string(),
+                    kind: e.kind.as_str(),
                     amount: e.amount_fen,
-                    packet_id: e.packet_id.map(|p| p.to_string()),
-                    at: time(e.at_ms),
+                    packet_id: e.packet_id,
+                    at: Time(e.at_ms),
                 })
                 .collect(),
             next_cursor: p.next_cursor.map(|c| c.to_string()),
@@ -321,9 +352,12 @@ impl From<EntriesPage> for EntriesOut {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ReceivedItemOut {
-    pub packet_id: String,
+    #[serde(serialize_with = "as_text")]
+    #[schema(value_type = String)]
+    pub packet_id: PacketId,
     pub amount: i64,
-    pub at: String,
+    #[schema(value_type = String)]
+    pub at: Time,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -347,11 +381,7 @@ impl From<ReceivedHistory> for ReceivedOut {
             items: h
                 .items
                 .into_iter()
-                .map(|i| ReceivedItemOut {
-                    packet_id: i.packet_id.to_string(),
-                    amount: i.amount_fen,
-                    at: time(i.at_ms),
-                })
+                .map(|i| ReceivedItemOut { packet_id: i.packet_id, amount: i.amount_fen, at: Time(i.at_ms) })
                 .collect(),
             next_cursor: h.next_cursor.map(|c| c.to_string()),
             archived_before: h.archived_before_ms.map(time),
@@ -372,7 +402,7 @@ impl From<SentHistory> for SentOut {
         SentOut {
             count: h.count,
             total_amount: h.total_fen,
-            items: h.items.iter().map(PacketOut::sent).collect(),
+            items: h.items.into_iter().map(PacketOut::sent).collect(),
             next_cursor: h.next_cursor.map(|c| c.to_string()),
         }
     }
@@ -528,6 +558,65 @@ mod tests {
                 "amount": 138,
                 "at": "2025-12-06T11:43:30.095Z",
             })
+        );
+    }
+
+    /// History rows write their ids, names, kinds and times as strings, as they did when each
+    /// was a `String` of its own; an entry without a packet leaves the field out.
+    #[test]
+    fn history_rows_are_written_as_strings() {
+        let summary = PacketSummary {
+            id: PacketId::parse("65356955429896192").unwrap(),
+            sender: UserId::parse("bob").unwrap(),
+            kind: hongbao_core::Kind::Lucky,
+            total_fen: 10_000,
+            count: 10,
+            greeting: "恭喜发财 \"quoted\"".to_string(),
+            created_at_ms: 1_765_021_410_095,
+            expires_at_ms: 1_765_107_810_095,
+        };
+        let sent = SentItem {
+            summary: summary.clone(),
+            status: hongbao_core::PacketStatus::Exhausted,
+            remaining_fen: 0,
+            remaining_count: 0,
+        };
+        assert_eq!(
+            serde_json::to_value(PacketOut::sent(sent)).unwrap(),
+            serde_json::json!({
+                "id": "65356955429896192",
+                "sender": "bob",
+                "kind": "lucky",
+                "total_amount": 10_000,
+                "count": 10,
+                "greeting": "恭喜发财 \"quoted\"",
+                "created_at": "2025-12-06T11:43:30.095Z",
+                "expires_at": "2025-12-07T11:43:30.095Z",
+                "status": "exhausted",
+                "remaining_amount": 0,
+                "remaining_count": 0,
+            })
+        );
+        let received =
+            ReceivedItemOut { packet_id: summary.id, amount: 138, at: Time(summary.created_at_ms) };
+        assert_eq!(
+            serde_json::to_value(&received).unwrap(),
+            serde_json::json!({ "packet_id": "65356955429896192", "amount": 138, "at": "2025-12-06T11:43:30.095Z" })
+        );
+        let claim = EntryOut { kind: "claim", amount: 138, packet_id: Some(summary.id), at: Time(0) };
+        assert_eq!(
+            serde_json::to_string(&claim).unwrap(),
+            r#"{"kind":"claim","amount":138,"packet_id":"65356955429896192","at":"1970-01-01T00:00:00.000Z"}"#
+        );
+        let deposit = EntryOut { kind: "deposit", amount: 500, packet_id: None, at: Time(0) };
+        assert_eq!(
+            serde_json::to_string(&deposit).unwrap(),
+            r#"{"kind":"deposit","amount":500,"at":"1970-01-01T00:00:00.000Z"}"#
+        );
+        let line = ClaimLine::from(ClaimView { user: summary.sender.clone(), amount_fen: 138, at_ms: 0 });
+        assert_eq!(
+            serde_json::to_value(&line).unwrap(),
+            serde_json::json!({ "user": "bob", "amount": 138, "at": "1970-01-01T00:00:00.000Z" })
         );
     }
 }

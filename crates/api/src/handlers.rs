@@ -184,7 +184,7 @@ pub async fn send(
     let remaining = valid.total.fen();
     let count = valid.count;
     let summary = s.engine.send(valid).await?;
-    Ok((StatusCode::CREATED, Json(PacketOut::new(&summary, "active", remaining, count))))
+    Ok((StatusCode::CREATED, Json(PacketOut::new(summary, "active", remaining, count))))
 }
 
 #[utoipa::path(get, path = "/v1/packets/{id}",
