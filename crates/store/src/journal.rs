@@ -170,9 +170,10 @@ const FOLD_RETRY: Duration = Duration::from_millis(200);
 
 /// While the claims want the CPU (see [`Yield`]), the fold gives way until this many encoded
 /// bytes are queued. Past it, it folds again, so under a load that never ebbs it keeps pace at
-/// this distance: about 20 s of the HTTP festival on the 2-core machine of BENCHMARKS.md. It
-/// bounds what a start after `kill -9` folds before it serves: killed 28 s into the festival,
-/// a start took 4.8 s there, against 0.5 s with a fold that never gave way.
+/// this distance: 6–8 s of the HTTP festival at about 80,000 claims a second on the 2-core
+/// machine of BENCHMARKS.md (thirtieth session). It bounds what a start after `kill -9` folds
+/// before it serves: killed 28 s into the festival, a start took 4.8 s there, against 0.5 s
+/// with a fold that never gave way.
 const YIELD_LAG_BYTES: usize = 32 * 1024 * 1024;
 
 /// While the claims want the CPU, the fold gives way until its oldest unfolded record is this
