@@ -17,10 +17,11 @@
 
 use std::collections::VecDeque;
 
-use hashbrown::hash_table::{Entry, HashTable};
+use hongbao_core::ids::USER_ID_LEN_MAX;
 use hongbao_core::packet::PacketHeader;
 use hongbao_core::{FastHash, FastMap, Millis, PacketId, PacketStatus, UserId};
 use serde::Deserialize;
+use users::{NameAt, Names, Users};
 
 use crate::sqlite::Folded;
 #[cfg(doc)]
@@ -31,14 +32,15 @@ use crate::{EntryKind, EntryRow, PacketRow, PacketUpdate, Result, StoreError};
 ///
 /// A user's part of the records (an entry, a balance, a packet sent, a best luck) is an
 /// [`Item`] in one queue of every user's items, in record order, each linked to the same
-/// user's item before it; the users table ([`Filed`]) holds where each user's newest item is.
-/// Indexing a record appends to the queue and looks each user up once per item (in the
-/// festival every claimer is new: one insert, then one hit); dropping a record pops its items
-/// off the front and forgets a user whose newest item went with them. Nothing is allocated
-/// per user but the id: a box per user and a queue per part cost the query threads a third of
-/// their time in the HTTP festival, most of it memory fetched fresh (BENCHMARKS.md, thirtieth
-/// session). The table's slots stay small so that its growth is cheap: with each user's part
-/// in the slot (136 bytes) the index took 35–40 % longer (twenty-fourth session).
+/// user's item before it and holding a copy of their name; the users table ([`Users`]) holds
+/// where each user's newest item is. Indexing a record appends to the queue and looks each
+/// user up once per item (in the festival every claimer is new: one insert, then one hit);
+/// dropping a record pops its items off the front and forgets a user whose newest item went
+/// with them. Nothing is allocated per user: a box per user and a queue per part cost the
+/// query threads a third of their time in the HTTP festival, most of it memory fetched fresh
+/// (BENCHMARKS.md, thirtieth session), and an id per user a tenth (thirty-first session). The
+/// table's places stay small so that its growth is cheap: with each user's part in the slot
+/// (136 bytes) the index took 35–40 % longer (twenty-fourth session).
 #[derive(Default)]
 pub(crate) struct Overlay {
     /// No record up to this one is indexed (any more): every snapshot that may still use the
@@ -52,28 +54,31 @@ pub(crate) struct Overlay {
     items: Chunked<Item>,
     /// Items dropped since the overlay was last emptied: numbers up to this one are gone.
     items_gone: u64,
-    users: HashTable<Filed>,
+    users: Users,
+    /// The name each item was filed under, in item order.
+    names: Names,
+    /// The hashes of the names in the record being indexed (kept for its allocation).
+    hashes: Vec<u64>,
     packets: FastMap<PacketId, PacketPending>,
     /// Not kept while the records not folded are past the journal's bound for it.
     suspended: bool,
 }
 
-/// A user in the index: their id (whose hash a table that grows moves each slot by, without
-/// reading the name again) and the number of their newest item.
-struct Filed {
-    user: UserId,
-    newest: u64,
-}
+mod users;
 
 /// One user's part of one record.
 struct Item {
-    /// The user's id's hash: what finds their slot when the item is dropped.
-    hash: u64,
+    /// The copy of the user's name this item was filed under.
+    name: NameAt,
     /// The number of the same user's item before this one; none (0, or a number dropped) ends
     /// the user's items.
     older: u64,
     what: What,
 }
+
+/// Entries ahead of the one being filed whose place in the users table is fetched: far enough
+/// for the fetch to arrive, near enough that the place is still cached when it is used.
+const AHEAD: usize = 4;
 
 enum What {
     Entry(Pending),
@@ -244,7 +249,7 @@ impl Overlay {
 
     #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
-        self.records.is_empty() && self.items.is_empty() && self.users.is_empty() && self.packets.is_empty()
+        self.records.is_empty() && self.items.is_empty() && self.users.len() == 0 && self.packets.is_empty()
     }
 
     /// The number the next item filed gets.
@@ -252,34 +257,39 @@ impl Overlay {
         self.items_gone + self.items.len() as u64 + 1
     }
 
+    /// Item `number`, live (not dropped).
+    fn item(&self, number: u64) -> &Item {
+        self.items.get((number - self.items_gone - 1) as usize).expect("a live item")
+    }
+
     /// The user's items, newest first.
     fn items_of(&self, user: &UserId) -> impl Iterator<Item = &Item> {
-        let mut next = self.users.find(user.fast_hash(), |f| f.user == *user).map_or(0, |f| f.newest);
+        let theirs = |newest| self.names.get(self.item(newest).name) == user.as_str().as_bytes();
+        let mut next = self.users.newest(user.fast_hash(), theirs).unwrap_or(0);
         std::iter::from_fn(move || {
             if next <= self.items_gone {
                 return None;
             }
-            let item = self.items.get((next - self.items_gone - 1) as usize).expect("a live item");
+            let item = self.item(next);
             next = item.older;
             Some(item)
         })
     }
 
-    /// Appends `what` as `name`'s newest item.
-    fn file(&mut self, name: &str, what: What) -> Result<()> {
-        let h = FastHash::of(name);
+    /// Appends `what` as the newest item of `name`, whose hash is `hash`.
+    fn file(&mut self, name: &str, hash: u64, what: What) -> Result<()> {
+        if name.is_empty() || name.len() > USER_ID_LEN_MAX {
+            return Err(StoreError::Corrupt(format!("a journal record holds user {name:?}")));
+        }
         let number = self.next_item();
-        let eq = |f: &Filed| f.user.fast_hash() == h && f.user.as_str() == name;
-        let older = match self.users.entry(h, eq, |f| f.user.fast_hash()) {
-            Entry::Occupied(mut o) => std::mem::replace(&mut o.get_mut().newest, number),
-            Entry::Vacant(v) => {
-                let user = UserId::parse(name)
-                    .map_err(|e| StoreError::Corrupt(format!("a journal record holds user {name:?}: {e}")))?;
-                v.insert(Filed { user, newest: number });
-                0
-            }
+        let Overlay { users, names, items, items_gone, .. } = self;
+        let theirs = |newest: u64| {
+            let item = items.get((newest - *items_gone - 1) as usize).expect("a live item");
+            names.get(item.name) == name.as_bytes()
         };
-        self.items.push_back(Item { hash: h, older, what });
+        let older = users.file(hash, theirs, number);
+        let name = self.names.push(name);
+        self.items.push_back(Item { name, older, what });
         Ok(())
     }
 
@@ -295,7 +305,18 @@ impl Overlay {
             packets: Vec::with_capacity(batch.packet_updates.len() + batch.new_packets.len()),
         };
         self.entries_seen += batch.entries.len() as u64;
+        // Each entry's place in the users table is fetched a few entries ahead: in the
+        // festival nearly every claimer is new, and their place a miss.
+        let mut hashes = std::mem::take(&mut self.hashes);
+        hashes.clear();
+        hashes.extend(batch.entries.iter().map(|e| FastHash::of(e.user)));
+        for &h in hashes.iter().take(AHEAD) {
+            self.users.prefetch(h);
+        }
         for (i, e) in batch.entries.into_iter().enumerate() {
+            if let Some(&ahead) = hashes.get(i + AHEAD) {
+                self.users.prefetch(ahead);
+            }
             let pending = Pending {
                 number: first_entry + i as u64,
                 kind: e.kind,
@@ -303,20 +324,21 @@ impl Overlay {
                 packet_id: e.packet_id,
                 at_ms: e.at_ms,
             };
-            self.file(e.user, What::Entry(pending))?;
+            self.file(e.user, hashes[i], What::Entry(pending))?;
         }
+        self.hashes = hashes;
         for (name, fen) in batch.wallets {
-            self.file(name, What::Wallet(fen))?;
+            self.file(name, FastHash::of(name), What::Wallet(fen))?;
         }
         for h in batch.new_packets {
             rec.packets.push(h.id);
             self.packets.entry(h.id).or_default().created = Some((seq, h.created_at_ms));
             let sender = h.sender.clone();
-            self.file(sender.as_str(), What::Sent(Box::new(h)))?;
+            self.file(sender.as_str(), sender.fast_hash(), What::Sent(Box::new(h)))?;
         }
         for u in batch.packet_updates {
             if let (PacketStatus::Exhausted, Some((user, _))) = (u.status, &u.best) {
-                self.file(user.as_str(), What::Best(u.id))?;
+                self.file(user.as_str(), user.fast_hash(), What::Best(u.id))?;
             }
             let id = u.id;
             rec.packets.push(id);
@@ -348,11 +370,13 @@ impl Overlay {
         while self.items_gone + 1 < kept_from {
             let item = self.items.pop_front().expect("an item of a dropped record");
             self.items_gone += 1;
-            let gone = self.items_gone;
             // The user goes when their newest item does: no later record filed them.
-            if let Ok(found) = self.users.find_entry(item.hash, |f| f.newest == gone) {
-                found.remove();
-            }
+            let name = std::str::from_utf8(self.names.get(item.name)).expect("names are filed as text");
+            self.users.forget(FastHash::of(name), self.items_gone);
+        }
+        match self.items.get(0) {
+            Some(first) => self.names.drop_before(first.name),
+            None => self.names.clear(),
         }
         self.pruned_upto = self.pruned_upto.max(seq);
     }
