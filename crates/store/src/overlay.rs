@@ -38,9 +38,9 @@ use crate::{EntryKind, EntryRow, PacketRow, PacketUpdate, Result, StoreError};
 /// dropping a record pops its items off the front and forgets a user whose newest item went
 /// with them. Nothing is allocated per user: a box per user and a queue per part cost the
 /// query threads a third of their time in the HTTP festival, most of it memory fetched fresh
-/// (BENCHMARKS.md, thirtieth session), and an id per user a tenth (thirty-first session). The
-/// table's places stay small so that its growth is cheap: with each user's part in the slot
-/// (136 bytes) the index took 35–40 % longer (twenty-fourth session).
+/// (BENCHMARKS.md, thirtieth session), and a table of ids a sixth (thirty-first session).
+/// The table's places stay small so that its growth is cheap: with each user's part in the
+/// slot (136 bytes) the index took 35–40 % longer (twenty-fourth session).
 #[derive(Default)]
 pub(crate) struct Overlay {
     /// No record up to this one is indexed (any more): every snapshot that may still use the
