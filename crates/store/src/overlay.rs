@@ -259,7 +259,7 @@ impl Overlay {
 
     /// Item `number`, live (not dropped).
     fn item(&self, number: u64) -> &Item {
-        self.items.get((number - self.items_gone - 1) as usize).expect("a live item")
+        live(&self.items, self.items_gone, number)
     }
 
     /// The user's items, newest first.
@@ -282,11 +282,9 @@ impl Overlay {
             return Err(StoreError::Corrupt(format!("a journal record holds user {name:?}")));
         }
         let number = self.next_item();
+        // The table is borrowed to change while the items and names are read.
         let Overlay { users, names, items, items_gone, .. } = self;
-        let theirs = |newest: u64| {
-            let item = items.get((newest - *items_gone - 1) as usize).expect("a live item");
-            names.get(item.name) == name.as_bytes()
-        };
+        let theirs = |newest| names.get(live(items, *items_gone, newest).name) == name.as_bytes();
         let older = users.file(hash, theirs, number);
         let name = self.names.push(name);
         self.items.push_back(Item { name, older, what });
@@ -492,6 +490,11 @@ impl Overlay {
         }
         out
     }
+}
+
+/// Item `number` of `items`, whose first is number `gone + 1`: one not dropped.
+fn live(items: &Chunked<Item>, gone: u64, number: u64) -> &Item {
+    items.get((number - gone - 1) as usize).expect("a live item")
 }
 
 /// A page newest first: the items not folded (all newer than any in the file) before the

@@ -206,12 +206,11 @@ impl Names {
         }
     }
 
-    /// Drops every name.
+    /// Drops every name (the next one pushed sets where the chunks start).
     pub(super) fn clear(&mut self) {
         while let Some(chunk) = self.chunks.pop_front() {
             self.spare = Some(chunk);
         }
-        self.first_chunk = self.end / NAME_CHUNK as u64;
     }
 
     #[cfg(test)]
