@@ -124,12 +124,9 @@ impl Users {
     fn double(&mut self) {
         let doubled = vec![Place::default(); self.places.len() * 2].into_boxed_slice();
         let old = std::mem::replace(&mut self.places, doubled);
-        let mask = self.mask();
         for p in old.iter().filter(|p| p.newest != 0) {
-            let mut at = p.hash as usize & mask;
-            while self.places[at].newest != 0 {
-                at = (at + 1) & mask;
-            }
+            // Every user is new to the doubled table: the probe ends at a free place.
+            let at = self.probe(p.hash, |_| false).unwrap_err();
             self.places[at] = *p;
         }
     }

@@ -128,22 +128,21 @@ impl Reader for SqliteReader {
     }
 
     fn packet(&self, id: PacketId) -> Result<Option<PacketRow>> {
-        let conn = self.conn()?;
-        let tx = ReadTx::begin(&conn)?;
-        let mut users = Users::parsing();
-        let row = {
-            let mut stmt = tx.prepare_cached(SELECT_PACKET)?;
-            let mut q = stmt.query([id.as_i64()])?;
-            match q.next()? {
-                Some(r) => rows::packet_row(r, &mut users)?,
-                None => return Ok(None),
-            }
-        };
-        let mut row = row;
-        let group = read_group(&tx, &row, &mut users)?;
-        rows::set_audience(&mut row, group)?;
-        tx.commit()?;
-        Ok(Some(row))
+        self.in_read_tx(|tx| {
+            let mut users = Users::parsing();
+            let row = {
+                let mut stmt = tx.prepare_cached(SELECT_PACKET)?;
+                let mut q = stmt.query([id.as_i64()])?;
+                match q.next()? {
+                    Some(r) => rows::packet_row(r, &mut users)?,
+                    None => return Ok(None),
+                }
+            };
+            let mut row = row;
+            let group = read_group(tx, &row, &mut users)?;
+            rows::set_audience(&mut row, group)?;
+            Ok(Some(row))
+        })
     }
 
     fn claims(&self, id: PacketId, after_index: Option<u32>, limit: u32) -> Result<Vec<Claim>> {
@@ -167,11 +166,7 @@ impl Reader for SqliteReader {
         before: Option<PacketId>,
         limit: u32,
     ) -> Result<SentPage> {
-        let conn = self.conn()?;
-        let tx = ReadTx::begin(&conn)?;
-        let page = sent_in(&tx, user, from_ms, to_ms, before, limit)?;
-        tx.commit()?;
-        Ok(page)
+        self.in_read_tx(|tx| sent_in(tx, user, from_ms, to_ms, before, limit))
     }
 
     fn received(
@@ -182,11 +177,7 @@ impl Reader for SqliteReader {
         before: Option<i64>,
         limit: u32,
     ) -> Result<ReceivedPage> {
-        let conn = self.conn()?;
-        let tx = ReadTx::begin(&conn)?;
-        let page = received_in(&tx, user, from_ms, to_ms, before, limit)?;
-        tx.commit()?;
-        Ok(page)
+        self.in_read_tx(|tx| received_in(tx, user, from_ms, to_ms, before, limit))
     }
 
     /// One lookup on the (packet, user) unique index instead of paging through the claims.
@@ -215,21 +206,29 @@ pub(crate) struct Folded {
 }
 
 impl SqliteReader {
+    /// Runs `f` in one read transaction on a pooled connection: what it reads is of one state
+    /// of the file.
+    fn in_read_tx<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let conn = self.conn()?;
+        let tx = ReadTx::begin(&conn)?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
     /// Runs `f` in one read transaction, with where its snapshot stands in the journal: what
     /// `f` reads, and `Folded`, are of one state of the file.
     pub(crate) fn in_snapshot<T>(&self, f: impl FnOnce(&Connection, Folded) -> Result<T>) -> Result<T> {
-        let conn = self.conn()?;
-        let tx = ReadTx::begin(&conn)?;
-        // The first read fixes the snapshot the rest of the transaction sees.
-        let (seq, last_entry_id): (Option<i64>, Option<i64>) =
-            tx.prepare_cached(SELECT_FOLDED)?.query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        let folded = Folded {
-            seq: to_u64(seq.unwrap_or(0), "journal_seq")?,
-            last_entry_id: last_entry_id.unwrap_or(0),
-        };
-        let out = f(&tx, folded)?;
-        tx.commit()?;
-        Ok(out)
+        self.in_read_tx(|tx| {
+            // The first read fixes the snapshot the rest of the transaction sees.
+            let (seq, last_entry_id): (Option<i64>, Option<i64>) =
+                tx.prepare_cached(SELECT_FOLDED)?.query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            let folded = Folded {
+                seq: to_u64(seq.unwrap_or(0), "journal_seq")?,
+                last_entry_id: last_entry_id.unwrap_or(0),
+            };
+            f(tx, folded)
+        })
     }
 }
 
