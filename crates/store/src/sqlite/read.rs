@@ -11,7 +11,7 @@ use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::Connection;
 
 use super::rows::{self, to_u64, Users};
-use super::write::read_group;
+use super::write::{read_group, read_packet_row};
 use crate::{EntryRow, PacketRow, Reader, ReceivedPage, Result, SentPage};
 
 /// Most rows one page returns, whatever the caller asks: a query never materializes more
@@ -28,7 +28,6 @@ const PAGE_ROWS_MAX: u32 = 1_000;
 const SELECT_BALANCE: &str = "SELECT balance_fen FROM wallets WHERE user = ?1";
 const SELECT_ENTRIES: &str = "SELECT id, kind, amount_fen, packet_id, at_ms FROM entries \
      WHERE user = ?1 AND id < ?2 ORDER BY id DESC LIMIT +?3";
-const SELECT_PACKET: &str = concat!("SELECT ", packet_columns!(), " FROM packets WHERE id = ?1");
 const SELECT_CLAIMS: &str = "SELECT idx, user, amount_fen, at_ms FROM claims \
      WHERE packet_id = ?1 AND idx > ?2 ORDER BY idx LIMIT +?3";
 const SELECT_SENT_TOTALS: &str = "SELECT COUNT(*), COALESCE(SUM(total_fen), 0) FROM packets \
@@ -128,21 +127,7 @@ impl Reader for SqliteReader {
     }
 
     fn packet(&self, id: PacketId) -> Result<Option<PacketRow>> {
-        self.in_read_tx(|tx| {
-            let mut users = Users::parsing();
-            let row = {
-                let mut stmt = tx.prepare_cached(SELECT_PACKET)?;
-                let mut q = stmt.query([id.as_i64()])?;
-                match q.next()? {
-                    Some(r) => rows::packet_row(r, &mut users)?,
-                    None => return Ok(None),
-                }
-            };
-            let mut row = row;
-            let group = read_group(tx, &row, &mut users)?;
-            rows::set_audience(&mut row, group)?;
-            Ok(Some(row))
-        })
+        self.in_read_tx(|tx| read_packet_row(tx, id, &mut Users::parsing()))
     }
 
     fn claims(&self, id: PacketId, after_index: Option<u32>, limit: u32) -> Result<Vec<Claim>> {
@@ -350,6 +335,7 @@ mod tests {
 
     use super::*;
     use crate::sqlite::schema::migrate;
+    use crate::sqlite::write::SELECT_PACKET;
 
     /// A read transaction ends when it is committed, and when it is dropped uncommitted (an
     /// error on the way): the pooled connection's next user starts a snapshot of its own.

@@ -280,22 +280,13 @@ fn advance(ids: &[PacketId], cursor: &mut usize, id: PacketId) -> Result<usize> 
     }
 }
 
+/// A packet's row by id.
+pub(super) const SELECT_PACKET: &str = concat!("SELECT ", packet_columns!(), " FROM packets WHERE id = ?1");
+
 /// One packet of any status, with its audience and claims, checked to agree.
 pub(super) fn read_packet(conn: &Connection, id: PacketId) -> Result<Option<(PacketRow, Vec<Claim>)>> {
     let mut users = Users::parsing();
-    let row = {
-        let mut stmt =
-            conn.prepare_cached(concat!("SELECT ", packet_columns!(), " FROM packets WHERE id = ?1"))?;
-        let mut q = stmt.query([id.as_i64()])?;
-        match q.next()? {
-            Some(r) => rows::packet_row(r, &mut users)?,
-            None => return Ok(None),
-        }
-    };
-    let mut row = row;
-    let group = read_group(conn, &row, &mut users)?;
-    rows::set_audience(&mut row, group)?;
-
+    let Some(row) = read_packet_row(conn, id, &mut users)? else { return Ok(None) };
     let mut claims = Vec::new();
     {
         let mut stmt = conn.prepare_cached(
@@ -308,6 +299,26 @@ pub(super) fn read_packet(conn: &Connection, id: PacketId) -> Result<Option<(Pac
     }
     rows::check_claims(&row, &claims)?;
     Ok(Some((row, claims)))
+}
+
+/// One packet of any status, with its audience: what the writer's `read_packet` and the
+/// reader's `packet` both read.
+pub(super) fn read_packet_row(
+    conn: &Connection,
+    id: PacketId,
+    users: &mut Users,
+) -> Result<Option<PacketRow>> {
+    let mut row = {
+        let mut stmt = conn.prepare_cached(SELECT_PACKET)?;
+        let mut q = stmt.query([id.as_i64()])?;
+        match q.next()? {
+            Some(r) => rows::packet_row(r, users)?,
+            None => return Ok(None),
+        }
+    };
+    let group = read_group(conn, &row, users)?;
+    rows::set_audience(&mut row, group)?;
+    Ok(Some(row))
 }
 
 /// The audience rows of a group packet; none for an `Anyone` packet (and none are read).
