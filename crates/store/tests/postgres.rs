@@ -273,18 +273,7 @@ fn the_reader_is_shared_across_threads() {
     assert_send_sync::<PgReader>();
 
     let pg = PgCluster::start();
-    let w = world();
-    let (mut store, reader) = open(&pg);
-    store.commit(&w.batch).unwrap();
-    let handles: Vec<_> = (0..8)
-        .map(|_| {
-            let r = reader.clone();
-            std::thread::spawn(move || r.balance(&user("bob")).unwrap())
-        })
-        .collect();
-    for h in handles {
-        assert_eq!(h.join().unwrap(), Some(220));
-    }
+    let _reader = common::the_reader_is_shared_across_threads(|| open(&pg));
     let connections =
         pg.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'hongbao-set-0-reader'");
     assert!(connections.parse::<u32>().unwrap() <= 4, "{connections} read connections");

@@ -207,16 +207,5 @@ fn the_reader_is_shared_across_threads() {
     assert_send_sync::<SqliteReader>();
 
     let dir = tempfile::tempdir().unwrap();
-    let w = world();
-    let (mut store, reader) = open(dir.path());
-    store.commit(&w.batch).unwrap();
-    let handles: Vec<_> = (0..8)
-        .map(|_| {
-            let r = reader.clone();
-            std::thread::spawn(move || r.balance(&user("bob")).unwrap())
-        })
-        .collect();
-    for h in handles {
-        assert_eq!(h.join().unwrap(), Some(220));
-    }
+    common::the_reader_is_shared_across_threads(|| open(dir.path()));
 }

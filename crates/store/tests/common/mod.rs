@@ -370,3 +370,20 @@ pub fn reader_sent_received_and_best_luck_by_year<S: Store, R: Reader>(open: imp
     assert_eq!(reader.best_luck_count(&bob, 0, Y2027_MS).unwrap(), 2);
     assert_eq!(reader.best_luck_count(&user("dave"), 0, Y2027_MS).unwrap(), 0);
 }
+
+/// Returns the reader, still open, for a back end to look at its connections.
+pub fn the_reader_is_shared_across_threads<S: Store, R: Reader + Clone>(open: impl Fn() -> (S, R)) -> R {
+    let w = world();
+    let (mut store, reader) = open();
+    store.commit(&w.batch).unwrap();
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let r = reader.clone();
+            std::thread::spawn(move || r.balance(&user("bob")).unwrap())
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), Some(220));
+    }
+    reader
+}
