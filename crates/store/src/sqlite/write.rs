@@ -717,6 +717,15 @@ mod tests {
         }
     }
 
+    /// Every row `sql` returns, each as `row` reads it.
+    fn all<T>(
+        conn: &Connection,
+        sql: &str,
+        row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Vec<T> {
+        conn.prepare(sql).unwrap().query_map([], row).unwrap().collect::<rusqlite::Result<_>>().unwrap()
+    }
+
     /// A fold of more rows than one statement takes writes all of them, the wallets' later
     /// balances last (within one statement too), and the store still refuses a second claim
     /// of a packet by one user when both are in one statement.
@@ -761,36 +770,25 @@ mod tests {
             tx.commit().unwrap();
         }
 
-        let wallets: Vec<(String, i64)> = conn
-            .prepare("SELECT user, balance_fen FROM wallets ORDER BY user")
-            .unwrap()
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .unwrap()
-            .collect::<rusqlite::Result<_>>()
-            .unwrap();
+        let wallets: Vec<(String, i64)> =
+            all(&conn, "SELECT user, balance_fen FROM wallets ORDER BY user", |r| Ok((r.get(0)?, r.get(1)?)));
         let mut want: Vec<(String, i64)> = (0..n).map(|i| (format!("u{i:04}"), i as i64)).collect();
         want[0].1 = 7_777;
         want[n - 1].1 = 8_888;
         assert_eq!(wallets, want);
 
-        let entries: Vec<(i64, String, i64)> = conn
-            .prepare("SELECT id, user, amount_fen FROM entries ORDER BY id")
-            .unwrap()
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .unwrap()
-            .collect::<rusqlite::Result<_>>()
-            .unwrap();
+        let entries: Vec<(i64, String, i64)> =
+            all(&conn, "SELECT id, user, amount_fen FROM entries ORDER BY id", |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            });
         let want: Vec<(i64, String, i64)> =
             (0..n).map(|i| (i as i64 + 1, format!("u{:04}", i % 50), i as i64 + 1)).collect();
         assert_eq!(entries, want);
 
-        let claims: Vec<(i64, u32, String)> = conn
-            .prepare("SELECT packet_id, idx, user FROM claims ORDER BY packet_id, idx")
-            .unwrap()
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .unwrap()
-            .collect::<rusqlite::Result<_>>()
-            .unwrap();
+        let claims: Vec<(i64, u32, String)> =
+            all(&conn, "SELECT packet_id, idx, user FROM claims ORDER BY packet_id, idx", |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            });
         let want: Vec<(i64, u32, String)> = (0..n)
             .map(claim)
             .map(|c| (c.packet_id.as_i64(), c.claim.index, c.claim.user.as_str().to_owned()))
