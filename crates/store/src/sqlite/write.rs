@@ -589,20 +589,25 @@ struct Insert {
     row: &'static str,
     /// After the rows: an upsert's `ON CONFLICT` clause, or nothing.
     tail: &'static str,
-    /// Values a row binds.
-    values: usize,
     one: OnceLock<String>,
     run: OnceLock<String>,
 }
 
 impl Insert {
-    const fn new(head: &'static str, row: &'static str, tail: &'static str, values: usize) -> Insert {
-        Insert { head, row, tail, values, one: OnceLock::new(), run: OnceLock::new() }
+    const fn new(head: &'static str, row: &'static str, tail: &'static str) -> Insert {
+        Insert { head, row, tail, one: OnceLock::new(), run: OnceLock::new() }
     }
 
+    /// The statement for one row, or for [`ROWS_PER_INSERT`].
     fn sql(&self, rows: usize) -> &str {
+        debug_assert!(rows == 1 || rows == ROWS_PER_INSERT);
         let cell = if rows == 1 { &self.one } else { &self.run };
         cell.get_or_init(|| format!("{} {}{}", self.head, vec![self.row; rows].join(", "), self.tail))
+    }
+
+    /// Values a row binds.
+    fn values(&self) -> usize {
+        self.row.matches('?').count()
     }
 }
 
@@ -610,19 +615,16 @@ static WALLETS: Insert = Insert::new(
     "INSERT OR ROLLBACK INTO wallets (user, balance_fen) VALUES",
     "(?, ?)",
     " ON CONFLICT (user) DO UPDATE SET balance_fen = excluded.balance_fen",
-    2,
 );
 static ENTRIES: Insert = Insert::new(
     "INSERT OR ROLLBACK INTO entries (user, id, kind, amount_fen, packet_id, at_ms) VALUES",
     "(?, ?, ?, ?, ?, ?)",
     "",
-    6,
 );
 static CLAIMS: Insert = Insert::new(
     "INSERT OR ROLLBACK INTO claims (packet_id, idx, user, amount_fen, at_ms) VALUES",
     "(?, ?, ?, ?, ?)",
     "",
-    5,
 );
 
 /// Inserts `count` rows in their order, [`ROWS_PER_INSERT`] a statement and the rest one by one
@@ -634,20 +636,23 @@ fn insert_rows(
     count: usize,
     mut bind: impl FnMut(&mut Statement<'_>, usize, usize) -> rusqlite::Result<()>,
 ) -> Result<()> {
-    let runs = count / ROWS_PER_INSERT;
-    if runs > 0 {
+    let whole = count - count % ROWS_PER_INSERT;
+    if whole > 0 {
         let mut st = tx.prepare_cached(kind.sql(ROWS_PER_INSERT))?;
-        for run in 0..runs {
+        let values = kind.values();
+        for start in (0..whole).step_by(ROWS_PER_INSERT) {
             for k in 0..ROWS_PER_INSERT {
-                bind(&mut st, k * kind.values + 1, run * ROWS_PER_INSERT + k)?;
+                bind(&mut st, k * values + 1, start + k)?;
             }
             st.raw_execute()?;
         }
     }
-    let mut st = tx.prepare_cached(kind.sql(1))?;
-    for i in runs * ROWS_PER_INSERT..count {
-        bind(&mut st, 1, i)?;
-        st.raw_execute()?;
+    if whole < count {
+        let mut st = tx.prepare_cached(kind.sql(1))?;
+        for i in whole..count {
+            bind(&mut st, 1, i)?;
+            st.raw_execute()?;
+        }
     }
     Ok(())
 }
