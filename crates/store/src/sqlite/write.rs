@@ -383,12 +383,17 @@ fn write_batch(tx: &Transaction<'_>, b: &Batch) -> Result<()> {
         // Should a user appear twice, the later balance is still written last: the rows of
         // one statement are written in the order they are listed.
         let order = in_name_order(&b.wallets, |w| w.0.as_str());
-        insert_rows(tx, &WALLETS, order.len(), |st, first, i| {
-            ahead(&b.wallets, &order, i, |w| w.0.as_str());
-            let (user, fen) = &b.wallets[order[i]];
-            st.raw_bind_parameter(first, user.as_str())?;
-            st.raw_bind_parameter(first + 1, fen)
-        })?;
+        insert_rows(
+            tx,
+            &WALLETS,
+            &b.wallets,
+            &order,
+            |w| w.0.as_str(),
+            |st, first, _, (user, fen)| {
+                st.raw_bind_parameter(first, user.as_str())?;
+                st.raw_bind_parameter(first + 1, fen)
+            },
+        )?;
     }
 
     if !b.entries.is_empty() {
@@ -404,17 +409,21 @@ fn write_batch(tx: &Transaction<'_>, b: &Batch) -> Result<()> {
         // The n-th entry made gets id `issued + 1 + n`: a user's entries are written in the
         // order they were made.
         let order = in_name_order(&b.entries, |e| e.user.as_str());
-        insert_rows(tx, &ENTRIES, order.len(), |st, first, i| {
-            ahead(&b.entries, &order, i, |e| e.user.as_str());
-            let at = order[i];
-            let e = &b.entries[at];
-            st.raw_bind_parameter(first, e.user.as_str())?;
-            st.raw_bind_parameter(first + 1, issued + 1 + at as i64)?;
-            st.raw_bind_parameter(first + 2, e.kind.as_str())?;
-            st.raw_bind_parameter(first + 3, e.amount_fen)?;
-            st.raw_bind_parameter(first + 4, e.packet_id.map(PacketId::as_i64))?;
-            st.raw_bind_parameter(first + 5, e.at_ms)
-        })?;
+        insert_rows(
+            tx,
+            &ENTRIES,
+            &b.entries,
+            &order,
+            |e| e.user.as_str(),
+            |st, first, at, e| {
+                st.raw_bind_parameter(first, e.user.as_str())?;
+                st.raw_bind_parameter(first + 1, issued + 1 + at as i64)?;
+                st.raw_bind_parameter(first + 2, e.kind.as_str())?;
+                st.raw_bind_parameter(first + 3, e.amount_fen)?;
+                st.raw_bind_parameter(first + 4, e.packet_id.map(PacketId::as_i64))?;
+                st.raw_bind_parameter(first + 5, e.at_ms)
+            },
+        )?;
         tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'last_entry_id'")?.execute([last])?;
     }
 
@@ -488,15 +497,20 @@ fn write_batch(tx: &Transaction<'_>, b: &Batch) -> Result<()> {
             b.claims.iter().zip(0u32..).map(|(c, at)| (c.packet_id, c.claim.index, at)).collect();
         keys.sort_unstable();
         let order: Vec<usize> = keys.into_iter().map(|(_, _, at)| at as usize).collect();
-        insert_rows(tx, &CLAIMS, order.len(), |st, first, i| {
-            ahead(&b.claims, &order, i, |c| c.claim.user.as_str());
-            let c = &b.claims[order[i]];
-            st.raw_bind_parameter(first, c.packet_id.as_i64())?;
-            st.raw_bind_parameter(first + 1, c.claim.index)?;
-            st.raw_bind_parameter(first + 2, c.claim.user.as_str())?;
-            st.raw_bind_parameter(first + 3, c.claim.amount_fen)?;
-            st.raw_bind_parameter(first + 4, c.claim.at_ms)
-        })?;
+        insert_rows(
+            tx,
+            &CLAIMS,
+            &b.claims,
+            &order,
+            |c| c.claim.user.as_str(),
+            |st, first, _, c| {
+                st.raw_bind_parameter(first, c.packet_id.as_i64())?;
+                st.raw_bind_parameter(first + 1, c.claim.index)?;
+                st.raw_bind_parameter(first + 2, c.claim.user.as_str())?;
+                st.raw_bind_parameter(first + 3, c.claim.amount_fen)?;
+                st.raw_bind_parameter(first + 4, c.claim.at_ms)
+            },
+        )?;
     }
 
     if !b.outbox_new.is_empty() {
@@ -566,9 +580,9 @@ fn write_batch(tx: &Transaction<'_>, b: &Batch) -> Result<()> {
     Ok(())
 }
 
-/// Rows one `INSERT` writes in the fold. SQLite starts a statement's program, opens a cursor on
-/// each B-tree it writes and closes them again at every execution: for one row a statement
-/// that was most of a claim's insert. In a test of a fold's inserts (1,200,000 claims in
+/// Rows one `INSERT` writes (in a fold, or a commit with as many of a kind). SQLite starts a
+/// statement's program, opens a cursor on each B-tree it writes and closes them again at every
+/// execution: for one row that was about a quarter of a claim's insert. In a test of a fold's inserts (1,200,000 claims in
 /// transactions of 40,000, in the fold's key order, into a file like a set's), 256 rows a
 /// statement against one cost a claim's row 0.69 µs against 0.95, its entry 0.75 against 0.83
 /// and its wallet 0.52 against 0.60 (BENCHMARKS.md, thirty-third session). 256 rows of six
@@ -627,22 +641,31 @@ static CLAIMS: Insert = Insert::new(
     "",
 );
 
-/// Inserts `count` rows in their order, [`ROWS_PER_INSERT`] a statement and the rest one by one
-/// (a statement for each length left over would crowd the statement cache). `bind(statement,
-/// first, i)` binds row `i`'s values from parameter `first` on.
-fn insert_rows(
+/// Inserts `rows` in `order` (their places), [`ROWS_PER_INSERT`] a statement and the rest one
+/// by one (a statement for each length left over would crowd the statement cache), each row
+/// fetched ahead of its insert by `name` (see [`ahead`]). `bind(statement, first, at, row)`
+/// binds the values of `row`, at place `at` of `rows`, from parameter `first` on.
+fn insert_rows<T>(
     tx: &Transaction<'_>,
     kind: &Insert,
-    count: usize,
-    mut bind: impl FnMut(&mut Statement<'_>, usize, usize) -> rusqlite::Result<()>,
+    rows: &[T],
+    order: &[usize],
+    name: impl Fn(&T) -> &str,
+    mut bind: impl FnMut(&mut Statement<'_>, usize, usize, &T) -> rusqlite::Result<()>,
 ) -> Result<()> {
+    let mut one = |st: &mut Statement<'_>, first: usize, i: usize| {
+        ahead(rows, order, i, &name);
+        let at = order[i];
+        bind(st, first, at, &rows[at])
+    };
+    let count = order.len();
     let whole = count - count % ROWS_PER_INSERT;
     if whole > 0 {
         let mut st = tx.prepare_cached(kind.sql(ROWS_PER_INSERT))?;
         let values = kind.values();
         for start in (0..whole).step_by(ROWS_PER_INSERT) {
             for k in 0..ROWS_PER_INSERT {
-                bind(&mut st, k * values + 1, start + k)?;
+                one(&mut st, k * values + 1, start + k)?;
             }
             st.raw_execute()?;
         }
@@ -650,7 +673,7 @@ fn insert_rows(
     if whole < count {
         let mut st = tx.prepare_cached(kind.sql(1))?;
         for i in whole..count {
-            bind(&mut st, 1, i)?;
+            one(&mut st, 1, i)?;
             st.raw_execute()?;
         }
     }
