@@ -240,16 +240,17 @@ impl Engine {
     ) -> Result<ReceivedHistory, EngineError> {
         let (from, to) = year_range(year);
         // It reads every set (best lucks are counted where the packets live), all in one trip
-        // to the blocking pool: a trip per set cost a thread's wake-up and sleep each.
+        // to the blocking pool: a trip per set cost a thread's wake-up and sleep each. The
+        // user's own set gives its page and its best lucks in one read.
         let mine = self.user_set(&user) as usize;
         let readers = self.readers().to_vec();
         let (page, archived_before_ms, best_luck_count) = read_now(self, move || {
             let r = &readers[mine];
-            let page = r.received(&user, from, to, cursor, limit + 1)?;
+            let (page, mut best_luck_count) =
+                r.received_and_best_lucks(&user, from, to, cursor, limit + 1)?;
             let archived_before_ms = r.archived_before()?;
-            let mut best_luck_count = 0;
-            for r in &readers {
-                best_luck_count += r.best_luck_count(&user, from, to)?;
+            for (_, other) in readers.iter().enumerate().filter(|&(set, _)| set != mine) {
+                best_luck_count += other.best_luck_count(&user, from, to)?;
             }
             Ok((page, archived_before_ms, best_luck_count))
         })

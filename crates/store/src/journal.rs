@@ -1298,37 +1298,35 @@ impl Reader for JournalReader {
     ) -> Result<ReceivedPage> {
         self.with_overlay(
             |c| sqlite::received_in(c, user, from_ms, to_ms, before, limit),
-            |page, o, at, _| {
-                let pending = o.received(user, at, from_ms, to_ms)?;
-                let (count, total_fen) = add_totals(page.count, page.total_fen, &pending, |e| e.amount_fen)?;
-                let pending: Vec<_> =
-                    pending.into_iter().filter(|e| before.is_none_or(|b| e.id < b)).collect();
-                Ok(ReceivedPage { count, total_fen, items: newer_first(pending, page.items, limit) })
-            },
+            |page, o, at, _| received_pending(page, o, at, user, from_ms, to_ms, before, limit),
         )
     }
 
     fn best_luck_count(&self, user: &UserId, from_ms: Millis, to_ms: Millis) -> Result<u64> {
         self.with_overlay(
             |c| sqlite::best_luck_count_in(c, user, from_ms, to_ms),
-            |stored, o, _, conn| {
-                let mut count = stored;
-                for (id, created) in o.best_lucks(user) {
-                    let in_file = sqlite::packet_state_in(conn, id)?;
-                    if matches!(in_file, Some((PacketStatus::Exhausted, _))) {
-                        // The file counted it already.
-                        continue;
-                    }
-                    let created = created.or(in_file.map(|(_, at)| at)).ok_or_else(|| {
-                        StoreError::Corrupt(format!(
-                            "packet {id} is exhausted in the journal but was never made"
-                        ))
-                    })?;
-                    if from_ms <= created && created < to_ms {
-                        count += 1;
-                    }
-                }
-                Ok(count)
+            |stored, o, _, conn| best_lucks_pending(stored, o, conn, user, from_ms, to_ms),
+        )
+    }
+
+    fn received_and_best_lucks(
+        &self,
+        user: &UserId,
+        from_ms: Millis,
+        to_ms: Millis,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<(ReceivedPage, u64)> {
+        self.with_overlay(
+            |c| {
+                let page = sqlite::received_in(c, user, from_ms, to_ms, before, limit)?;
+                Ok((page, sqlite::best_luck_count_in(c, user, from_ms, to_ms)?))
+            },
+            |(page, stored), o, at, conn| {
+                Ok((
+                    received_pending(page, o, at, user, from_ms, to_ms, before, limit)?,
+                    best_lucks_pending(stored, o, conn, user, from_ms, to_ms)?,
+                ))
             },
         )
     }
@@ -1336,6 +1334,51 @@ impl Reader for JournalReader {
     fn claim_of(&self, id: PacketId, user: &UserId) -> Result<Option<Claim>> {
         self.inner.claim_of(id, user)
     }
+}
+
+/// A received page read from the file at snapshot `at`, with what the records after it hold.
+#[allow(clippy::too_many_arguments)]
+fn received_pending(
+    page: ReceivedPage,
+    o: &Overlay,
+    at: Folded,
+    user: &UserId,
+    from_ms: Millis,
+    to_ms: Millis,
+    before: Option<i64>,
+    limit: u32,
+) -> Result<ReceivedPage> {
+    let pending = o.received(user, at, from_ms, to_ms)?;
+    let (count, total_fen) = add_totals(page.count, page.total_fen, &pending, |e| e.amount_fen)?;
+    let pending: Vec<_> = pending.into_iter().filter(|e| before.is_none_or(|b| e.id < b)).collect();
+    Ok(ReceivedPage { count, total_fen, items: newer_first(pending, page.items, limit) })
+}
+
+/// A best-luck count the file holds (`stored`), with the packets that the records not folded
+/// exhausted with `user` as best luck.
+fn best_lucks_pending(
+    stored: u64,
+    o: &Overlay,
+    conn: &rusqlite::Connection,
+    user: &UserId,
+    from_ms: Millis,
+    to_ms: Millis,
+) -> Result<u64> {
+    let mut count = stored;
+    for (id, created) in o.best_lucks(user) {
+        let in_file = sqlite::packet_state_in(conn, id)?;
+        if matches!(in_file, Some((PacketStatus::Exhausted, _))) {
+            // The file counted it already.
+            continue;
+        }
+        let created = created.or(in_file.map(|(_, at)| at)).ok_or_else(|| {
+            StoreError::Corrupt(format!("packet {id} is exhausted in the journal but was never made"))
+        })?;
+        if from_ms <= created && created < to_ms {
+            count += 1;
+        }
+    }
+    Ok(count)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2687,6 +2730,10 @@ mod tests {
                 loop {
                     let page = r.received(&user, from, to, cursor, 2).unwrap();
                     writeln!(out, "  received {page:?}").unwrap();
+                    // The journal reads this page and the best lucks in one snapshot; the
+                    // plain file reads them apart.
+                    let both = r.received_and_best_lucks(&user, from, to, cursor, 2).unwrap();
+                    writeln!(out, "  received with best lucks {both:?}").unwrap();
                     match page.items.last() {
                         Some(e) if page.items.len() == 2 => cursor = Some(e.id),
                         _ => break,

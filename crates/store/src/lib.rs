@@ -355,6 +355,19 @@ pub trait Reader: Send + Sync + 'static {
     ) -> Result<ReceivedPage>;
     /// How many exhausted packets of this set created in the range have `user` as best luck.
     fn best_luck_count(&self, user: &UserId, from_ms: Millis, to_ms: Millis) -> Result<u64>;
+    /// [`Reader::received`] and [`Reader::best_luck_count`] for one user and range, which a
+    /// received page asks of its user's own set. A store that can reads both in one snapshot
+    /// (the journal: one read transaction and one look at its records not folded, not two).
+    fn received_and_best_lucks(
+        &self,
+        user: &UserId,
+        from_ms: Millis,
+        to_ms: Millis,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<(ReceivedPage, u64)> {
+        Ok((self.received(user, from_ms, to_ms, before, limit)?, self.best_luck_count(user, from_ms, to_ms)?))
+    }
 
     /// Where the store's history stops being complete: claims and entries of the days before
     /// this instant may have been moved out of the store to an archive (`hongbao archive`),

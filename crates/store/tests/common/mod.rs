@@ -369,6 +369,17 @@ pub fn reader_sent_received_and_best_luck_by_year<S: Store, R: Reader>(open: imp
     assert_eq!(reader.best_luck_count(&bob, Y2026_MS, Y2027_MS).unwrap(), 1);
     assert_eq!(reader.best_luck_count(&bob, 0, Y2027_MS).unwrap(), 2);
     assert_eq!(reader.best_luck_count(&user("dave"), 0, Y2027_MS).unwrap(), 0);
+
+    // A received page and the set's best lucks read together are the two read apart.
+    for (who, from) in [(&bob, Y2026_MS), (&bob, 0), (&alice, 0)] {
+        let both = reader.received_and_best_lucks(who, from, Y2027_MS, None, 1).unwrap();
+        let apart = (
+            reader.received(who, from, Y2027_MS, None, 1).unwrap(),
+            reader.best_luck_count(who, from, Y2027_MS).unwrap(),
+        );
+        assert_eq!(both, apart, "{who} from {from}");
+    }
+    assert_eq!(reader.received_and_best_lucks(&bob, 0, Y2027_MS, None, 1).unwrap().1, 2);
 }
 
 /// Returns the reader, still open, for a back end to look at its connections.
