@@ -249,8 +249,10 @@ impl Engine {
             let (page, mut best_luck_count) =
                 r.received_and_best_lucks(&user, from, to, cursor, limit + 1)?;
             let archived_before_ms = r.archived_before()?;
-            for (_, other) in readers.iter().enumerate().filter(|&(set, _)| set != mine) {
-                best_luck_count += other.best_luck_count(&user, from, to)?;
+            for (set, other) in readers.iter().enumerate() {
+                if set != mine {
+                    best_luck_count += other.best_luck_count(&user, from, to)?;
+                }
             }
             Ok((page, archived_before_ms, best_luck_count))
         })

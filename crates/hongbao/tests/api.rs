@@ -802,3 +802,27 @@ async fn received_and_sent_histories_count_and_total() {
     let audit = server.settle().await;
     assert_eq!(money(&audit), [20_000, 0, 20_000 - 750, 750, 0], "{audit}");
 }
+
+/// A received page counts the best lucks of the packets in its user's own set (read with the
+/// page) and in every other set, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_received_page_counts_best_lucks_in_its_own_set_and_the_others_once() {
+    const SETS: u32 = 4;
+    let server = TestServer::start(Opts::sets(SETS)).await;
+    let set_of =
+        |name: &str| hongbao_core::ids::set_of_user(&hongbao_core::UserId::parse(name).unwrap(), SETS);
+    let home = set_of("jay");
+    let names = (0..).map(|i| format!("s{i}"));
+    let near = names.clone().find(|s| set_of(s) == home).expect("a name in jay's set");
+    let far = names.clone().find(|s| set_of(s) != home).expect("a name in another set");
+    for sender in [&near, &far] {
+        server.deposit_ok(sender, 1_000).await;
+        let id = server.send_ok(sender, "lucky", 100, 1, users(&["jay"])).await;
+        assert_eq!(server.claim_ok(&id, "jay").await, 100);
+    }
+    server.settle().await;
+    let (status, r) = server.received("jay", "").await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["count"], 2, "{r}");
+    assert_eq!(r["best_luck_count"], 2, "one packet in jay's set ({near}) and one in another ({far}): {r}");
+}
