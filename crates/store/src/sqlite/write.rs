@@ -582,11 +582,11 @@ fn write_batch(tx: &Transaction<'_>, b: &Batch) -> Result<()> {
 
 /// Rows one `INSERT` writes (in a fold, or a commit with as many of a kind). SQLite starts a
 /// statement's program, opens a cursor on each B-tree it writes and closes them again at every
-/// execution: for one row that was about a quarter of a claim's insert. In a test of a fold's inserts (1,200,000 claims in
-/// transactions of 40,000, in the fold's key order, into a file like a set's), 256 rows a
-/// statement against one cost a claim's row 0.69 µs against 0.95, its entry 0.75 against 0.83
-/// and its wallet 0.52 against 0.60 (BENCHMARKS.md, thirty-third session). 256 rows of six
-/// values are far below SQLite's limit of 32,766 parameters.
+/// execution: for one row that was about a quarter of a claim's insert. In a test of a fold's
+/// inserts (1,200,000 claims in transactions of 40,000, in the fold's key order, into a file
+/// like a set's), 256 rows a statement against one cost a claim's row 0.69 µs against 0.95, its
+/// entry 0.75 against 0.83 and its wallet 0.52 against 0.60 (BENCHMARKS.md, thirty-third
+/// session). 256 rows of six values are far below SQLite's limit of 32,766 parameters.
 const ROWS_PER_INSERT: usize = 256;
 
 /// One kind of row the fold inserts: its statement for one row and for [`ROWS_PER_INSERT`].
