@@ -197,7 +197,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
         None => None,
     };
     let main_op = if scenario == Scenario::Ceiling { Op::Health } else { Op::Claim };
-    let (recorder, ends, cpu, server_cpu_before) = control.block_on(async {
+    let (recorder, ends, cpu, server_cpu_before, server_cpu_at_end) = control.block_on(async {
         for _ in 0..tasks {
             match ready_rx.recv().await {
                 Some(Ok(())) => {}
@@ -232,9 +232,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
         .await
         .map_err(|e| anyhow!("joining the load threads: {e}"))??;
         let cpu = CpuUse::between(cpu_before, CpuSample::now(), loadavg_before);
+        // Before the audit, which waits for the fold the load put off.
+        let server_cpu_at_end = server_cpu(&started).await;
         let _ = stop_tx.send(());
         let _ = ticker.await;
-        Ok((recorder, ends, cpu, server_cpu_before))
+        Ok((recorder, ends, cpu, server_cpu_before, server_cpu_at_end))
     })?;
 
     let start = recorder.start;
@@ -304,14 +306,20 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
     }
     let server_cpu_after = control.block_on(server_cpu(&started));
     let requests = total.requests();
-    let server_cpu_us_per_request = match (server_cpu_before, server_cpu_after) {
-        (Ok(Some(before)), Ok(Some(after))) => report::cpu_per_request_us(&before, &after, requests),
-        (Err(e), _) | (_, Err(e)) => {
+    let before = server_cpu_before.unwrap_or_else(|e| {
+        notes.push(format!("cannot read the server's CPU from its /metrics before the load: {e:#}"));
+        None
+    });
+    let mut per_request = |after: anyhow::Result<Option<BTreeMap<String, f64>>>| match (&before, after) {
+        (Some(before), Ok(Some(after))) => report::cpu_per_request_us(before, &after, requests),
+        (_, Err(e)) => {
             notes.push(format!("cannot read the server's CPU from its /metrics: {e:#}"));
             None
         }
         _ => None,
     };
+    let server_cpu_us_per_request_during_load = per_request(server_cpu_at_end);
+    let server_cpu_us_per_request = per_request(server_cpu_after);
     let store = started.store.clone();
     control.block_on(started.stop());
 
@@ -342,6 +350,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
         resident: None,
         cpu: Some(cpu),
         server_cpu_us_per_request,
+        server_cpu_us_per_request_during_load,
         timeline,
         audit,
         audit_ok,

@@ -38,6 +38,10 @@ pub struct BenchResult {
     /// `fold`, `checkpoint`, `other`) and `all`. After the audit, so on SQLite it holds the
     /// fold of every claim of the run. `None` in process, or from a server that does not say.
     pub server_cpu_us_per_request: Option<BTreeMap<String, f64>>,
+    /// The same from before the load to its end, before the audit: what the server spent while
+    /// the load ran, the CPU the load's rate had to share. A fold that gave way to the claims
+    /// is in the figure above and not here.
+    pub server_cpu_us_per_request_during_load: Option<BTreeMap<String, f64>>,
     /// One row per second of the run.
     pub timeline: Vec<Second>,
     /// The server's (or engine's) audit after the load, as it answered; `None` when skipped.
@@ -293,6 +297,9 @@ impl BenchResult {
         if let Some(per) = &self.server_cpu_us_per_request {
             let _ = writeln!(s, "  server cpu per request: {}", cpu_line(per));
         }
+        if let Some(per) = &self.server_cpu_us_per_request_during_load {
+            let _ = writeln!(s, "  … of it during the load: {}", cpu_line(per));
+        }
         if let Some(k) = &self.claims {
             let _ = writeln!(
                 s,
@@ -458,6 +465,7 @@ mod tests {
             resident: None,
             cpu: None,
             server_cpu_us_per_request: None,
+            server_cpu_us_per_request_during_load: None,
             timeline,
             audit: Some(serde_json::json!({"ok": true})),
             audit_ok: Some(true),
@@ -512,6 +520,17 @@ mod tests {
         assert!(
             r.summary().contains(
                 "server cpu per request: tokio 27.00, set 5.00, fold 10.00, other 0.00, new 1.00, all 43.00 µs"
+            ),
+            "{}",
+            r.summary()
+        );
+        assert!(!r.summary().contains("during the load"), "{}", r.summary());
+        // The fold put off until after the load is in the first line only.
+        let at_end = at(&[("tokio", 12.7), ("set", 1.5), ("fold", 2.0), ("other", 0.5)]);
+        r.server_cpu_us_per_request_during_load = cpu_per_request_us(&before, &at_end, 100_000);
+        assert!(
+            r.summary().contains(
+                "… of it during the load: tokio 27.00, set 5.00, fold 0.00, other 0.00, all 32.00 µs"
             ),
             "{}",
             r.summary()

@@ -171,6 +171,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
         }),
         cpu: None,
         server_cpu_us_per_request: None,
+        server_cpu_us_per_request_during_load: None,
         timeline: Vec::new(),
         audit_ok: Some(audit.ok),
         audit: Some(audit_json),

@@ -105,6 +105,21 @@ async fn bench_over_http_counts_every_claim_and_passes_the_audit() {
             (parts - all).abs() <= 0.01 * per.len() as f64,
             "{name}: parts {parts} against all {all}: {run}"
         );
+        // The same read at the load's end, before the audit: a part of it, kind by kind.
+        let during = run["server_cpu_us_per_request_during_load"]
+            .as_object()
+            .unwrap_or_else(|| panic!("{name}: no CPU during the load: {run}"));
+        assert!(
+            during["tokio"].as_f64().unwrap() > 0.0,
+            "{name}: the workers used no CPU during the load: {run}"
+        );
+        for (kind, v) in during {
+            let (v, whole) = (v.as_f64().unwrap(), per.get(kind).and_then(Value::as_f64).unwrap_or(0.0));
+            assert!(
+                v <= whole + 0.01,
+                "{name}: {kind} {v} during the load, above {whole} to the audit: {run}"
+            );
+        }
     }
 
     // The server's own audit, asked here and not by the bench, agrees: no fen lost.
