@@ -119,6 +119,11 @@ pub struct BenchArgs {
     /// Festival: history queries per thousand claims
     #[arg(long, default_value_t = 10)]
     pub history_per_mille: u32,
+    /// Over HTTP: start the clock as soon as every connection is open, without first asking
+    /// each for `/healthz` once [default: each connection's first exchange, like its connect,
+    /// is set-up and not measured]
+    #[arg(long)]
+    pub no_warm_up: bool,
     /// Threads that run the load [default: 2 over HTTP, 1 in process]
     #[arg(long)]
     pub threads: Option<usize>,

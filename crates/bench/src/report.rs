@@ -67,6 +67,8 @@ pub struct RunConfig {
     pub rate_per_s: Option<u64>,
     pub zipf_s: f64,
     pub history_per_mille: u32,
+    /// Over HTTP, whether each connection answered one `/healthz` before the clock started.
+    pub warmed_up: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -284,6 +286,9 @@ impl BenchResult {
             c.threads,
             c.rate_per_s.map(|r| format!(", open loop at {r}/s")).unwrap_or_default()
         );
+        if c.warmed_up {
+            let _ = writeln!(s, "  each connection answered one /healthz before the clock started");
+        }
         if let Some(cpu) = &self.cpu {
             let _ = writeln!(
                 s,
@@ -455,6 +460,7 @@ mod tests {
                 rate_per_s: None,
                 zipf_s: 1.0,
                 history_per_mille: 0,
+                warmed_up: false,
             },
             elapsed_s: 2.0,
             requests: 15,

@@ -148,6 +148,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
             rate_per_s: None,
             zipf_s: 0.0,
             history_per_mille: 0,
+            warmed_up: false,
         },
         elapsed_s: (create_s * 1000.0).round() / 1000.0,
         requests: u64::from(packets),

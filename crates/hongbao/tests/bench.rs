@@ -42,15 +42,22 @@ async fn bench_over_http_counts_every_claim_and_passes_the_audit() {
     let server = TestServer::start(Opts::sets(2)).await;
     let url = server.api().url("");
 
-    // Act: a storm on one packet of 300 shares, then a festival of small packets.
+    // Act: a storm on one packet of 300 shares, its connections not warmed up, then a
+    // festival of small packets, each connection answering one /healthz before the clock.
     let url2 = url.clone();
+    let healthz_before = healthz_answered(&url).await;
     let storm =
-        tokio::task::spawn_blocking(move || bench(&url2, "storm", &["--shares", "300"])).await.unwrap();
+        tokio::task::spawn_blocking(move || bench(&url2, "storm", &["--shares", "300", "--no-warm-up"]))
+            .await
+            .unwrap();
+    let healthz_after_storm = healthz_answered(&url).await;
+    let url2 = url.clone();
     let festival = tokio::task::spawn_blocking(move || {
-        bench(&url, "festival", &["--shares", "20", "--packets", "10", "--sets", "2"])
+        bench(&url2, "festival", &["--shares", "20", "--packets", "10", "--sets", "2"])
     })
     .await
     .unwrap();
+    let healthz_after_festival = healthz_answered(&url).await;
 
     // Assert: the storm paid every share exactly once, to the fen, and turned the rest away.
     let c = &storm["claims"];
@@ -122,6 +129,29 @@ async fn bench_over_http_counts_every_claim_and_passes_the_audit() {
         }
     }
 
+    // Warming up: the festival's 8 claiming and 8 asking connections (and its senders') each
+    // asked once before the clock; the storm's did not.
+    assert_eq!(storm["config"]["warmed_up"], Value::Bool(false), "storm: {storm}");
+    assert_eq!(festival["config"]["warmed_up"], Value::Bool(true), "festival: {festival}");
+    let (storm_asked, festival_asked) =
+        (healthz_after_storm - healthz_before, healthz_after_festival - healthz_after_storm);
+    assert!(storm_asked < 8, "storm: {storm_asked} /healthz answered without a warm-up");
+    assert!(festival_asked >= 16, "festival: {festival_asked} /healthz answered, fewer than its connections");
+
     // The server's own audit, asked here and not by the bench, agrees: no fen lost.
     assert_audit_ok(&server.audit().await);
+}
+
+/// The `/healthz` requests the server at `url` has answered with 200, from its `/metrics`.
+async fn healthz_answered(url: &str) -> u64 {
+    let text =
+        reqwest::get(format!("{url}/metrics")).await.expect("GET /metrics").text().await.expect("a body");
+    text.lines()
+        .filter(|l| {
+            l.starts_with("http_requests_total{")
+                && l.contains("route=\"/healthz\"")
+                && l.contains("status=\"200\"")
+        })
+        .map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).expect("a counter's value") as u64)
+        .sum()
 }
