@@ -7,9 +7,11 @@
 //! nor a connection's first exchange is measured. Opened together, 256 connections' first
 //! requests took the half-rate festival's first second from a p99 of about 2.8 ms to about
 //! 5 ms (BENCHMARKS.md, thirty-sixth session): a cost of the load generator opening every
-//! connection in the same few milliseconds, where a service's clients keep theirs open. Closed loop by default (each task sends its next request when
-//! its last one is answered, so `--concurrency` is the number in flight); `--rate` makes it an
-//! open loop whose latencies count from when each request was due.
+//! connection in the same few milliseconds, where a service's clients keep theirs open.
+//!
+//! Closed loop by default (each task sends its next request when its last one is answered, so
+//! `--concurrency` is the number in flight); `--rate` makes it an open loop whose latencies
+//! count from when each request was due.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
