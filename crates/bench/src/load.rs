@@ -707,28 +707,28 @@ impl TaskEnd {
 impl Task {
     /// Connects (and warms the connection up, if asked), reports ready and waits for the start.
     async fn start(&mut self) -> Option<(Client, Go)> {
-        let mut client = match self.target.client().await {
+        let client = match self.connect().await {
             Ok(c) => c,
             Err(e) => {
-                let _ = self.ready.send(Err(format!("{e:#}"))).await;
+                let _ = self.ready.send(Err(e)).await;
                 return None;
             }
         };
-        if self.warm_up {
-            match client.healthz().await {
-                Answer::Done => {}
-                other => {
-                    let _ = self
-                        .ready
-                        .send(Err(format!("warming a connection up: GET /healthz: {other:?}")))
-                        .await;
-                    return None;
-                }
-            }
-        }
         let _ = self.ready.send(Ok(())).await;
         let go = self.go.wait_for(|g| g.is_some()).await.ok()?.clone()?;
         Some((client, go))
+    }
+
+    /// A client for the target, its connection warmed up if asked.
+    async fn connect(&self) -> Result<Client, String> {
+        let mut client = self.target.client().await.map_err(|e| format!("{e:#}"))?;
+        if self.warm_up {
+            match client.healthz().await {
+                Answer::Done => {}
+                other => return Err(format!("warming a connection up: GET /healthz: {other:?}")),
+            }
+        }
+        Ok(client)
     }
 }
 
