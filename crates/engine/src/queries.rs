@@ -12,8 +12,8 @@
 use std::sync::Arc;
 
 use chrono::{NaiveDate, TimeZone, Utc};
-use hongbao_core::{Millis, PacketId, UserId};
-use hongbao_store::{Reader, StoreError};
+use hongbao_core::{PacketId, UserId};
+use hongbao_store::{Paging, Reader, Span, StoreError};
 
 use crate::engine::{Engine, QUERY_WAIT_MAX};
 use crate::reply::*;
@@ -83,16 +83,16 @@ fn name_query_thread() {
 }
 
 /// `[from, to)` in Unix ms for a UTC calendar year; all time when `None`.
-fn year_range(year: Option<i32>) -> (Millis, Millis) {
+fn year_span(year: Option<i32>) -> Span {
     let start = |y: i32| {
         NaiveDate::from_ymd_opt(y, 1, 1)
             .map(|d| Utc.from_utc_datetime(&d.and_hms_opt(0, 0, 0).expect("midnight")).timestamp_millis())
     };
     match year {
-        None => (i64::MIN, i64::MAX),
+        None => Span::ALL,
         Some(y) => match (start(y), start(y + 1)) {
-            (Some(a), Some(b)) => (a, b),
-            _ => (0, 0),
+            (Some(from_ms), Some(to_ms)) => Span { from_ms, to_ms },
+            _ => Span { from_ms: 0, to_ms: 0 },
         },
     }
 }
@@ -211,9 +211,9 @@ impl Engine {
         cursor: Option<PacketId>,
         limit: u32,
     ) -> Result<SentHistory, EngineError> {
-        let (from, to) = year_range(year);
+        let (span, page) = (year_span(year), Paging { before: cursor, limit: limit + 1 });
         let reader = self.reader(self.user_set(&user));
-        let page = read_now(self, move || reader.sent(&user, from, to, cursor, limit + 1)).await?;
+        let page = read_now(self, move || reader.sent(&user, span, page)).await?;
         let more = page.items.len() > limit as usize;
         let items: Vec<SentItem> = page
             .items
@@ -238,7 +238,7 @@ impl Engine {
         cursor: Option<i64>,
         limit: u32,
     ) -> Result<ReceivedHistory, EngineError> {
-        let (from, to) = year_range(year);
+        let (span, page) = (year_span(year), Paging { before: cursor, limit: limit + 1 });
         // It reads every set (best lucks are counted where the packets live), all in one trip
         // to the blocking pool: a trip per set cost a thread's wake-up and sleep each. The
         // user's own set gives its page and its best lucks in one read.
@@ -246,12 +246,11 @@ impl Engine {
         let readers = self.readers().to_vec();
         let (page, archived_before_ms, best_luck_count) = read_now(self, move || {
             let r = &readers[mine];
-            let (page, mut best_luck_count) =
-                r.received_and_best_lucks(&user, from, to, cursor, limit + 1)?;
+            let (page, mut best_luck_count) = r.received_and_best_lucks(&user, span, page)?;
             let archived_before_ms = r.archived_before()?;
             for (set, other) in readers.iter().enumerate() {
                 if set != mine {
-                    best_luck_count += other.best_luck_count(&user, from, to)?;
+                    best_luck_count += other.best_luck_count(&user, span)?;
                 }
             }
             Ok((page, archived_before_ms, best_luck_count))
@@ -295,10 +294,11 @@ mod tests {
     }
 
     #[test]
-    fn year_ranges() {
-        let (a, b) = year_range(Some(2026));
-        assert_eq!(a, 1_767_225_600_000);
-        assert_eq!(b - a, 365 * 24 * 3600 * 1000);
-        assert_eq!(year_range(None), (i64::MIN, i64::MAX));
+    fn year_spans() {
+        let y = year_span(Some(2026));
+        assert_eq!(y.from_ms, 1_767_225_600_000);
+        assert_eq!(y.to_ms - y.from_ms, 365 * 24 * 3600 * 1000);
+        assert!(y.holds(y.from_ms) && !y.holds(y.to_ms));
+        assert_eq!(year_span(None), Span::ALL);
     }
 }

@@ -9,7 +9,7 @@ use hongbao_core::{
     ValidSend,
 };
 use hongbao_engine::{Engine, EngineConfig, EngineError, GrabReply};
-use hongbao_store::{Batch, Loaded, NullReader, NullStore, Reader, Store, StoreSums};
+use hongbao_store::{Batch, Loaded, NullReader, NullStore, Paging, Reader, Span, Store, StoreSums};
 
 const T0_MS: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
 
@@ -512,25 +512,21 @@ impl Reader for WhereRead {
     fn sent(
         &self,
         u: &UserId,
-        f: i64,
-        t: i64,
-        b: Option<PacketId>,
-        l: u32,
+        s: Span,
+        p: Paging<PacketId>,
     ) -> hongbao_store::Result<hongbao_store::SentPage> {
-        NullReader.sent(u, f, t, b, l)
+        NullReader.sent(u, s, p)
     }
     fn received(
         &self,
         u: &UserId,
-        f: i64,
-        t: i64,
-        b: Option<i64>,
-        l: u32,
+        s: Span,
+        p: Paging<i64>,
     ) -> hongbao_store::Result<hongbao_store::ReceivedPage> {
-        NullReader.received(u, f, t, b, l)
+        NullReader.received(u, s, p)
     }
-    fn best_luck_count(&self, u: &UserId, f: i64, t: i64) -> hongbao_store::Result<u64> {
-        NullReader.best_luck_count(u, f, t)
+    fn best_luck_count(&self, u: &UserId, s: Span) -> hongbao_store::Result<u64> {
+        NullReader.best_luck_count(u, s)
     }
 }
 

@@ -63,7 +63,8 @@ use hongbao_core::{Claim, Millis, Packet, PacketId, PacketStatus, UserId};
 use crate::overlay::{add_totals, history_view, newer_first, Overlay};
 use crate::sqlite::{self, open_sqlite_with, Folded, Leftovers, SqliteReader, SqliteStore};
 use crate::{
-    Batch, EntryRow, Loaded, PacketRow, Reader, ReceivedPage, Result, SentPage, Store, StoreError, StoreSums,
+    Batch, EntryRow, Loaded, PacketRow, Paging, Reader, ReceivedPage, Result, SentPage, Span, Store,
+    StoreError, StoreSums,
 };
 
 /// What a set's fold thread is called, followed by the set's index.
@@ -1263,69 +1264,50 @@ impl Reader for JournalReader {
         self.inner.claims(id, after_index, limit)
     }
 
-    fn sent(
-        &self,
-        user: &UserId,
-        from_ms: Millis,
-        to_ms: Millis,
-        before: Option<PacketId>,
-        limit: u32,
-    ) -> Result<SentPage> {
+    fn sent(&self, user: &UserId, span: Span, page: Paging<PacketId>) -> Result<SentPage> {
         self.with_overlay(
-            |c| sqlite::sent_in(c, user, from_ms, to_ms, before, limit),
-            |page, o, _, _| {
-                let pending = o.sent(user, from_ms, to_ms);
+            |c| sqlite::sent_in(c, user, span, page),
+            |stored, o, _, _| {
+                let pending = o.sent(user, span);
                 let (count, total_fen) =
-                    add_totals(page.count, page.total_fen, &pending, |p| p.header.total_fen)?;
+                    add_totals(stored.count, stored.total_fen, &pending, |p| p.header.total_fen)?;
                 let pending: Vec<_> =
-                    pending.into_iter().filter(|p| before.is_none_or(|b| p.header.id < b)).collect();
-                let mut items = page.items;
+                    pending.into_iter().filter(|p| page.after_cursor(p.header.id)).collect();
+                let mut items = stored.items;
                 for row in &mut items {
                     o.patch(row);
                 }
-                Ok(SentPage { count, total_fen, items: newer_first(pending, items, limit) })
+                Ok(SentPage { count, total_fen, items: newer_first(pending, items, page.limit) })
             },
         )
     }
 
-    fn received(
-        &self,
-        user: &UserId,
-        from_ms: Millis,
-        to_ms: Millis,
-        before: Option<i64>,
-        limit: u32,
-    ) -> Result<ReceivedPage> {
+    fn received(&self, user: &UserId, span: Span, page: Paging<i64>) -> Result<ReceivedPage> {
         self.with_overlay(
-            |c| sqlite::received_in(c, user, from_ms, to_ms, before, limit),
-            |page, o, at, _| received_pending(page, o, at, user, from_ms, to_ms, before, limit),
+            |c| sqlite::received_in(c, user, span, page),
+            |stored, o, at, _| received_pending(stored, o, at, user, span, page),
         )
     }
 
-    fn best_luck_count(&self, user: &UserId, from_ms: Millis, to_ms: Millis) -> Result<u64> {
+    fn best_luck_count(&self, user: &UserId, span: Span) -> Result<u64> {
         self.with_overlay(
-            |c| sqlite::best_luck_count_in(c, user, from_ms, to_ms),
-            |stored, o, _, conn| best_lucks_pending(stored, o, conn, user, from_ms, to_ms),
+            |c| sqlite::best_luck_count_in(c, user, span),
+            |stored, o, _, conn| best_lucks_pending(stored, o, conn, user, span),
         )
     }
 
     fn received_and_best_lucks(
         &self,
         user: &UserId,
-        from_ms: Millis,
-        to_ms: Millis,
-        before: Option<i64>,
-        limit: u32,
+        span: Span,
+        page: Paging<i64>,
     ) -> Result<(ReceivedPage, u64)> {
         self.with_overlay(
-            |c| {
-                let page = sqlite::received_in(c, user, from_ms, to_ms, before, limit)?;
-                Ok((page, sqlite::best_luck_count_in(c, user, from_ms, to_ms)?))
-            },
-            |(page, stored), o, at, conn| {
+            |c| Ok((sqlite::received_in(c, user, span, page)?, sqlite::best_luck_count_in(c, user, span)?)),
+            |(stored, lucks), o, at, conn| {
                 Ok((
-                    received_pending(page, o, at, user, from_ms, to_ms, before, limit)?,
-                    best_lucks_pending(stored, o, conn, user, from_ms, to_ms)?,
+                    received_pending(stored, o, at, user, span, page)?,
+                    best_lucks_pending(lucks, o, conn, user, span)?,
                 ))
             },
         )
@@ -1336,22 +1318,20 @@ impl Reader for JournalReader {
     }
 }
 
-/// A received page read from the file at snapshot `at`, with what the records after it hold.
-#[allow(clippy::too_many_arguments)]
+/// A received page read from the file at snapshot `at` (`stored`), with what the records after
+/// it hold.
 fn received_pending(
-    page: ReceivedPage,
+    stored: ReceivedPage,
     o: &Overlay,
     at: Folded,
     user: &UserId,
-    from_ms: Millis,
-    to_ms: Millis,
-    before: Option<i64>,
-    limit: u32,
+    span: Span,
+    page: Paging<i64>,
 ) -> Result<ReceivedPage> {
-    let pending = o.received(user, at, from_ms, to_ms)?;
-    let (count, total_fen) = add_totals(page.count, page.total_fen, &pending, |e| e.amount_fen)?;
-    let pending: Vec<_> = pending.into_iter().filter(|e| before.is_none_or(|b| e.id < b)).collect();
-    Ok(ReceivedPage { count, total_fen, items: newer_first(pending, page.items, limit) })
+    let pending = o.received(user, at, span)?;
+    let (count, total_fen) = add_totals(stored.count, stored.total_fen, &pending, |e| e.amount_fen)?;
+    let pending: Vec<_> = pending.into_iter().filter(|e| page.after_cursor(e.id)).collect();
+    Ok(ReceivedPage { count, total_fen, items: newer_first(pending, stored.items, page.limit) })
 }
 
 /// A best-luck count the file holds (`stored`), with the packets that the records not folded
@@ -1361,8 +1341,7 @@ fn best_lucks_pending(
     o: &Overlay,
     conn: &rusqlite::Connection,
     user: &UserId,
-    from_ms: Millis,
-    to_ms: Millis,
+    span: Span,
 ) -> Result<u64> {
     let mut count = stored;
     for (id, created) in o.best_lucks(user) {
@@ -1374,7 +1353,7 @@ fn best_lucks_pending(
         let created = created.or(in_file.map(|(_, at)| at)).ok_or_else(|| {
             StoreError::Corrupt(format!("packet {id} is exhausted in the journal but was never made"))
         })?;
-        if from_ms <= created && created < to_ms {
+        if span.holds(created) {
             count += 1;
         }
     }
@@ -2710,7 +2689,8 @@ mod tests {
     fn histories(r: &dyn Reader) -> String {
         use std::fmt::Write as _;
         let mut out = String::new();
-        let ranges = [(Millis::MIN, Millis::MAX), (0, Y2026_MS), (Y2026_MS, Millis::MAX)];
+        let spans =
+            [Span::ALL, Span { from_ms: 0, to_ms: Y2026_MS }, Span { from_ms: Y2026_MS, to_ms: Millis::MAX }];
         for u in 0..5 {
             let user = UserId::parse(&format!("u{u}")).unwrap();
             writeln!(out, "{user}: balance {:?}", r.balance(&user).unwrap()).unwrap();
@@ -2723,16 +2703,16 @@ mod tests {
                     _ => break,
                 }
             }
-            for (from, to) in ranges {
-                writeln!(out, "  best luck {from}..{to}: {}", r.best_luck_count(&user, from, to).unwrap())
-                    .unwrap();
+            for span in spans {
+                writeln!(out, "  best luck {span:?}: {}", r.best_luck_count(&user, span).unwrap()).unwrap();
                 let mut cursor = None;
                 loop {
-                    let page = r.received(&user, from, to, cursor, 2).unwrap();
+                    let page = r.received(&user, span, Paging { before: cursor, limit: 2 }).unwrap();
                     writeln!(out, "  received {page:?}").unwrap();
                     // The journal reads this page and the best lucks in one snapshot; the
                     // plain file reads them apart.
-                    let both = r.received_and_best_lucks(&user, from, to, cursor, 2).unwrap();
+                    let both =
+                        r.received_and_best_lucks(&user, span, Paging { before: cursor, limit: 2 }).unwrap();
                     writeln!(out, "  received with best lucks {both:?}").unwrap();
                     match page.items.last() {
                         Some(e) if page.items.len() == 2 => cursor = Some(e.id),
@@ -2741,7 +2721,7 @@ mod tests {
                 }
                 let mut cursor = None;
                 loop {
-                    let page = r.sent(&user, from, to, cursor, 2).unwrap();
+                    let page = r.sent(&user, span, Paging { before: cursor, limit: 2 }).unwrap();
                     writeln!(out, "  sent {page:?}").unwrap();
                     match page.items.last() {
                         Some(p) if page.items.len() == 2 => cursor = Some(p.header.id),
@@ -2815,7 +2795,7 @@ mod tests {
                     let id = newest.first().map_or(0, |e| e.id);
                     assert!(id >= seen, "entry {id} after entry {seen}");
                     seen = id;
-                    let page = reader.received(&alice, Millis::MIN, Millis::MAX, None, 1).unwrap();
+                    let page = reader.received(&alice, Span::ALL, Paging { before: None, limit: 1 }).unwrap();
                     assert_eq!(page.count, 0, "alice only deposits");
                 }
                 seen

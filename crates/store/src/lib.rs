@@ -294,9 +294,40 @@ pub struct SentPage {
     pub items: Vec<PacketRow>,
 }
 
+/// The creation times a history covers, `[from_ms, to_ms)`: a year, or all time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    pub from_ms: Millis,
+    pub to_ms: Millis,
+}
+
+impl Span {
+    /// Every time there is.
+    pub const ALL: Span = Span { from_ms: Millis::MIN, to_ms: Millis::MAX };
+
+    pub fn holds(self, at_ms: Millis) -> bool {
+        self.from_ms <= at_ms && at_ms < self.to_ms
+    }
+}
+
+/// Which page of a history to read: up to `limit` items, newest first, older than the
+/// exclusive cursor `before` (the id of the last item of the page before; none for the first
+/// page).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Paging<C> {
+    pub before: Option<C>,
+    pub limit: u32,
+}
+
+impl<C: Copy + PartialOrd> Paging<C> {
+    /// Whether an item with this id belongs after the cursor, on this page or a later one.
+    pub fn after_cursor(self, id: C) -> bool {
+        self.before.is_none_or(|b| id < b)
+    }
+}
+
 /// The read side of one set's store: shareable, blocking, on its own connections.
-/// Time ranges are `[from_ms, to_ms)`. Cursors are exclusive: pages go newest first, and a
-/// cursor is the id of the last item of the previous page.
+/// Histories are read by [`Span`] and [`Paging`].
 pub trait Reader: Send + Sync + 'static {
     /// For a store that applies commits in the background (the journal): what a query of a
     /// packet's details (`packet`, `claims`, `claim_of`) awaits before reading to see every
@@ -335,38 +366,22 @@ pub trait Reader: Send + Sync + 'static {
     fn packet(&self, id: PacketId) -> Result<Option<PacketRow>>;
     /// A packet's claims in opening order, from share index `after_index + 1`.
     fn claims(&self, id: PacketId, after_index: Option<u32>, limit: u32) -> Result<Vec<Claim>>;
-    /// Packets sent by `user` created in the range, newest first, before packet id `before`.
-    fn sent(
-        &self,
-        user: &UserId,
-        from_ms: Millis,
-        to_ms: Millis,
-        before: Option<PacketId>,
-        limit: u32,
-    ) -> Result<SentPage>;
-    /// Claim credits to `user`'s wallet in the range, newest first, before entry id `before`.
-    fn received(
-        &self,
-        user: &UserId,
-        from_ms: Millis,
-        to_ms: Millis,
-        before: Option<i64>,
-        limit: u32,
-    ) -> Result<ReceivedPage>;
-    /// How many exhausted packets of this set created in the range have `user` as best luck.
-    fn best_luck_count(&self, user: &UserId, from_ms: Millis, to_ms: Millis) -> Result<u64>;
-    /// [`Reader::received`] and [`Reader::best_luck_count`] for one user and range, which a
+    /// Packets sent by `user` created in the span, newest first, by packet id.
+    fn sent(&self, user: &UserId, span: Span, page: Paging<PacketId>) -> Result<SentPage>;
+    /// Claim credits to `user`'s wallet in the span, newest first, by entry id.
+    fn received(&self, user: &UserId, span: Span, page: Paging<i64>) -> Result<ReceivedPage>;
+    /// How many exhausted packets of this set created in the span have `user` as best luck.
+    fn best_luck_count(&self, user: &UserId, span: Span) -> Result<u64>;
+    /// [`Reader::received`] and [`Reader::best_luck_count`] for one user and span, which a
     /// received page asks of its user's own set. A store that can reads both in one snapshot
     /// (the journal: one read transaction and one look at its records not folded, not two).
     fn received_and_best_lucks(
         &self,
         user: &UserId,
-        from_ms: Millis,
-        to_ms: Millis,
-        before: Option<i64>,
-        limit: u32,
+        span: Span,
+        page: Paging<i64>,
     ) -> Result<(ReceivedPage, u64)> {
-        Ok((self.received(user, from_ms, to_ms, before, limit)?, self.best_luck_count(user, from_ms, to_ms)?))
+        Ok((self.received(user, span, page)?, self.best_luck_count(user, span)?))
     }
 
     /// Where the store's history stops being complete: claims and entries of the days before

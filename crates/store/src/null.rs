@@ -3,7 +3,10 @@
 
 use hongbao_core::{Claim, Millis, Packet, PacketId, UserId};
 
-use crate::{Batch, EntryRow, Loaded, PacketRow, Reader, ReceivedPage, Result, SentPage, Store, StoreSums};
+use crate::{
+    Batch, EntryRow, Loaded, PacketRow, Paging, Reader, ReceivedPage, Result, SentPage, Span, Store,
+    StoreSums,
+};
 
 /// Accepts every batch and forgets it.
 #[derive(Debug, Default)]
@@ -50,20 +53,13 @@ impl Reader for NullReader {
     fn claims(&self, _id: PacketId, _after_index: Option<u32>, _limit: u32) -> Result<Vec<Claim>> {
         Ok(Vec::new())
     }
-    fn sent(&self, _u: &UserId, _f: Millis, _t: Millis, _b: Option<PacketId>, _l: u32) -> Result<SentPage> {
+    fn sent(&self, _user: &UserId, _span: Span, _page: Paging<PacketId>) -> Result<SentPage> {
         Ok(SentPage::default())
     }
-    fn received(
-        &self,
-        _u: &UserId,
-        _f: Millis,
-        _t: Millis,
-        _b: Option<i64>,
-        _l: u32,
-    ) -> Result<ReceivedPage> {
+    fn received(&self, _user: &UserId, _span: Span, _page: Paging<i64>) -> Result<ReceivedPage> {
         Ok(ReceivedPage::default())
     }
-    fn best_luck_count(&self, _user: &UserId, _from_ms: Millis, _to_ms: Millis) -> Result<u64> {
+    fn best_luck_count(&self, _user: &UserId, _span: Span) -> Result<u64> {
         Ok(0)
     }
 }

@@ -26,7 +26,7 @@ use users::{NameAt, Names, Users};
 use crate::sqlite::Folded;
 #[cfg(doc)]
 use crate::Batch;
-use crate::{EntryKind, EntryRow, PacketRow, PacketUpdate, Result, StoreError};
+use crate::{EntryKind, EntryRow, PacketRow, PacketUpdate, Result, Span, StoreError};
 
 /// The records after `pruned_upto`, up to [`Overlay::indexed_seq`], by user and by packet.
 ///
@@ -430,26 +430,18 @@ impl Overlay {
         self.entries_where(user, at, before, |_| true)
     }
 
-    /// The user's claim credits not folded in `[from_ms, to_ms)`, newest first: every one (the
-    /// totals count them all) and the ids before `before` apart.
-    pub(crate) fn received(
-        &self,
-        user: &UserId,
-        at: Folded,
-        from_ms: Millis,
-        to_ms: Millis,
-    ) -> Result<Vec<EntryRow>> {
-        self.entries_where(user, at, None, |p| {
-            p.kind == EntryKind::Claim && from_ms <= p.at_ms && p.at_ms < to_ms
-        })
+    /// The user's claim credits not folded in the span, newest first: every one, whatever the
+    /// page (the totals count them all).
+    pub(crate) fn received(&self, user: &UserId, at: Folded, span: Span) -> Result<Vec<EntryRow>> {
+        self.entries_where(user, at, None, |p| p.kind == EntryKind::Claim && span.holds(p.at_ms))
     }
 
-    /// Packets the user sent in records not folded, created in `[from_ms, to_ms)`, newest
-    /// first, as rows in their newest state.
-    pub(crate) fn sent(&self, user: &UserId, from_ms: Millis, to_ms: Millis) -> Vec<PacketRow> {
+    /// Packets the user sent in records not folded, created in the span, newest first, as rows
+    /// in their newest state.
+    pub(crate) fn sent(&self, user: &UserId, span: Span) -> Vec<PacketRow> {
         self.items_of(user)
             .filter_map(|i| match &i.what {
-                What::Sent(h) if from_ms <= h.created_at_ms && h.created_at_ms < to_ms => Some(h),
+                What::Sent(h) if span.holds(h.created_at_ms) => Some(h),
                 _ => None,
             })
             .map(|h| {

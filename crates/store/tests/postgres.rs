@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{claim, entry, header, outbox, user, world, world_at, Y2026_MS};
+use common::{claim, entry, header, outbox, page, span, user, world, world_at, Y2026_MS};
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -357,7 +357,7 @@ fn day_partitions_exist_ahead_and_other_days_go_to_the_default_partition() {
         assert_eq!(reader.claim_of(id, &user("bob")).unwrap().map(|c| c.amount_fen), Some(10));
         assert_eq!(store.packet(id).unwrap().unwrap().opened_fen(), 10);
     }
-    assert_eq!(reader.received(&user("bob"), 0, i64::MAX, None, 10).unwrap().count, 3);
+    assert_eq!(reader.received(&user("bob"), span(0, i64::MAX), page(None, 10)).unwrap().count, 3);
 }
 
 #[test]

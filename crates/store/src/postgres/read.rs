@@ -17,7 +17,7 @@ use super::partitions::DAY_MS;
 use super::rows::{self, get, to_u64, Users};
 use super::write::read_packet_row;
 use super::Manager;
-use crate::{EntryRow, PacketRow, Reader, ReceivedPage, Result, SentPage};
+use crate::{EntryRow, PacketRow, Paging, Reader, ReceivedPage, Result, SentPage, Span};
 
 /// Most rows one page returns, whatever the caller asks: a query never materializes more
 /// than this, so one client cannot make a read connection stream a whole history.
@@ -160,25 +160,18 @@ impl Reader for PgReader {
         found.iter().map(|r| rows::claim(r, 0, &mut users)).collect()
     }
 
-    fn sent(
-        &self,
-        user: &UserId,
-        from_ms: Millis,
-        to_ms: Millis,
-        before: Option<PacketId>,
-        limit: u32,
-    ) -> Result<SentPage> {
+    fn sent(&self, user: &UserId, span: Span, page: Paging<PacketId>) -> Result<SentPage> {
         let mut conn = self.conn()?;
         let (client, st) = conn.split();
         let mut tx = snapshot(client)?;
         let s = st.get(&mut tx, SELECT_SENT_TOTALS)?;
-        let totals = tx.query_one(&s, &[&user.as_str(), &from_ms, &to_ms])?;
+        let totals = tx.query_one(&s, &[&user.as_str(), &span.from_ms, &span.to_ms])?;
         let (count, total_fen): (i64, i64) = (get(&totals, 0)?, get(&totals, 1)?);
 
         let mut users = Users::parsing();
         let s = st.get(&mut tx, SELECT_SENT_PAGE)?;
-        let before = before_or_newest(before.map(PacketId::as_i64));
-        let found = tx.query(&s, &[&user.as_str(), &from_ms, &to_ms, &before, &page_limit(limit)])?;
+        let (before, limit) = (before_or_newest(page.before.map(PacketId::as_i64)), page_limit(page.limit));
+        let found = tx.query(&s, &[&user.as_str(), &span.from_ms, &span.to_ms, &before, &limit])?;
         let mut items = found.iter().map(|r| rows::packet_row(r, &mut users)).collect::<Result<Vec<_>>>()?;
 
         // Every group packet's audience in one query, not one per packet.
@@ -202,23 +195,16 @@ impl Reader for PgReader {
         Ok(SentPage { count: to_u64(count, "sent count")?, total_fen, items })
     }
 
-    fn received(
-        &self,
-        user: &UserId,
-        from_ms: Millis,
-        to_ms: Millis,
-        before: Option<i64>,
-        limit: u32,
-    ) -> Result<ReceivedPage> {
+    fn received(&self, user: &UserId, span: Span, page: Paging<i64>) -> Result<ReceivedPage> {
         let mut conn = self.conn()?;
         let (client, st) = conn.split();
         let mut tx = snapshot(client)?;
         let s = st.get(&mut tx, SELECT_RECEIVED_TOTALS)?;
-        let totals = tx.query_one(&s, &[&user.as_str(), &from_ms, &to_ms])?;
+        let totals = tx.query_one(&s, &[&user.as_str(), &span.from_ms, &span.to_ms])?;
         let (count, total_fen): (i64, i64) = (get(&totals, 0)?, get(&totals, 1)?);
         let s = st.get(&mut tx, SELECT_RECEIVED_PAGE)?;
-        let found =
-            tx.query(&s, &[&user.as_str(), &from_ms, &to_ms, &before_or_newest(before), &page_limit(limit)])?;
+        let (before, limit) = (before_or_newest(page.before), page_limit(page.limit));
+        let found = tx.query(&s, &[&user.as_str(), &span.from_ms, &span.to_ms, &before, &limit])?;
         tx.commit()?;
         let items = found.iter().map(rows::entry_row).collect::<Result<Vec<_>>>()?;
         Ok(ReceivedPage { count: to_u64(count, "received count")?, total_fen, items })
@@ -250,11 +236,11 @@ impl Reader for PgReader {
         Ok(days.iter().map(|d| (d.day + 1) * DAY_MS).max())
     }
 
-    fn best_luck_count(&self, user: &UserId, from_ms: Millis, to_ms: Millis) -> Result<u64> {
+    fn best_luck_count(&self, user: &UserId, span: Span) -> Result<u64> {
         let mut conn = self.conn()?;
         let (client, st) = conn.split();
         let s = st.get(client, SELECT_BEST_LUCK)?;
-        let r = client.query_one(&s, &[&user.as_str(), &from_ms, &to_ms])?;
+        let r = client.query_one(&s, &[&user.as_str(), &span.from_ms, &span.to_ms])?;
         to_u64(get(&r, 0)?, "best luck count")
     }
 }

@@ -12,7 +12,7 @@ use rusqlite::Connection;
 
 use super::rows::{self, to_u64, Users};
 use super::write::{read_group, read_packet_row};
-use crate::{EntryRow, PacketRow, Reader, ReceivedPage, Result, SentPage};
+use crate::{EntryRow, PacketRow, Paging, Reader, ReceivedPage, Result, SentPage, Span};
 
 /// Most rows one page returns, whatever the caller asks: a query never materializes more
 /// than this, so one client cannot make a read connection stream a whole history.
@@ -143,26 +143,12 @@ impl Reader for SqliteReader {
         Ok(out)
     }
 
-    fn sent(
-        &self,
-        user: &UserId,
-        from_ms: Millis,
-        to_ms: Millis,
-        before: Option<PacketId>,
-        limit: u32,
-    ) -> Result<SentPage> {
-        self.in_read_tx(|tx| sent_in(tx, user, from_ms, to_ms, before, limit))
+    fn sent(&self, user: &UserId, span: Span, page: Paging<PacketId>) -> Result<SentPage> {
+        self.in_read_tx(|tx| sent_in(tx, user, span, page))
     }
 
-    fn received(
-        &self,
-        user: &UserId,
-        from_ms: Millis,
-        to_ms: Millis,
-        before: Option<i64>,
-        limit: u32,
-    ) -> Result<ReceivedPage> {
-        self.in_read_tx(|tx| received_in(tx, user, from_ms, to_ms, before, limit))
+    fn received(&self, user: &UserId, span: Span, page: Paging<i64>) -> Result<ReceivedPage> {
+        self.in_read_tx(|tx| received_in(tx, user, span, page))
     }
 
     /// One lookup on the (packet, user) unique index instead of paging through the claims.
@@ -176,8 +162,8 @@ impl Reader for SqliteReader {
         }
     }
 
-    fn best_luck_count(&self, user: &UserId, from_ms: Millis, to_ms: Millis) -> Result<u64> {
-        best_luck_count_in(&*self.conn()?, user, from_ms, to_ms)
+    fn best_luck_count(&self, user: &UserId, span: Span) -> Result<u64> {
+        best_luck_count_in(&*self.conn()?, user, span)
     }
 }
 
@@ -242,18 +228,11 @@ pub(crate) fn entries_in(
 }
 
 /// A page's totals over the year, `COUNT(*)` and a sum of fen, from `sql` bound to the user and
-/// the range.
-fn totals_in(
-    conn: &Connection,
-    sql: &str,
-    user: &UserId,
-    from_ms: Millis,
-    to_ms: Millis,
-    what: &str,
-) -> Result<(u64, i64)> {
+/// the span.
+fn totals_in(conn: &Connection, sql: &str, user: &UserId, span: Span, what: &str) -> Result<(u64, i64)> {
     let (count, total_fen): (i64, i64) = conn
         .prepare_cached(sql)?
-        .query_row((user.as_str(), from_ms, to_ms), |r| Ok((r.get(0)?, r.get(1)?)))?;
+        .query_row((user.as_str(), span.from_ms, span.to_ms), |r| Ok((r.get(0)?, r.get(1)?)))?;
     Ok((to_u64(count, what)?, total_fen))
 }
 
@@ -261,18 +240,16 @@ fn totals_in(
 pub(crate) fn sent_in(
     conn: &Connection,
     user: &UserId,
-    from_ms: Millis,
-    to_ms: Millis,
-    before: Option<PacketId>,
-    limit: u32,
+    span: Span,
+    page: Paging<PacketId>,
 ) -> Result<SentPage> {
-    let (count, total_fen) = totals_in(conn, SELECT_SENT_TOTALS, user, from_ms, to_ms, "sent count")?;
+    let (count, total_fen) = totals_in(conn, SELECT_SENT_TOTALS, user, span, "sent count")?;
     let mut users = Users::parsing();
     let mut items = Vec::new();
     {
         let mut stmt = conn.prepare_cached(SELECT_SENT_PAGE)?;
-        let before = before_or_newest(before.map(PacketId::as_i64));
-        let mut q = stmt.query((user.as_str(), from_ms, to_ms, before, page_limit(limit)))?;
+        let before = before_or_newest(page.before.map(PacketId::as_i64));
+        let mut q = stmt.query((user.as_str(), span.from_ms, span.to_ms, before, page_limit(page.limit)))?;
         while let Some(r) = q.next()? {
             items.push(rows::packet_row(r, &mut users)?);
         }
@@ -288,17 +265,15 @@ pub(crate) fn sent_in(
 pub(crate) fn received_in(
     conn: &Connection,
     user: &UserId,
-    from_ms: Millis,
-    to_ms: Millis,
-    before: Option<i64>,
-    limit: u32,
+    span: Span,
+    page: Paging<i64>,
 ) -> Result<ReceivedPage> {
-    let (count, total_fen) = totals_in(conn, SELECT_RECEIVED_TOTALS, user, from_ms, to_ms, "received count")?;
+    let (count, total_fen) = totals_in(conn, SELECT_RECEIVED_TOTALS, user, span, "received count")?;
     let mut items = Vec::new();
     {
         let mut stmt = conn.prepare_cached(SELECT_RECEIVED_PAGE)?;
-        let mut q =
-            stmt.query((user.as_str(), from_ms, to_ms, before_or_newest(before), page_limit(limit)))?;
+        let (before, limit) = (before_or_newest(page.before), page_limit(page.limit));
+        let mut q = stmt.query((user.as_str(), span.from_ms, span.to_ms, before, limit))?;
         while let Some(r) = q.next()? {
             items.push(rows::entry_row(r)?);
         }
@@ -306,15 +281,10 @@ pub(crate) fn received_in(
     Ok(ReceivedPage { count, total_fen, items })
 }
 
-pub(crate) fn best_luck_count_in(
-    conn: &Connection,
-    user: &UserId,
-    from_ms: Millis,
-    to_ms: Millis,
-) -> Result<u64> {
+pub(crate) fn best_luck_count_in(conn: &Connection, user: &UserId, span: Span) -> Result<u64> {
     let count: i64 = conn
         .prepare_cached(SELECT_BEST_LUCK_COUNT)?
-        .query_row((user.as_str(), from_ms, to_ms), |r| r.get(0))?;
+        .query_row((user.as_str(), span.from_ms, span.to_ms), |r| r.get(0))?;
     to_u64(count, "best luck count")
 }
 

@@ -5,8 +5,8 @@
 use hongbao_core::packet::PacketHeader;
 use hongbao_core::{AmountRule, Audience, Claim, Kind, PacketId, PacketIdGen, PacketStatus, UserId};
 use hongbao_store::{
-    Batch, ClaimRow, Entry, EntryKind, IdemRecord, IdemResult, OutboxItem, PacketUpdate, Reader, Store,
-    Totals,
+    Batch, ClaimRow, Entry, EntryKind, IdemRecord, IdemResult, OutboxItem, PacketUpdate, Paging, Reader,
+    Span, Store, Totals,
 };
 
 /// 2026-01-01T00:00:00Z.
@@ -18,6 +18,14 @@ pub const MID_2025_MS: i64 = 1_748_736_000_000;
 
 pub fn user(s: &str) -> UserId {
     UserId::parse(s).unwrap()
+}
+
+pub fn span(from_ms: i64, to_ms: i64) -> Span {
+    Span { from_ms, to_ms }
+}
+
+pub fn page<C>(before: Option<C>, limit: u32) -> Paging<C> {
+    Paging { before, limit }
 }
 
 pub fn header(
@@ -340,46 +348,46 @@ pub fn reader_sent_received_and_best_luck_by_year<S: Store, R: Reader>(open: imp
     store.commit(&w.batch).unwrap();
 
     let alice = user("alice");
-    let sent = reader.sent(&alice, Y2026_MS, Y2027_MS, None, 1).unwrap();
+    let sent = reader.sent(&alice, span(Y2026_MS, Y2027_MS), page(None, 1)).unwrap();
     assert_eq!((sent.count, sent.total_fen), (2, 500), "totals cover the year, not the page");
     assert_eq!(sent.items.iter().map(|p| p.header.id).collect::<Vec<_>>(), vec![w.exhausted]);
-    let rest = reader.sent(&alice, Y2026_MS, Y2027_MS, Some(w.exhausted), 10).unwrap();
+    let rest = reader.sent(&alice, span(Y2026_MS, Y2027_MS), page(Some(w.exhausted), 10)).unwrap();
     assert_eq!(rest.items.iter().map(|p| p.header.id).collect::<Vec<_>>(), vec![w.active]);
     assert_eq!(rest.items[0].header.audience, Audience::users([user("bob"), user("carol")]));
     assert_eq!(rest.items[0].opened_fen, 120);
-    let all = reader.sent(&alice, 0, Y2027_MS, None, 10).unwrap();
+    let all = reader.sent(&alice, span(0, Y2027_MS), page(None, 10)).unwrap();
     assert_eq!(all.items.iter().map(|p| p.header.id).collect::<Vec<_>>(), vec![w.exhausted, w.active, old]);
     assert_eq!(all.items[0].header.audience, Audience::Anyone);
     assert_eq!(all.items[1].header.audience, Audience::users([user("bob"), user("carol")]));
-    let last_year = reader.sent(&alice, 0, Y2026_MS, None, 10).unwrap();
+    let last_year = reader.sent(&alice, span(0, Y2026_MS), page(None, 10)).unwrap();
     assert_eq!((last_year.count, last_year.total_fen), (1, 50));
-    assert_eq!(reader.sent(&user("bob"), Y2026_MS, Y2027_MS, None, 10).unwrap().count, 0);
+    assert_eq!(reader.sent(&user("bob"), span(Y2026_MS, Y2027_MS), page(None, 10)).unwrap().count, 0);
 
     let bob = user("bob");
-    let received = reader.received(&bob, Y2026_MS, Y2027_MS, None, 1).unwrap();
+    let received = reader.received(&bob, span(Y2026_MS, Y2027_MS), page(None, 1)).unwrap();
     assert_eq!((received.count, received.total_fen), (2, 220));
     assert_eq!(received.items.len(), 1);
     assert_eq!((received.items[0].amount_fen, received.items[0].packet_id), (100, Some(w.exhausted)));
-    let rest = reader.received(&bob, Y2026_MS, Y2027_MS, Some(received.items[0].id), 10).unwrap();
+    let rest = reader.received(&bob, span(Y2026_MS, Y2027_MS), page(Some(received.items[0].id), 10)).unwrap();
     assert_eq!(rest.items.iter().map(|e| e.amount_fen).collect::<Vec<_>>(), vec![120]);
     assert!(rest.items.iter().all(|e| e.kind == EntryKind::Claim));
     // alice's deposit and sends are entries, but not claims.
-    assert_eq!(reader.received(&alice, Y2026_MS, Y2027_MS, None, 10).unwrap().count, 0);
+    assert_eq!(reader.received(&alice, span(Y2026_MS, Y2027_MS), page(None, 10)).unwrap().count, 0);
 
-    assert_eq!(reader.best_luck_count(&bob, Y2026_MS, Y2027_MS).unwrap(), 1);
-    assert_eq!(reader.best_luck_count(&bob, 0, Y2027_MS).unwrap(), 2);
-    assert_eq!(reader.best_luck_count(&user("dave"), 0, Y2027_MS).unwrap(), 0);
+    assert_eq!(reader.best_luck_count(&bob, span(Y2026_MS, Y2027_MS)).unwrap(), 1);
+    assert_eq!(reader.best_luck_count(&bob, span(0, Y2027_MS)).unwrap(), 2);
+    assert_eq!(reader.best_luck_count(&user("dave"), span(0, Y2027_MS)).unwrap(), 0);
 
     // A received page and the set's best lucks read together are the two read apart.
     for (who, from) in [(&bob, Y2026_MS), (&bob, 0), (&alice, 0)] {
-        let both = reader.received_and_best_lucks(who, from, Y2027_MS, None, 1).unwrap();
+        let both = reader.received_and_best_lucks(who, span(from, Y2027_MS), page(None, 1)).unwrap();
         let apart = (
-            reader.received(who, from, Y2027_MS, None, 1).unwrap(),
-            reader.best_luck_count(who, from, Y2027_MS).unwrap(),
+            reader.received(who, span(from, Y2027_MS), page(None, 1)).unwrap(),
+            reader.best_luck_count(who, span(from, Y2027_MS)).unwrap(),
         );
         assert_eq!(both, apart, "{who} from {from}");
     }
-    assert_eq!(reader.received_and_best_lucks(&bob, 0, Y2027_MS, None, 1).unwrap().1, 2);
+    assert_eq!(reader.received_and_best_lucks(&bob, span(0, Y2027_MS), page(None, 1)).unwrap().1, 2);
 }
 
 /// Returns the reader, still open, for a back end to look at its connections.
