@@ -10,6 +10,7 @@ mod journal;
 mod null;
 mod overlay;
 mod postgres;
+mod rows;
 mod sqlite;
 mod users;
 

@@ -1,21 +1,12 @@
-//! Turning rows back into typed values, and typed values into column values.
-//!
-//! Every value read back goes through a checking constructor: a row that could not have been
-//! written (unknown kind, bad id, negative balance, a NULL where none belongs) is
-//! [`StoreError::Corrupt`], never a panic and never a value passed on as if it were good. The
-//! checks are the SQLite store's, on PostgreSQL rows.
+//! How a PostgreSQL row gives its columns to the decoders both back ends share
+//! ([`crate::rows`]).
 
-use hongbao_core::packet::PacketHeader;
-use hongbao_core::{AmountRule, Audience, Claim, Kind, PacketId, PacketStatus, UserId};
+use hongbao_core::UserId;
 use postgres::types::FromSql;
 use postgres::Row;
 
-pub(super) use crate::users::Users;
-use crate::{EntryKind, EntryRow, IdemRecord, IdemResult, OutboxItem, PacketRow, Result, StoreError};
-
-pub(super) fn corrupt(msg: impl Into<String>) -> StoreError {
-    StoreError::Corrupt(msg.into())
-}
+pub(super) use crate::rows::*;
+use crate::Result;
 
 /// Column `i` of a row as `T`: a wrong type or an unexpected NULL is corrupt data.
 pub(super) fn get<'a, T: FromSql<'a>>(row: &'a Row, i: usize) -> Result<T> {
@@ -27,192 +18,28 @@ pub(super) fn user_column(users: &mut Users, row: &Row, i: usize) -> Result<User
     users.get(get::<&str>(row, i)?)
 }
 
-pub(super) fn packet_id(v: i64) -> Result<PacketId> {
-    u64::try_from(v)
-        .ok()
-        .and_then(|v| PacketId::from_raw(v).ok())
-        .ok_or_else(|| corrupt(format!("bad packet id {v}")))
-}
-
-pub(super) fn to_u32(v: i64, what: &str) -> Result<u32> {
-    u32::try_from(v).map_err(|_| corrupt(format!("{what} {v} out of range")))
-}
-
-pub(super) fn to_u64(v: i64, what: &str) -> Result<u64> {
-    u64::try_from(v).map_err(|_| corrupt(format!("{what} {v} out of range")))
-}
-
-/// For values the engine hands in: a seq past `i64::MAX` is a bug upstream, refused by
-/// failing the commit rather than wrapping into a negative number on disk.
-pub(super) fn to_i64(v: u64, what: &str) -> Result<i64> {
-    i64::try_from(v).map_err(|_| StoreError::Io(format!("{what} {v} does not fit a signed 64-bit column")))
-}
-
-fn amount(v: i64, what: &str) -> Result<i64> {
-    if v >= 1 {
-        Ok(v)
-    } else {
-        Err(corrupt(format!("{what} {v} is not positive")))
+impl Columns for Row {
+    fn int(&self, i: usize) -> Result<i64> {
+        get(self, i)
     }
-}
 
-pub(super) fn balance(v: i64, user: &UserId) -> Result<i64> {
-    if v >= 0 {
-        Ok(v)
-    } else {
-        Err(corrupt(format!("wallet {user} has a negative balance {v}")))
+    fn opt_int(&self, i: usize) -> Result<Option<i64>> {
+        get(self, i)
     }
-}
 
-/// Decodes the columns of `pg_packet_columns!()`. The audience comes back as `Anyone` or as
-/// an empty group; the caller fills the group from the audience table.
-pub(super) fn packet_row(row: &Row, users: &mut Users) -> Result<PacketRow> {
-    let id = packet_id(get(row, 0)?)?;
-    let sender = user_column(users, row, 1)?;
-    let kind_s: &str = get(row, 2)?;
-    let kind = Kind::parse(kind_s).ok_or_else(|| corrupt(format!("packet {id} has kind {kind_s:?}")))?;
-    let total_fen = amount(get(row, 3)?, "packet total")?;
-    let count = to_u32(get(row, 4)?, "share count")?;
-    let audience = if get::<bool>(row, 5)? { Audience::Anyone } else { Audience::Users(Box::default()) };
-    let greeting: String = get(row, 6)?;
-    let created_at_ms = get(row, 7)?;
-    let expires_at_ms = get(row, 8)?;
-    // Stored bit-cast: PostgreSQL integers are signed.
-    let seed = get::<i64>(row, 9)? as u64;
-    let status_s: &str = get(row, 10)?;
-    let status = PacketStatus::parse(status_s)
-        .ok_or_else(|| corrupt(format!("packet {id} has status {status_s:?}")))?;
-    let opened_count = to_u32(get(row, 11)?, "opened count")?;
-    let opened_fen: i64 = get(row, 12)?;
-    let refunded_fen: i64 = get(row, 13)?;
-    if opened_fen < 0 || refunded_fen < 0 {
-        return Err(corrupt(format!("packet {id} has negative opened or refunded fen")));
+    fn text(&self, i: usize) -> Result<&str> {
+        get(self, i)
     }
-    let best = match (get::<Option<&str>>(row, 14)?, get::<Option<i64>>(row, 15)?) {
-        (Some(u), Some(fen)) => Some((users.get(u)?, amount(fen, "best luck")?)),
-        (None, None) => None,
-        _ => return Err(corrupt(format!("packet {id} has half a best luck"))),
-    };
-    let rule_code = i64::from(get::<i16>(row, 16)?);
-    let amount_rule = AmountRule::from_code(rule_code)
-        .ok_or_else(|| corrupt(format!("packet {id} has amount rule {rule_code}")))?;
-    let header = PacketHeader {
-        id,
-        sender,
-        kind,
-        total_fen,
-        count,
-        audience,
-        greeting,
-        created_at_ms,
-        expires_at_ms,
-        seed,
-        amount_rule,
-    };
-    Ok(PacketRow { header, status, opened_count, opened_fen, refunded_fen, best })
-}
 
-/// Sets a group packet's audience from its rows (any order); an `Anyone` packet has none.
-pub(super) fn set_audience(row: &mut PacketRow, group: Vec<UserId>) -> Result<()> {
-    match &row.header.audience {
-        Audience::Anyone if !group.is_empty() => {
-            Err(corrupt(format!("packet {} is for anyone but has audience rows", row.header.id)))
-        }
-        Audience::Anyone => Ok(()),
-        Audience::Users(_) => {
-            row.header.audience = Audience::users(group);
-            Ok(())
-        }
+    fn opt_text(&self, i: usize) -> Result<Option<&str>> {
+        get(self, i)
     }
-}
 
-/// Decodes `idx, user_id, amount_fen, at_ms` starting at column `first`.
-pub(super) fn claim(row: &Row, first: usize, users: &mut Users) -> Result<Claim> {
-    Ok(Claim {
-        index: to_u32(get(row, first)?, "share index")?,
-        user: user_column(users, row, first + 1)?,
-        amount_fen: amount(get(row, first + 2)?, "share")?,
-        at_ms: get(row, first + 3)?,
-    })
-}
-
-/// The packet row must agree with its claims: the engine writes both in the same batch, so a
-/// difference means a lost write or a bug. Checked before `Packet::restore`, which would
-/// otherwise rebuild the packet from the claims alone and hide the difference.
-pub(super) fn check_claims(row: &PacketRow, claims: &[Claim]) -> Result<()> {
-    let id = row.header.id;
-    for (i, c) in claims.iter().enumerate() {
-        if c.index as usize != i {
-            return Err(corrupt(format!("packet {id} has share {} where share {i} belongs", c.index)));
-        }
+    fn flag(&self, i: usize) -> Result<bool> {
+        get(self, i)
     }
-    let opened_fen = claims.iter().try_fold(0i64, |sum, c| sum.checked_add(c.amount_fen));
-    if claims.len() != row.opened_count as usize || opened_fen != Some(row.opened_fen) {
-        return Err(corrupt(format!(
-            "packet {id} says {} shares and {} fen opened, its claims say {} and {opened_fen:?}",
-            row.opened_count,
-            row.opened_fen,
-            claims.len()
-        )));
+
+    fn small(&self, i: usize) -> Result<i64> {
+        get::<i16>(self, i).map(i64::from)
     }
-    Ok(())
-}
-
-/// Decodes `id, kind, amount_fen, packet_id, at_ms`.
-pub(super) fn entry_row(row: &Row) -> Result<EntryRow> {
-    let kind_s: &str = get(row, 1)?;
-    Ok(EntryRow {
-        id: get(row, 0)?,
-        kind: EntryKind::parse(kind_s).ok_or_else(|| corrupt(format!("entry kind {kind_s:?}")))?,
-        amount_fen: amount(get(row, 2)?, "entry amount")?,
-        packet_id: get::<Option<i64>>(row, 3)?.map(packet_id).transpose()?,
-        at_ms: get(row, 4)?,
-    })
-}
-
-/// Decodes `target_set, seq, user_id, amount_fen, packet_id, at_ms`.
-pub(super) fn outbox_item(row: &Row, users: &mut Users) -> Result<OutboxItem> {
-    Ok(OutboxItem {
-        target_set: to_u32(get(row, 0)?, "outbox target set")?,
-        seq: to_u64(get(row, 1)?, "outbox seq")?,
-        user: user_column(users, row, 2)?,
-        amount_fen: amount(get(row, 3)?, "outbox amount")?,
-        packet_id: packet_id(get(row, 4)?)?,
-        at_ms: get(row, 5)?,
-    })
-}
-
-/// Decodes `a set, a seq` pairs (watermarks, outbox seqs).
-pub(super) fn set_seq(row: &Row, what: &str) -> Result<(u32, u64)> {
-    Ok((to_u32(get(row, 0)?, what)?, to_u64(get(row, 1)?, what)?))
-}
-
-/// The `op` text and `result` integer an idempotent result is stored as.
-pub(super) fn idem_encode(r: IdemResult) -> (&'static str, i64) {
-    match r {
-        IdemResult::Deposit { balance_fen } => ("deposit", balance_fen),
-        IdemResult::Withdraw { balance_fen } => ("withdraw", balance_fen),
-        IdemResult::Send { packet_id } => ("send", packet_id.as_i64()),
-    }
-}
-
-/// Decodes `user_id, request_id, fingerprint, op, result, at_ms`.
-pub(super) fn idem_record(row: &Row, users: &mut Users) -> Result<IdemRecord> {
-    let user = user_column(users, row, 0)?;
-    let op: &str = get(row, 3)?;
-    let v: i64 = get(row, 4)?;
-    let result = match op {
-        "deposit" => IdemResult::Deposit { balance_fen: balance(v, &user)? },
-        "withdraw" => IdemResult::Withdraw { balance_fen: balance(v, &user)? },
-        "send" => IdemResult::Send { packet_id: packet_id(v)? },
-        _ => return Err(corrupt(format!("idempotency op {op:?}"))),
-    };
-    Ok(IdemRecord {
-        request_id: get::<&str>(row, 1)?.to_owned(),
-        // Stored bit-cast: PostgreSQL integers are signed.
-        fingerprint: get::<i64>(row, 2)? as u64,
-        result,
-        at_ms: get(row, 5)?,
-        user,
-    })
 }

@@ -398,15 +398,7 @@ fn load_active_packets(
         let s = st.get(tx, SELECT_ACTIVE_PACKETS)?;
         let mut it = tx.query_raw(&s, no_params())?;
         while let Some(r) = it.next()? {
-            let row = rows::packet_row(&r, users)?;
-            if row.header.id.set() != set {
-                return Err(corrupt(format!(
-                    "set {set} holds packet {} of set {}",
-                    row.header.id,
-                    row.header.id.set()
-                )));
-            }
-            packets.push(row);
+            packets.push(rows::of_set(rows::packet_row(&r, users)?, set)?);
         }
     }
     let ids: Vec<PacketId> = packets.iter().map(|p| p.header.id).collect();
@@ -418,7 +410,7 @@ fn load_active_packets(
         let mut it = tx.query_raw(&s, [&raw_ids])?;
         let mut cursor = 0;
         while let Some(r) = it.next()? {
-            let slot = advance(&ids, &mut cursor, rows::packet_id(get(&r, 0)?)?)?;
+            let slot = rows::advance(&ids, &mut cursor, rows::packet_id(get(&r, 0)?)?)?;
             groups[slot].push(rows::user_column(users, &r, 1)?);
         }
     }
@@ -429,31 +421,12 @@ fn load_active_packets(
         let mut it = tx.query_raw(&s, [&raw_ids])?;
         let mut cursor = 0;
         while let Some(r) = it.next()? {
-            let slot = advance(&ids, &mut cursor, rows::packet_id(get(&r, 0)?)?)?;
+            let slot = rows::advance(&ids, &mut cursor, rows::packet_id(get(&r, 0)?)?)?;
             claims[slot].push(rows::claim(&r, 1, users)?);
         }
     }
 
-    let mut out = Vec::with_capacity(packets.len());
-    for ((mut row, group), claims) in packets.into_iter().zip(groups).zip(claims) {
-        rows::set_audience(&mut row, group)?;
-        rows::check_claims(&row, &claims)?;
-        out.push(Box::new(Packet::restore(row.header, row.status, row.refunded_fen, claims)));
-    }
-    Ok(out)
-}
-
-/// Moves `cursor` forward through `ids` (sorted) to `id` and returns its position. Rows come
-/// in packet order, so the whole join is one forward walk.
-fn advance(ids: &[PacketId], cursor: &mut usize, id: PacketId) -> Result<usize> {
-    while *cursor < ids.len() && ids[*cursor] < id {
-        *cursor += 1;
-    }
-    if ids.get(*cursor) == Some(&id) {
-        Ok(*cursor)
-    } else {
-        Err(corrupt(format!("row of packet {id} out of packet order")))
-    }
+    rows::restore(packets, groups, claims)
 }
 
 /// One packet row of any status, with its audience.

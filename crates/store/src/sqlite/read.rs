@@ -10,7 +10,7 @@ use r2d2::{Pool, PooledConnection};
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::Connection;
 
-use super::rows::{self, to_u64, Users};
+use super::rows::{self, to_u64, Columns, Users};
 use super::write::{read_group, read_packet_row};
 use crate::{EntryRow, PacketRow, Paging, Reader, ReceivedPage, Result, SentPage, Span};
 
@@ -293,7 +293,7 @@ pub(crate) fn packet_state_in(conn: &Connection, id: PacketId) -> Result<Option<
     let mut stmt = conn.prepare_cached(SELECT_PACKET_STATE)?;
     let mut q = stmt.query([id.as_i64()])?;
     let Some(r) = q.next()? else { return Ok(None) };
-    let status_s = rows::text(r, 0)?;
+    let status_s = r.text(0)?;
     let status = PacketStatus::parse(status_s)
         .ok_or_else(|| rows::corrupt(format!("packet {id} has status {status_s:?}")))?;
     Ok(Some((status, r.get(1)?)))

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use hongbao_core::{hint, Audience, Claim, Millis, Packet, PacketId, PacketStatus};
 use rusqlite::{Connection, OptionalExtension, Statement, Transaction, TransactionBehavior};
 
-use super::rows::{self, corrupt, to_i64, Users};
+use super::rows::{self, corrupt, to_i64, Columns, Users};
 use crate::{
     commit_failed, Batch, Loaded, OutboxItem, PacketRow, Result, Store, StoreError, StoreSums, Totals,
 };
@@ -165,7 +165,7 @@ fn load_in(tx: &Transaction<'_>, set: u32, since_ms: Millis, users: &mut Users) 
         let mut q = stmt.query([])?;
         while let Some(r) = q.next()? {
             // One row per user: parsed, not interned.
-            let user = crate::users::parse_user(rows::text(r, 0)?)?;
+            let user = crate::users::parse_user(r.text(0)?)?;
             let fen = rows::balance(r.get(1)?, &user)?;
             wallets.push((user, fen));
         }
@@ -225,15 +225,7 @@ fn load_active_packets(tx: &Transaction<'_>, set: u32, users: &mut Users) -> Res
         let mut stmt = tx.prepare(SELECT_ACTIVE_PACKETS)?;
         let mut q = stmt.query([])?;
         while let Some(r) = q.next()? {
-            let row = rows::packet_row(r, users)?;
-            if row.header.id.set() != set {
-                return Err(corrupt(format!(
-                    "set {set} holds packet {} of set {}",
-                    row.header.id,
-                    row.header.id.set()
-                )));
-            }
-            packets.push(row);
+            packets.push(rows::of_set(rows::packet_row(r, users)?, set)?);
         }
     }
     let ids: Vec<PacketId> = packets.iter().map(|p| p.header.id).collect();
@@ -244,8 +236,8 @@ fn load_active_packets(tx: &Transaction<'_>, set: u32, users: &mut Users) -> Res
         let mut q = stmt.query([])?;
         let mut cursor = 0;
         while let Some(r) = q.next()? {
-            let slot = advance(&ids, &mut cursor, rows::packet_id(r.get(0)?)?)?;
-            groups[slot].push(users.get(rows::text(r, 1)?)?);
+            let slot = rows::advance(&ids, &mut cursor, rows::packet_id(r.get(0)?)?)?;
+            groups[slot].push(users.get(r.text(1)?)?);
         }
     }
 
@@ -255,31 +247,12 @@ fn load_active_packets(tx: &Transaction<'_>, set: u32, users: &mut Users) -> Res
         let mut q = stmt.query([])?;
         let mut cursor = 0;
         while let Some(r) = q.next()? {
-            let slot = advance(&ids, &mut cursor, rows::packet_id(r.get(0)?)?)?;
+            let slot = rows::advance(&ids, &mut cursor, rows::packet_id(r.get(0)?)?)?;
             claims[slot].push(rows::claim(r, 1, users)?);
         }
     }
 
-    let mut out = Vec::with_capacity(packets.len());
-    for ((mut row, group), claims) in packets.into_iter().zip(groups).zip(claims) {
-        rows::set_audience(&mut row, group)?;
-        rows::check_claims(&row, &claims)?;
-        out.push(Box::new(Packet::restore(row.header, row.status, row.refunded_fen, claims)));
-    }
-    Ok(out)
-}
-
-/// Moves `cursor` forward through `ids` (sorted) to `id` and returns its position. Rows come
-/// in packet order, so the whole join is one forward walk.
-fn advance(ids: &[PacketId], cursor: &mut usize, id: PacketId) -> Result<usize> {
-    while *cursor < ids.len() && ids[*cursor] < id {
-        *cursor += 1;
-    }
-    if ids.get(*cursor) == Some(&id) {
-        Ok(*cursor)
-    } else {
-        Err(corrupt(format!("row of packet {id} out of packet order")))
-    }
+    rows::restore(packets, groups, claims)
 }
 
 /// A packet's row by id.
@@ -336,7 +309,7 @@ pub(super) fn read_group(
     let mut stmt = conn.prepare_cached("SELECT user FROM audience WHERE packet_id = ?1 ORDER BY user")?;
     let mut q = stmt.query([row.header.id.as_i64()])?;
     while let Some(r) = q.next()? {
-        group.push(users.get(rows::text(r, 0)?)?);
+        group.push(users.get(r.text(0)?)?);
     }
     Ok(group)
 }
