@@ -14,7 +14,7 @@ use r2d2::{Pool, PooledConnection};
 
 use super::archive::{date_text, ArchivedDay};
 use super::partitions::DAY_MS;
-use super::rows::{self, get, to_u64, Users};
+use super::rows::{self, get, to_u64, Columns, Users};
 use super::write::read_packet_row;
 use super::Manager;
 use crate::{EntryRow, PacketRow, Paging, Reader, ReceivedPage, Result, SentPage, Span};
@@ -184,7 +184,7 @@ impl Reader for PgReader {
         if !groups.is_empty() {
             let s = st.get(&mut tx, SELECT_AUDIENCES)?;
             for r in tx.query(&s, &[&groups])? {
-                members.entry(get(&r, 0)?).or_default().push(rows::user_column(&mut users, &r, 1)?);
+                members.entry(get(&r, 0)?).or_default().push(users.get(r.text(1)?)?);
             }
         }
         tx.commit()?;

@@ -1,7 +1,6 @@
 //! How a PostgreSQL row gives its columns to the decoders both back ends share
 //! ([`crate::rows`]).
 
-use hongbao_core::UserId;
 use postgres::types::FromSql;
 use postgres::Row;
 
@@ -11,11 +10,6 @@ use crate::Result;
 /// Column `i` of a row as `T`: a wrong type or an unexpected NULL is corrupt data.
 pub(super) fn get<'a, T: FromSql<'a>>(row: &'a Row, i: usize) -> Result<T> {
     row.try_get(i).map_err(|e| corrupt(format!("column {i}: {}", super::error_text(&e))))
-}
-
-/// The user in column `i`.
-pub(super) fn user_column(users: &mut Users, row: &Row, i: usize) -> Result<UserId> {
-    users.get(get::<&str>(row, i)?)
 }
 
 impl Columns for Row {

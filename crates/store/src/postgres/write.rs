@@ -16,7 +16,7 @@ use postgres::types::ToSql;
 use postgres::{Config, GenericClient, IsolationLevel, Transaction};
 
 use super::partitions::Partitions;
-use super::rows::{self, corrupt, get, to_i64, Users};
+use super::rows::{self, corrupt, get, to_i64, Columns, Users};
 use super::{schema, PgConn, Role, Statements};
 use crate::{Batch, Loaded, OutboxItem, PacketRow, Result, Store, StoreError, StoreSums, Totals};
 
@@ -411,7 +411,7 @@ fn load_active_packets(
         let mut cursor = 0;
         while let Some(r) = it.next()? {
             let slot = rows::advance(&ids, &mut cursor, rows::packet_id(get(&r, 0)?)?)?;
-            groups[slot].push(rows::user_column(users, &r, 1)?);
+            groups[slot].push(users.get(r.text(1)?)?);
         }
     }
 
@@ -445,7 +445,7 @@ pub(super) fn read_packet_row(
     if row.header.audience != Audience::Anyone {
         let select = st.get(c, SELECT_AUDIENCE)?;
         for r in c.query(&select, &[&id.as_i64()])? {
-            group.push(rows::user_column(users, &r, 0)?);
+            group.push(users.get(r.text(0)?)?);
         }
     }
     rows::set_audience(&mut row, group)?;
