@@ -69,7 +69,7 @@ pub(crate) fn balance(v: i64, user: &UserId) -> Result<i64> {
 /// Decodes the columns of `packet_columns!()` (SQLite) or `pg_packet_columns!()`
 /// (PostgreSQL). The audience comes back as `Anyone` or as an empty group; the caller fills the
 /// group from the audience table.
-pub(crate) fn packet_row(row: &(impl Columns + ?Sized), users: &mut Users) -> Result<PacketRow> {
+pub(crate) fn packet_row(row: &impl Columns, users: &mut Users) -> Result<PacketRow> {
     let id = packet_id(row.int(0)?)?;
     let sender = users.get(row.text(1)?)?;
     let kind_s = row.text(2)?;
@@ -130,7 +130,7 @@ pub(crate) fn set_audience(row: &mut PacketRow, group: Vec<UserId>) -> Result<()
 }
 
 /// Decodes `idx, user, amount_fen, at_ms` starting at column `first`.
-pub(crate) fn claim(row: &(impl Columns + ?Sized), first: usize, users: &mut Users) -> Result<Claim> {
+pub(crate) fn claim(row: &impl Columns, first: usize, users: &mut Users) -> Result<Claim> {
     Ok(Claim {
         index: to_u32(row.int(first)?, "share index")?,
         user: users.get(row.text(first + 1)?)?,
@@ -204,7 +204,7 @@ pub(crate) fn restore(
 }
 
 /// Decodes `id, kind, amount_fen, packet_id, at_ms`.
-pub(crate) fn entry_row(row: &(impl Columns + ?Sized)) -> Result<EntryRow> {
+pub(crate) fn entry_row(row: &impl Columns) -> Result<EntryRow> {
     let kind_s = row.text(1)?;
     Ok(EntryRow {
         id: row.int(0)?,
@@ -216,7 +216,7 @@ pub(crate) fn entry_row(row: &(impl Columns + ?Sized)) -> Result<EntryRow> {
 }
 
 /// Decodes `target_set, seq, user, amount_fen, packet_id, at_ms`.
-pub(crate) fn outbox_item(row: &(impl Columns + ?Sized), users: &mut Users) -> Result<OutboxItem> {
+pub(crate) fn outbox_item(row: &impl Columns, users: &mut Users) -> Result<OutboxItem> {
     Ok(OutboxItem {
         target_set: to_u32(row.int(0)?, "outbox target set")?,
         seq: to_u64(row.int(1)?, "outbox seq")?,
@@ -228,7 +228,7 @@ pub(crate) fn outbox_item(row: &(impl Columns + ?Sized), users: &mut Users) -> R
 }
 
 /// Decodes `a set, a seq` pairs (watermarks, outbox seqs).
-pub(crate) fn set_seq(row: &(impl Columns + ?Sized), what: &str) -> Result<(u32, u64)> {
+pub(crate) fn set_seq(row: &impl Columns, what: &str) -> Result<(u32, u64)> {
     Ok((to_u32(row.int(0)?, what)?, to_u64(row.int(1)?, what)?))
 }
 
@@ -242,7 +242,7 @@ pub(crate) fn idem_encode(r: IdemResult) -> (&'static str, i64) {
 }
 
 /// Decodes `user, request_id, fingerprint, op, result, at_ms`.
-pub(crate) fn idem_record(row: &(impl Columns + ?Sized), users: &mut Users) -> Result<IdemRecord> {
+pub(crate) fn idem_record(row: &impl Columns, users: &mut Users) -> Result<IdemRecord> {
     let user = users.get(row.text(0)?)?;
     let op = row.text(3)?;
     let v = row.int(4)?;
