@@ -18,7 +18,7 @@
 //!   SQLite file in one transaction and add what the records after it hold for that user
 //!   (`crate::overlay`): they see every batch committed before them (read-your-writes) without
 //!   waiting for the fold, and do not trail the claims while it gives way to a peak. Past
-//!   [`OVERLAY_BYTES_MAX`] of records not folded they wait as the reads below do.
+//!   [`overlay_bytes_max`] of records not folded they wait as the reads below do.
 //! - **Reads.** A packet's details first await their [`CatchUp`]: until the fold has applied every
 //!   batch committed when the query arrived, so a reply that said money moved is visible to the
 //!   next query (read-your-writes). The wait is async, before the query takes a thread or a query slot, so
@@ -31,9 +31,9 @@
 //! - **Load.** While the claims want the CPU (the set journals fast and the process takes a
 //!   large share of the machine: [`Yield`]), the fold gives way: it folds neither after its
 //!   gathering nor for waiting queries, which answer from what is folded once their wait runs
-//!   out. It folds again when the load ebbs, when [`YIELD_LAG_BYTES`] are queued or the oldest
-//!   record is [`YIELD_LAG_MAX`] old, and at once for the set's own waits (a load, a packet
-//!   read back, the audit's sums). A peak is absorbed at the journal's speed; under a load that
+//!   out. It folds again when the load ebbs, when the set's share of [`YIELD_LAG_BUDGET`] is
+//!   queued or the oldest record is [`YIELD_LAG_MAX`] old, and at once for the set's own waits
+//!   (a load, a packet read back, the audit's sums). A peak is absorbed at the journal's speed; under a load that
 //!   never ebbs the fold keeps pace at the lag bound, at the cost it always had.
 //! - **Backlog.** The fold applies everything queued in one SQLite transaction (up to
 //!   [`FOLD_BYTES_MAX`]), so it goes faster the further it falls behind. It reads the records
@@ -105,10 +105,11 @@ const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
 const SPARE: &str = "spare";
 
 /// Folded segments a set keeps, under their own names, to be the next segments before the
-/// spare is taken: the fold gives way for up to [`YIELD_LAG_BYTES`] (two segments), so with
-/// one spare alone a sustained load took it at one rotation and found none at the next. The
-/// newest are kept and the oldest taken, so with the segments after them they stay one run
-/// of seqs; a restart folds nothing from them and recycles them like any folded segment.
+/// spare is taken: the fold gives way for up to its lag bound ([`yield_lag_bytes`]: two
+/// segments for each of two sets, four for a set alone), so with one spare alone a sustained
+/// load took it at one rotation and found none at the next. The newest are kept and the
+/// oldest taken, so with the segments after them they stay one run of seqs; a restart folds
+/// nothing from them and recycles them like any folded segment.
 const POOL_MAX: usize = 4;
 
 /// Journal bytes waiting for the fold, per set, before commits wait for it: tens of millions
@@ -126,11 +127,14 @@ pub const FOLD_BYTES_MAX: usize = 8 * 1024 * 1024;
 /// from what is folded rather than hold a query slot for long.
 pub const READ_WAIT_MAX: Duration = Duration::from_millis(500);
 
-/// Most record bytes not folded that history queries index beside SQLite (`crate::overlay`):
-/// twice the lag the fold allows itself while it gives way ([`YIELD_LAG_BYTES`]). Past it the
-/// fold is behind for another reason (failing, or a backlog it cannot keep up with), the index
-/// would grow with the backlog, and the queries wait for the fold, as packet details do.
-const OVERLAY_BYTES_MAX: usize = 2 * YIELD_LAG_BYTES;
+/// Most record bytes not folded that history queries index beside SQLite (`crate::overlay`)
+/// for one set of `sets`: twice the lag its fold allows itself while it gives way
+/// ([`yield_lag_bytes`]). Past it the fold is behind for another reason (failing, or a backlog
+/// it cannot keep up with), the index would grow with the backlog, and the queries wait for
+/// the fold, as packet details do.
+fn overlay_bytes_max(sets: u32) -> usize {
+    2 * yield_lag_bytes(sets)
+}
 
 /// How long the set waits for the fold before it reads a packet that is not in its memory (a
 /// closed packet it let go of, or an id it never issued) from SQLite, which must first hold
@@ -169,13 +173,29 @@ const FOLD_EAGER_BYTES: usize = 1024 * 1024;
 /// How long the fold waits before it tries a failed transaction again.
 const FOLD_RETRY: Duration = Duration::from_millis(200);
 
-/// While the claims want the CPU (see [`Yield`]), the fold gives way until this many encoded
-/// bytes are queued. Past it, it folds again, so under a load that never ebbs it keeps pace at
-/// this distance: 6–8 s of the HTTP festival at about 80,000 claims a second on the 2-core
-/// machine of BENCHMARKS.md (thirtieth session). It bounds what a start after `kill -9` folds
-/// before it serves: killed 28 s into the festival, a start took 4.8 s there, against 0.5 s
-/// with a fold that never gave way.
-const YIELD_LAG_BYTES: usize = 32 * 1024 * 1024;
+/// While the claims want the CPU (see [`Yield`]), the fold gives way until the process's sets
+/// have this many encoded bytes queued between them; each set's bound is its share
+/// ([`yield_lag_bytes`]). Past it, a set's fold folds again, so under a load that never ebbs
+/// it keeps pace at this distance: 6–8 s of the HTTP festival at about 80,000 claims a second
+/// on two sets on the 2-core machine of BENCHMARKS.md (thirtieth session). It bounds what a
+/// start after `kill -9` folds before it serves: killed 28 s into the festival, a start took
+/// 4.8 s there, against 0.5 s with a fold that never gave way. The budget is the process's,
+/// not a set's, because what it spends is: the disk and page cache the records take, the
+/// history index ([`overlay_bytes_max`]) and the start's fold. With 32 MiB a set, a set alone
+/// (a claim journaled once, not in two sets) reached its bound within a 10 s festival and
+/// folded 1.6 µs a request there, against 0.7 for two sets (BENCHMARKS.md, thirty-eighth
+/// session).
+const YIELD_LAG_BUDGET: usize = 64 * 1024 * 1024;
+
+/// The smallest lag bound a set gets, however many sets share [`YIELD_LAG_BUDGET`]: a few
+/// folds' worth ([`FOLD_BYTES_MAX`]), so a set's fold still gathers rather than folding every
+/// few batches.
+const YIELD_LAG_BYTES_MIN: usize = 4 * 1024 * 1024;
+
+/// A set's share of [`YIELD_LAG_BUDGET`] when the process runs `sets` of them.
+fn yield_lag_bytes(sets: u32) -> usize {
+    (YIELD_LAG_BUDGET / sets.max(1) as usize).max(YIELD_LAG_BYTES_MIN)
+}
 
 /// While the claims want the CPU, the fold gives way until its oldest unfolded record is this
 /// old: how stale history can get under a load that leaves no CPU for it.
@@ -221,9 +241,9 @@ pub fn open_journaled_sqlite(dir: &Path, set: u32, sets: u32) -> Result<(Journal
             query_wait_ran_out: None,
             appended_bytes: 0,
             fold_idle: false,
-            lag_bytes_max: YIELD_LAG_BYTES,
+            lag_bytes_max: yield_lag_bytes(sets),
             lag_max: YIELD_LAG_MAX,
-            overlay_bytes_max: OVERLAY_BYTES_MAX,
+            overlay_bytes_max: overlay_bytes_max(sets),
             giving_way: false,
             #[cfg(test)]
             busy_override: None,
@@ -309,11 +329,11 @@ struct FoldState {
     /// The fold sleeps until something is queued: a commit must wake it. Otherwise a commit
     /// wakes it only when the queue crosses a bound it acts on, not once per batch.
     fold_idle: bool,
-    /// How far the fold may fall behind while it gives way: [`YIELD_LAG_BYTES`] and
+    /// How far the fold may fall behind while it gives way: [`yield_lag_bytes`] and
     /// [`YIELD_LAG_MAX`], smaller in tests.
     lag_bytes_max: usize,
     lag_max: Duration,
-    /// [`OVERLAY_BYTES_MAX`], smaller in tests.
+    /// [`overlay_bytes_max`], smaller in tests.
     overlay_bytes_max: usize,
     /// The fold's last verdict while it gathered: it gives way to the claims.
     giving_way: bool,
@@ -1103,7 +1123,7 @@ enum OverlayFor<'a> {
     Ready(MutexGuard<'a, Overlay>),
     /// Another query dropped records this snapshot lacks: read a newer one.
     Stale,
-    /// More is not folded than the index takes ([`OVERLAY_BYTES_MAX`]).
+    /// More is not folded than the index takes ([`overlay_bytes_max`]).
     TooFar,
 }
 
@@ -1174,7 +1194,7 @@ impl JournalReader {
 
     /// Reads `stored` in one snapshot of the SQLite file, then has `pending` add what the
     /// records after that snapshot hold (`crate::overlay`): every batch committed before the
-    /// call, without waiting for the fold. Past [`OVERLAY_BYTES_MAX`] not folded, it waits for
+    /// call, without waiting for the fold. Past [`overlay_bytes_max`] not folded, it waits for
     /// the fold as a packet's details do (up to [`READ_WAIT_MAX`], once in each such spell) and
     /// reads the file alone.
     fn with_overlay<S, T>(
@@ -2393,6 +2413,21 @@ mod tests {
         assert_eq!(Yield::claims_share(3_000_000, 1_000_000, 2.0, 2.0), 0.5);
         assert_eq!(Yield::claims_share(1_000_000, 1_000_000, 1.0, 2.0), 0.0);
         assert_eq!(Yield::claims_share(500_000, 1_000_000, 1.0, 2.0), 0.0, "never below nothing");
+    }
+
+    #[test]
+    fn the_sets_share_one_lag_budget_and_each_keeps_a_floor() {
+        assert_eq!(yield_lag_bytes(1), YIELD_LAG_BUDGET, "a set alone has the whole budget");
+        assert_eq!(yield_lag_bytes(2), 32 * 1024 * 1024, "two sets: 32 MiB each, as before the budget");
+        assert_eq!(yield_lag_bytes(4) * 4, YIELD_LAG_BUDGET);
+        assert_eq!(yield_lag_bytes(64), YIELD_LAG_BYTES_MIN, "many sets keep the floor");
+        assert_eq!(yield_lag_bytes(0), YIELD_LAG_BUDGET, "no division by zero");
+        assert_eq!(overlay_bytes_max(2), 2 * yield_lag_bytes(2));
+        // The bound an opened journal uses is its share.
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _reader) = open_journaled_sqlite(dir.path(), 0, 2).unwrap();
+        let s = lock(&store.shared.state);
+        assert_eq!((s.lag_bytes_max, s.overlay_bytes_max), (yield_lag_bytes(2), overlay_bytes_max(2)));
     }
 
     #[test]
