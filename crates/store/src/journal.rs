@@ -33,8 +33,9 @@
 //!   gathering nor for waiting queries, which answer from what is folded once their wait runs
 //!   out. It folds again when the load ebbs, when the set's share of [`YIELD_LAG_BUDGET`] is
 //!   queued or the oldest record is [`YIELD_LAG_MAX`] old, and at once for the set's own waits
-//!   (a load, a packet read back, the audit's sums). A peak is absorbed at the journal's speed; under a load that
-//!   never ebbs the fold keeps pace at the lag bound, at the cost it always had.
+//!   (a load, a packet read back, the audit's sums). A peak is absorbed at the journal's speed;
+//!   under a load that never ebbs the fold keeps pace at the lag bound, at the cost it always
+//!   had.
 //! - **Backlog.** The fold applies everything queued in one SQLite transaction (up to
 //!   [`FOLD_BYTES_MAX`]), so it goes faster the further it falls behind. It reads the records
 //!   back from the segment files (the page cache, normally), so a backlog costs disk, not
@@ -187,9 +188,9 @@ const FOLD_RETRY: Duration = Duration::from_millis(200);
 /// session).
 const YIELD_LAG_BUDGET: usize = 64 * 1024 * 1024;
 
-/// The smallest lag bound a set gets, however many sets share [`YIELD_LAG_BUDGET`]: a few
-/// folds' worth ([`FOLD_BYTES_MAX`]), so a set's fold still gathers rather than folding every
-/// few batches.
+/// The smallest lag bound a set gets, however many sets share [`YIELD_LAG_BUDGET`]: half of
+/// what one fold applies ([`FOLD_BYTES_MAX`]), so a set among many still gives way for a
+/// while and folds its backlog in transactions of MiBs, not of a few batches.
 const YIELD_LAG_BYTES_MIN: usize = 4 * 1024 * 1024;
 
 /// A set's share of [`YIELD_LAG_BUDGET`] when the process runs `sets` of them.
