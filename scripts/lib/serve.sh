@@ -2,6 +2,16 @@
 # Sourced by the scripts that measure a real `hongbao serve` (bench, bench-ab, wrk-storm): fresh
 # keys, and a server started on a free loopback port and waited for.
 
+# The HTTP connections the benchmarks open by default (scripts/bench, scripts/bench-ab): enough
+# claims in flight for the festival to keep both cores as busy as healthz does. Each claim waits
+# about a millisecond for its batch's commit, and with 256 connections the festival left 8 % of
+# the machine idle where healthz left 3 % (BENCHMARKS.md, thirty-ninth session).
+# shellcheck disable=SC2034 # read by the scripts that source this file
+HTTP_CONNECTIONS=512
+
+# Prints the comment block at the top of the calling script, after its `#!` line: its --help.
+usage() { awk 'NR > 1 { if (!/^#/) exit; print }' "$0"; }
+
 # 32 random hex digits.
 key() { od -An -N16 -tx1 /dev/urandom | tr -d ' \n'; }
 
