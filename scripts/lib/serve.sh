@@ -5,7 +5,8 @@
 # The HTTP connections the benchmarks open by default (scripts/bench, scripts/bench-ab): enough
 # claims in flight for the festival to keep both cores as busy as healthz does. Each claim waits
 # about a millisecond for its batch's commit, and with 256 connections the festival left 8 % of
-# the machine idle where healthz left 3 % (BENCHMARKS.md, thirty-ninth session).
+# the machine idle where healthz left 3 % (BENCHMARKS.md, thirty-ninth session). hongbao-bench
+# defaults to the same over HTTP (`HTTP_CONCURRENCY`); the scripts pass it, `wrk` included.
 # shellcheck disable=SC2034 # read by the scripts that source this file
 HTTP_CONNECTIONS=512
 

@@ -73,8 +73,9 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 10)]
     pub duration_s: u64,
     /// Requests in flight: HTTP connections, or engine calls awaited at once in process
-    #[arg(long, default_value_t = 256)]
-    pub concurrency: usize,
+    /// [default: 512 over HTTP, 256 in process]
+    #[arg(long)]
+    pub concurrency: Option<usize>,
     /// Sets: the engine's with --in-process; over HTTP, what the server was started with (for the record)
     #[arg(long, default_value_t = 1)]
     pub sets: u32,
@@ -132,6 +133,27 @@ pub struct BenchArgs {
     pub quiet: bool,
 }
 
+/// HTTP connections when `--concurrency` is not given. A festival claim waits about a
+/// millisecond for its batch's commit, and at 256 connections the festival left 8 % of the
+/// machine idle where healthz left 3 %; at 512 it fills the machine as healthz does, and the
+/// healthz ceiling does not move (BENCHMARKS.md, thirty-ninth session). `scripts/lib/serve.sh`
+/// passes the same number as `HTTP_CONNECTIONS`, for `wrk` as well.
+pub const HTTP_CONCURRENCY: usize = 512;
+/// Engine calls in flight in process when `--concurrency` is not given.
+pub const IN_PROCESS_CONCURRENCY: usize = 256;
+
+impl BenchArgs {
+    /// Requests in flight: `--concurrency`, or the default for the mode.
+    pub fn concurrency(&self) -> usize {
+        let default = if self.in_process || self.scenario == Scenario::Resident {
+            IN_PROCESS_CONCURRENCY
+        } else {
+            HTTP_CONCURRENCY
+        };
+        self.concurrency.unwrap_or(default)
+    }
+}
+
 /// Runs the scenario, prints the summary, writes the JSON result and the plot if asked.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(dir) = std::env::var_os(resident::RESTART_CHILD_ENV) {
@@ -152,7 +174,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 
 /// Runs the scenario and returns what it measured, printing only progress.
 pub fn measure(args: &BenchArgs) -> anyhow::Result<BenchResult> {
-    anyhow::ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
+    anyhow::ensure!(args.concurrency() >= 1, "--concurrency must be at least 1");
     anyhow::ensure!(args.duration_s >= 1, "--duration-s must be at least 1");
     anyhow::ensure!(!args.store_off || args.in_process, "--store-off needs --in-process");
     anyhow::ensure!(args.batch >= 1, "--batch must be at least 1");
@@ -161,5 +183,40 @@ pub fn measure(args: &BenchArgs) -> anyhow::Result<BenchResult> {
     match args.scenario {
         Scenario::Resident => resident::run(args),
         _ => load::run(args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    fn concurrency(args: &[&str]) -> usize {
+        Cli::try_parse_from(std::iter::once("hongbao-bench").chain(args.iter().copied()))
+            .expect("options parse")
+            .bench
+            .concurrency()
+    }
+
+    #[test]
+    fn concurrency_defaults_by_mode_and_an_explicit_one_wins() {
+        assert_eq!(concurrency(&["festival"]), HTTP_CONCURRENCY);
+        assert_eq!(concurrency(&["storm", "--url", "http://127.0.0.1:1"]), HTTP_CONCURRENCY);
+        assert_eq!(concurrency(&["festival", "--in-process"]), IN_PROCESS_CONCURRENCY);
+        assert_eq!(
+            concurrency(&["resident"]),
+            IN_PROCESS_CONCURRENCY,
+            "resident runs in process whatever the mode"
+        );
+        assert_eq!(concurrency(&["festival", "--concurrency", "8"]), 8);
+        assert_eq!(concurrency(&["festival", "--in-process", "--concurrency", "16"]), 16);
+        assert_ne!(HTTP_CONCURRENCY, IN_PROCESS_CONCURRENCY, "the test tells the two defaults apart");
     }
 }

@@ -160,11 +160,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
     // client). Batched calls run their queries in a task beside each claimer instead.
     let askers = match &*plan {
         Plan::Festival { history_per_mille, .. } if *history_per_mille > 0 && args.batch <= 1 => {
-            args.concurrency
+            args.concurrency()
         }
         _ => 0,
     };
-    let tasks = args.concurrency + refillers + askers;
+    let tasks = args.concurrency() + refillers + askers;
     let (ready_tx, mut ready_rx) = mpsc::channel::<Result<(), String>>(tasks);
     let mut per_thread: Vec<Vec<LoadFuture>> = (0..threads).map(|_| Vec::new()).collect();
     let warm_up = !args.in_process && !args.no_warm_up;
@@ -175,7 +175,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
         go: go_rx.clone(),
         warm_up,
     };
-    for w in 0..args.concurrency {
+    for w in 0..args.concurrency() {
         let t = task();
         if args.batch > 1 {
             per_thread[w % threads].push(Box::pin(batch_claimer(t, w, args.batch)));
@@ -202,7 +202,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
     }
     let pace = match args.rate {
         Some(0) => bail!("--rate must be at least 1"),
-        Some(r) => Some(Duration::from_secs_f64(args.concurrency as f64 / r as f64)),
+        Some(r) => Some(Duration::from_secs_f64(args.concurrency() as f64 / r as f64)),
         None => None,
     };
     let main_op = if scenario == Scenario::Ceiling { Op::Health } else { Op::Claim };
@@ -226,7 +226,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
             start,
             deadline,
             pace,
-            concurrency: args.concurrency,
+            concurrency: args.concurrency(),
         }));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         let label = format!("{} ({})", scenario.name(), if args.in_process { "in process" } else { "http" });
@@ -298,7 +298,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
             notes.push(format!(
                 "history queries ran on {askers} {} of their own beside the {} claiming ones; {unasked} owed at the deadline were not asked",
                 if args.in_process { "tasks" } else { "connections" },
-                args.concurrency
+                args.concurrency()
             ));
         }
     }
@@ -340,7 +340,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
         started_at_unix_s,
         config: RunConfig {
             duration_s: args.duration_s,
-            concurrency: args.concurrency,
+            concurrency: args.concurrency(),
             batch: args.batch,
             threads,
             sets: args.sets,

@@ -70,7 +70,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
             shares,
             total_fen,
             &nonce,
-            args.concurrency,
+            args.concurrency(),
             Some(&pb),
         )
         .await?;
@@ -139,7 +139,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
         started_at_unix_s,
         config: RunConfig {
             duration_s: 0,
-            concurrency: args.concurrency,
+            concurrency: args.concurrency(),
             batch: args.batch,
             threads,
             sets: args.sets,
