@@ -331,6 +331,46 @@ async fn claim_many_answers_every_claim_in_order_as_single_claims_would() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_of_many_claims_pays_each_share_once_and_credits_every_claimer() {
+    // More claims in one call than a set asks memory for at a time, on two sets, so that both
+    // the call's claims and the credits relayed to the other set run past several groups.
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0_MS);
+    let engine = start(dir.path(), 2, &clock);
+    engine.deposit(user("boss"), fen(100_000), rid("d")).await.unwrap();
+    let p = engine
+        .send(send(&engine, "boss", Kind::Lucky, 60_000, 500, Audience::Anyone, None, "s"))
+        .await
+        .unwrap();
+    let claims: Vec<_> = (0..700).map(|i| (p.id, user(&format!("crowd{i}")))).collect();
+    let answers = engine.claim_many(claims.clone()).await;
+    assert_eq!(answers.len(), 700);
+    let mut paid = 0;
+    for (i, answer) in answers.iter().enumerate() {
+        match answer {
+            Ok(c) => {
+                assert!(i < 500, "claim {i} paid after the last share");
+                assert_eq!(c.user, claims[i].1, "an answer for its own claim");
+                paid += c.amount_fen;
+            }
+            Err(EngineError::Claim(ClaimError::Exhausted)) => {
+                assert!(i >= 500, "claim {i} turned away early")
+            }
+            Err(e) => panic!("claim {i}: unexpected {e:?}"),
+        }
+    }
+    assert_eq!(paid, 60_000, "every share paid once");
+    let audit = settled_audit(&engine).await;
+    assert_eq!((audit.escrow_fen, audit.balances_fen), (0, 100_000), "the packet paid out, no fen lost");
+    for i in [0, 63, 64, 127, 128, 200, 499] {
+        let who = user(&format!("crowd{i}"));
+        let got = answers[i].as_ref().unwrap().amount_fen;
+        assert_eq!(engine.wallet(who.clone()).await.unwrap().balance_fen, got, "{who:?} credited once");
+    }
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_packet_turns_away_everyone_but_its_claimers() {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(T0_MS);
