@@ -44,6 +44,16 @@ const AHEAD: usize = 4;
 /// wallet, so the names arrive with the group too and need no prefetch of their own.
 const BURST: usize = 64;
 
+/// The items of a call or message whose memory a set asks for before it applies item `i`: the
+/// first two groups before the first item, then, as each group begins, the group after it.
+fn burst_before(i: usize) -> Option<std::ops::Range<usize>> {
+    match i {
+        0 => Some(0..2 * BURST),
+        i if i % BURST == 0 => Some(i + BURST..i + 2 * BURST),
+        _ => None,
+    }
+}
+
 /// Closed packets kept in memory (with their claims) so the crowd that arrives after a packet
 /// is exhausted is turned away, and repeat claims answered, without a disk read. Bounded by
 /// claims held: about 100 bytes each, so 1,000,000 claims is ~100 MB at most per set.
@@ -682,18 +692,15 @@ impl SetState {
             Command::Claims { claims, reply } => {
                 let mut claims = claims.into_iter();
                 let mut r = Vec::with_capacity(claims.len());
-                for (packet, user) in claims.as_slice().iter().take(2 * BURST) {
-                    self.look_ahead(ctx, *packet, user);
-                }
-                let mut taken = 0;
-                while let Some((packet, user)) = claims.next() {
-                    taken += 1;
-                    if taken % BURST == 0 {
-                        // The group after the next, which `next` has not reached yet.
-                        for (packet, user) in claims.as_slice().iter().skip(BURST).take(BURST) {
+                for i in 0..claims.len() {
+                    if let Some(ahead) = burst_before(i) {
+                        // What is left of the call starts at claim `i`.
+                        for (packet, user) in claims.as_slice().iter().skip(ahead.start - i).take(ahead.len())
+                        {
                             self.look_ahead(ctx, *packet, user);
                         }
                     }
+                    let (packet, user) = claims.next().expect("a claim for each index");
                     r.push(self.settle(ctx, store, packet, user, now_ms, w, true));
                 }
                 w.replies.push(Pending::Claims(reply, r));
@@ -1048,12 +1055,9 @@ impl SetState {
     fn credit(&mut self, from_set: u32, items: Vec<OutboxItem>, w: &mut Work) {
         let mut mark = self.watermarks.get(&from_set).copied().unwrap_or(0);
         let before = mark;
-        for item in items.iter().take(2 * BURST) {
-            self.wallets.prefetch(&item.user);
-        }
         for (i, item) in items.iter().enumerate() {
-            if (i + 1) % BURST == 0 {
-                for ahead in items.iter().skip(i + 1 + BURST).take(BURST) {
+            if let Some(ahead) = burst_before(i) {
+                for ahead in items.iter().skip(ahead.start).take(ahead.len()) {
                     self.wallets.prefetch(&ahead.user);
                 }
             }
@@ -1356,6 +1360,23 @@ mod tests {
     use hongbao_core::{Audience, Kind, ManualClock};
 
     const T0_MS: Millis = 1_767_225_600_000;
+
+    #[test]
+    fn each_item_of_a_call_is_asked_for_once_within_two_groups_before_it_is_applied() {
+        for n in [1, BURST - 1, BURST, BURST + 1, 2 * BURST, 2 * BURST + 1, 700] {
+            let mut asked_at = vec![None; n];
+            for i in 0..n {
+                for j in burst_before(i).unwrap_or(0..0).filter(|&j| j < n) {
+                    assert_eq!(asked_at[j], None, "item {j} of {n} asked for twice");
+                    asked_at[j] = Some(i);
+                }
+            }
+            for (j, at) in asked_at.iter().enumerate() {
+                let at = at.unwrap_or_else(|| panic!("item {j} of {n} never asked for"));
+                assert!(at <= j && j - at < 2 * BURST, "item {j} of {n} asked for at {at}");
+            }
+        }
+    }
 
     /// Set 0 of two, on SQLite, with set 1's queue left to the test: what set 0 relays lands
     /// there, and the test acknowledges (or loses) it as set 1 would.
