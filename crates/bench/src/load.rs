@@ -68,6 +68,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
         bail!("ceiling measures the HTTP layer: it has no in-process mode");
     }
     let threads = args.threads.unwrap_or(if args.in_process { 1 } else { 2 }).max(1);
+    let concurrency = args.concurrency();
     let shares = args.shares.unwrap_or(if scenario == Scenario::Storm { 100_000 } else { 1_000 });
     let packets = match scenario {
         Scenario::Storm => 1,
@@ -159,12 +160,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
     // once (one asker for two claim connections was too few: the queries queued in the
     // client). Batched calls run their queries in a task beside each claimer instead.
     let askers = match &*plan {
-        Plan::Festival { history_per_mille, .. } if *history_per_mille > 0 && args.batch <= 1 => {
-            args.concurrency()
-        }
+        Plan::Festival { history_per_mille, .. } if *history_per_mille > 0 && args.batch <= 1 => concurrency,
         _ => 0,
     };
-    let tasks = args.concurrency() + refillers + askers;
+    let tasks = concurrency + refillers + askers;
     let (ready_tx, mut ready_rx) = mpsc::channel::<Result<(), String>>(tasks);
     let mut per_thread: Vec<Vec<LoadFuture>> = (0..threads).map(|_| Vec::new()).collect();
     let warm_up = !args.in_process && !args.no_warm_up;
@@ -175,7 +174,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
         go: go_rx.clone(),
         warm_up,
     };
-    for w in 0..args.concurrency() {
+    for w in 0..concurrency {
         let t = task();
         if args.batch > 1 {
             per_thread[w % threads].push(Box::pin(batch_claimer(t, w, args.batch)));
@@ -202,7 +201,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
     }
     let pace = match args.rate {
         Some(0) => bail!("--rate must be at least 1"),
-        Some(r) => Some(Duration::from_secs_f64(args.concurrency() as f64 / r as f64)),
+        Some(r) => Some(Duration::from_secs_f64(concurrency as f64 / r as f64)),
         None => None,
     };
     let main_op = if scenario == Scenario::Ceiling { Op::Health } else { Op::Claim };
@@ -221,13 +220,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
         let start = Instant::now();
         let recorder = Recorder::new(start);
         let deadline = start + Duration::from_secs(args.duration_s);
-        go_tx.send_replace(Some(Go {
-            recorder: recorder.clone(),
-            start,
-            deadline,
-            pace,
-            concurrency: args.concurrency(),
-        }));
+        go_tx.send_replace(Some(Go { recorder: recorder.clone(), start, deadline, pace, concurrency }));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         let label = format!("{} ({})", scenario.name(), if args.in_process { "in process" } else { "http" });
         let ticker = tokio::spawn(progress(recorder.clone(), deadline, args.quiet, label, main_op, stop_rx));
@@ -298,7 +291,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
             notes.push(format!(
                 "history queries ran on {askers} {} of their own beside the {} claiming ones; {unasked} owed at the deadline were not asked",
                 if args.in_process { "tasks" } else { "connections" },
-                args.concurrency()
+                concurrency
             ));
         }
     }
@@ -340,7 +333,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
         started_at_unix_s,
         config: RunConfig {
             duration_s: args.duration_s,
-            concurrency: args.concurrency(),
+            concurrency,
             batch: args.batch,
             threads,
             sets: args.sets,
