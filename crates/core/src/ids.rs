@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use smol_str::SmolStr;
 use thiserror::Error;
 
 use crate::clock::Millis;
@@ -33,22 +34,34 @@ pub enum IdError {
     BadRequestId,
 }
 
-/// A user: 1 to 64 characters of `[A-Za-z0-9_.-]`. Cheap to clone: the engine keeps one
-/// allocation per user and shares it between wallets, claims and holds.
+/// A user: 1 to 64 characters of `[A-Za-z0-9_.-]`. Cheap to clone: a name of up to
+/// [`USER_ID_INLINE_MAX`] bytes (most: numbers, short handles) is kept in the id itself
+/// (`SmolStr`), and a longer one in one shared allocation.
+///
+/// Kept inline, a name is never allocated, shared or freed. In the in-process festival every
+/// claimer is a new user, named on the load thread and dropped on a set's thread once the
+/// packet closes: shared names were memory that one core allocated and another freed, and the
+/// allocator handed it back to the first across the cores (BENCHMARKS.md, forty-second
+/// session).
 ///
 /// It carries its name's [`FastHash::of`], computed once where the id is made: a set looks a
-/// claimer up in a packet's claims and in its wallets, and with the hash beside the pointer it
-/// neither hashes the name again for each nor reads the name (memory another thread wrote,
-/// where the id was parsed) to find where to look. Equality, order and `Hash` are the name's.
+/// claimer up in a packet's claims and in its wallets, and with the hash beside the name it
+/// neither hashes the name again for each nor reads the name to find where to look.
+/// Equality, order and `Hash` are the name's, whichever way it is kept.
 #[derive(Clone)]
 pub struct UserId {
-    name: Arc<str>,
+    name: SmolStr,
     hash: u64,
 }
 
+/// Longest user name kept inside a [`UserId`], in bytes.
+pub const USER_ID_INLINE_MAX: usize = 23;
+
+const _: () = assert!(std::mem::size_of::<UserId>() == 32, "a user id is half a cache line");
+
 impl PartialEq for UserId {
     fn eq(&self, other: &UserId) -> bool {
-        self.hash == other.hash && self.name == other.name
+        self.hash == other.hash && self.as_str() == other.as_str()
     }
 }
 
@@ -62,20 +75,20 @@ impl PartialOrd for UserId {
 
 impl Ord for UserId {
     fn cmp(&self, other: &UserId) -> std::cmp::Ordering {
-        self.name.cmp(&other.name)
+        self.as_str().cmp(other.as_str())
     }
 }
 
 /// The name's hash, as `str` hashes it: a map keyed by users can be searched with a `&str`.
 impl std::hash::Hash for UserId {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.name.hash(state);
+        self.as_str().hash(state);
     }
 }
 
 impl fmt::Debug for UserId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("UserId").field(&&*self.name).finish()
+        f.debug_tuple("UserId").field(&self.as_str()).finish()
     }
 }
 
@@ -83,7 +96,7 @@ impl fmt::Debug for UserId {
 /// journals three or four user ids a claim.
 impl Serialize for UserId {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.name)
+        s.serialize_str(self.as_str())
     }
 }
 
@@ -113,14 +126,14 @@ impl UserId {
             && s.len() <= USER_ID_LEN_MAX
             && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
         if ok {
-            Ok(UserId { name: Arc::from(s), hash: FastHash::of(s) })
+            Ok(UserId { name: SmolStr::new(s), hash: FastHash::of(s) })
         } else {
             Err(IdError::BadUserId)
         }
     }
 
     pub fn as_str(&self) -> &str {
-        &self.name
+        self.name.as_str()
     }
 
     /// [`FastHash::of`] the name, computed when the id was made.
@@ -133,13 +146,13 @@ impl UserId {
 /// string's.
 impl std::borrow::Borrow<str> for UserId {
     fn borrow(&self) -> &str {
-        &self.name
+        self.as_str()
     }
 }
 
 impl fmt::Display for UserId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.name)
+        f.write_str(self.as_str())
     }
 }
 
@@ -310,6 +323,27 @@ mod tests {
         let users: HashSet<UserId> = [a.clone()].into();
         assert!(users.contains("alice"), "found by the name: Hash is the name's");
         assert_eq!(format!("{a:?}"), r#"UserId("alice")"#);
+    }
+
+    #[test]
+    fn a_name_kept_in_the_id_and_one_shared_read_compare_and_hash_alike() {
+        use std::collections::HashSet;
+        let short = "a".repeat(USER_ID_INLINE_MAX);
+        let long = "a".repeat(USER_ID_INLINE_MAX + 1);
+        let (s, l) = (UserId::parse(&short).unwrap(), UserId::parse(&long).unwrap());
+        assert!(!s.name.is_heap_allocated(), "up to the bound, in the id");
+        assert!(l.name.is_heap_allocated(), "past it, shared");
+        for (id, name) in [(&s, &short), (&l, &long)] {
+            assert_eq!(id.as_str(), name.as_str());
+            assert_eq!(id.to_string(), *name);
+            assert_eq!(id.clone(), *id);
+            assert_eq!(id.fast_hash(), FastHash::of(name));
+            let users: HashSet<UserId> = [id.clone()].into();
+            assert!(users.contains(name.as_str()), "Hash is the name's either way");
+        }
+        assert_ne!(s, l);
+        assert!(s < l, "ordered by name across the two kinds");
+        assert!(UserId::parse("b").unwrap() > l);
     }
 
     #[test]

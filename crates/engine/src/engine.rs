@@ -374,7 +374,7 @@ impl Engine {
 
     pub async fn send(&self, send: ValidSend) -> Result<PacketSummary, EngineError> {
         let set = self.user_set(&send.sender);
-        self.call(set, |reply| Command::Send { send, reply }).await
+        self.call(set, |reply| Command::Send { send: Box::new(send), reply }).await
     }
 
     pub async fn grab(&self, packet: PacketId, user: UserId) -> Result<GrabReply, EngineError> {

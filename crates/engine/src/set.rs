@@ -93,8 +93,9 @@ pub(crate) enum Command {
         request_id: RequestId,
         reply: Reply<WalletReply>,
     },
+    /// Boxed: a send is rare, and the largest command would size every queue slot.
     Send {
-        send: ValidSend,
+        send: Box<ValidSend>,
         reply: Reply<PacketSummary>,
     },
     Grab {
@@ -674,7 +675,7 @@ impl SetState {
                 w.replies.push(Pending::Wallet(reply, r));
             }
             Command::Send { send, reply } => {
-                let r = self.send(ctx, store, send, now_ms, w);
+                let r = self.send(ctx, store, *send, now_ms, w);
                 w.replies.push(Pending::Summary(reply, r));
             }
             Command::Grab { packet, user, reply } => {
@@ -1458,7 +1459,7 @@ mod tests {
                 request_id: RequestId::parse("s1").unwrap(),
             };
             let (reply, mut rx) = oneshot::channel();
-            self.step(Command::Send { send, reply });
+            self.step(Command::Send { send: Box::new(send), reply });
             (sender, rx.try_recv().unwrap().unwrap().id)
         }
 

@@ -274,7 +274,7 @@ impl Sim {
     fn send(&mut self, send: ValidSend) {
         let (tx, rx) = oneshot::channel();
         let set = self.user_set(&send.sender);
-        self.submit(set, Command::Send { send: send.clone(), reply: tx });
+        self.submit(set, Command::Send { send: Box::new(send.clone()), reply: tx });
         self.ops.push(Op::Send { send, rx });
     }
 

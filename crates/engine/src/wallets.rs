@@ -84,16 +84,16 @@ struct Table {
     len: usize,
 }
 
-/// A place: free (no user) or one wallet, its user's id carrying their hash. 32 bytes aligned
-/// to 32, so a place never straddles two cache lines.
+/// A place: free (no user) or one wallet, its user's id carrying their hash and, mostly,
+/// their name. A cache line, aligned to one, so a place never straddles two.
 #[derive(Debug, Default)]
-#[repr(align(32))]
+#[repr(align(64))]
 struct Place {
     user: Option<UserId>,
     fen: i64,
 }
 
-const _: () = assert!(std::mem::size_of::<Place>() == 32, "a place fills half a cache line");
+const _: () = assert!(std::mem::size_of::<Place>() == 64, "a place fills a cache line");
 
 impl Default for Wallets {
     fn default() -> Wallets {
