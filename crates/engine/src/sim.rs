@@ -70,6 +70,10 @@ impl Store for FaultyStore {
         self.inner.packet(id)
     }
 
+    fn balance(&mut self, user: &UserId) -> Result<Option<i64>, StoreError> {
+        self.inner.balance(user)
+    }
+
     fn sums(&mut self) -> Result<StoreSums, StoreError> {
         self.inner.sums()
     }

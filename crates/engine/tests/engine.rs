@@ -454,6 +454,9 @@ impl Store for CountingStore {
     fn packet(&mut self, id: PacketId) -> hongbao_store::Result<Option<hongbao_core::Packet>> {
         NullStore.packet(id)
     }
+    fn balance(&mut self, user: &UserId) -> hongbao_store::Result<Option<i64>> {
+        NullStore.balance(user)
+    }
     fn sums(&mut self) -> hongbao_store::Result<StoreSums> {
         NullStore.sums()
     }

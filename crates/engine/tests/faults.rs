@@ -28,6 +28,9 @@ impl Store for BreakableStore {
     fn packet(&mut self, id: PacketId) -> Result<Option<Packet>, StoreError> {
         self.inner.packet(id)
     }
+    fn balance(&mut self, user: &UserId) -> Result<Option<i64>, StoreError> {
+        self.inner.balance(user)
+    }
     fn sums(&mut self) -> Result<StoreSums, StoreError> {
         self.inner.sums()
     }

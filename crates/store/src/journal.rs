@@ -71,8 +71,12 @@ use crate::{
 /// What a set's fold thread is called, followed by the set's index.
 pub const FOLD_THREAD: &str = "hongbao-fold-";
 
-/// Marks the start of every record: a torn or foreign file shows at once.
-const MAGIC: u32 = 0x4842_4a31; // "HBJ1"
+/// Marks the start of every record: a torn or foreign file shows at once. It names the
+/// record's format: "HBJ2" since batches carry credits ([`Batch::credits`]).
+const MAGIC: u32 = 0x4842_4a32; // "HBJ2"
+/// The format before credits. A start still reads such records (a journal left by the version
+/// before), as the same batches with no credits ([`upgrade_v1`]); none is written.
+const MAGIC_V1: u32 = 0x4842_4a31; // "HBJ1"
 
 /// magic, payload length, seq, CRC-32 of seq and payload.
 const HEADER_BYTES: usize = 4 + 4 + 8 + 4;
@@ -282,6 +286,7 @@ pub fn open_journaled_sqlite(dir: &Path, set: u32, sets: u32) -> Result<(Journal
         buf: Vec::new(),
         poisoned: None,
         packet_busy_until: None,
+        reader: JournalReader { inner: sqlite::own_reader(dir, set)?, shared: shared.clone() },
         shared: shared.clone(),
         fold: Some(fold),
     };
@@ -399,7 +404,7 @@ impl Queued {
             .read_exact_at(record, self.offset - HEADER_BYTES as u64)
             .map_err(|e| io(format!("cannot read journal record {} back", self.seq), e))?;
         let written = header_crc(record) == self.crc;
-        Ok(whole_record(record, self.seq).filter(|payload| written && payload.len() == self.len))
+        Ok(whole_record(record, self.seq, MAGIC).filter(|payload| written && payload.len() == self.len))
     }
 }
 
@@ -718,7 +723,9 @@ impl Yield {
 /// Merges consecutive batches into one with the same effect: rows that are inserted (entries,
 /// claims, new packets, audience) keep every row in order; state that is overwritten
 /// (balances, packet counters, watermarks, totals, idempotency records) keeps the last value
-/// only, so a wallet touched by a thousand batches is written once per fold. Outbox rows that
+/// only, so a wallet touched by a thousand batches is written once per fold. A user's credits
+/// ([`Batch::credits`]) add up to one, and once a batch writes their balance, which counts the
+/// credits before it, those are spent and any later ones are added to that balance. Outbox rows that
 /// an acknowledgement in the same run covers are not written at all (they would be inserted
 /// and deleted in one transaction), but for the last row issued to each target, which moves
 /// `outbox_seq` on and is then deleted with the rest; the acknowledgements become one range
@@ -734,6 +741,8 @@ struct Merger {
     /// Where each wallet is in `out.wallets`, found by the hash its id carries: neither its
     /// name hashed again nor the id cloned for a key, once per wallet per batch.
     wallets: HashTable<usize>,
+    /// Where each user's credits are in `out.credits`, the same way.
+    credits: HashTable<usize>,
     packets: HashMap<PacketId, usize>,
     idem: HashMap<(UserId, String), usize>,
     watermarks: HashMap<u32, usize>,
@@ -744,10 +753,11 @@ struct Merger {
 
 impl Merger {
     fn merge(&mut self, batches: Vec<Batch>) -> &Batch {
-        let Merger { out, wallets, packets, idem, watermarks, acked, issued } = self;
+        let Merger { out, wallets, credits, packets, idem, watermarks, acked, issued } = self;
         // Empty, with the allocations of the merges before.
         out.clear();
         wallets.clear();
+        credits.clear();
         packets.clear();
         idem.clear();
         watermarks.clear();
@@ -764,7 +774,14 @@ impl Merger {
             }
         }
         for b in batches {
+            // A batch's credits before its balances, as the store writes them.
+            for (user, fen) in b.credits {
+                add_credit(wallets, credits, out, user, fen);
+            }
             for (user, fen) in b.wallets {
+                if let Some(&i) = credits.find(user.fast_hash(), |&i| out.credits[i].0 == user) {
+                    out.credits[i].1 = 0;
+                }
                 keep_last_wallet(wallets, &mut out.wallets, user, fen);
             }
             for u in b.packet_updates {
@@ -820,6 +837,30 @@ fn keep_last_wallet(index: &mut HashTable<usize>, out: &mut Vec<(UserId, i64)>, 
     }
 }
 
+/// Adds a credit of `fen` to `user`: to the balance a batch before wrote for them, else to
+/// their credits so far.
+fn add_credit(
+    wallets: &HashTable<usize>,
+    credits: &mut HashTable<usize>,
+    out: &mut Batch,
+    user: UserId,
+    fen: i64,
+) {
+    let add = |to: &mut i64| *to = to.checked_add(fen).expect("merged credits overflow a balance");
+    if let Some(&i) = wallets.find(user.fast_hash(), |&i| out.wallets[i].0 == user) {
+        return add(&mut out.wallets[i].1);
+    }
+    let entry =
+        credits.entry(user.fast_hash(), |&i| out.credits[i].0 == user, |&i| out.credits[i].0.fast_hash());
+    match entry {
+        hashbrown::hash_table::Entry::Occupied(e) => add(&mut out.credits[*e.get()].1),
+        hashbrown::hash_table::Entry::Vacant(e) => {
+            e.insert(out.credits.len());
+            out.credits.push((user, fen));
+        }
+    }
+}
+
 /// [`Merger::merge`] for a one-off fold (a start folding what the journal holds).
 fn merge(batches: Vec<Batch>) -> Vec<Batch> {
     if batches.len() < 2 {
@@ -848,8 +889,12 @@ pub struct JournalStore {
     /// Set when a failed append could not be wiped back off the file: the file may hold a batch
     /// the engine was told failed, so nothing more may be written or loaded until a restart.
     poisoned: Option<String>,
-    /// Until when packet reads are refused without waiting (see [`PACKET_BUSY_SPELL`]).
+    /// Until when packet and balance reads that must wait for the fold are refused without
+    /// waiting (see [`PACKET_BUSY_SPELL`]).
     packet_busy_until: Option<Instant>,
+    /// The read side, on a connection of its own, for a balance the set does not hold
+    /// ([`Store::balance`]).
+    reader: JournalReader,
     shared: Arc<Shared>,
     fold: Option<JoinHandle<()>>,
 }
@@ -990,20 +1035,33 @@ impl Store for JournalStore {
 
     fn packet(&mut self, id: PacketId) -> Result<Option<Packet>> {
         self.check_poisoned()?;
-        let now = Instant::now();
-        let wait = match self.packet_busy_until {
-            Some(until) if now < until => Duration::ZERO,
-            _ => PACKET_WAIT_MAX,
-        };
-        if !self.shared.wait_folded(wait)? {
-            self.packet_busy_until = Some(Instant::now() + PACKET_BUSY_SPELL);
-            return Err(StoreError::Busy(format!(
-                "packet {id} is not in memory and the journal's fold is behind; try again shortly"
-            )));
-        }
-        self.packet_busy_until = None;
+        self.wait_for_the_fold(|| format!("packet {id} is not in memory"))?;
         // Caught up, with this thread the only writer: `drained` finds nothing to wait for.
         self.drained(|s| s.packet(id))
+    }
+
+    /// The SQLite file and the records it does not hold yet, as queries read them, but never
+    /// the file alone: a balance read short would be written back short. When more is not
+    /// folded than the index takes, it waits for the fold as a packet read does.
+    fn balance(&mut self, user: &UserId) -> Result<Option<i64>> {
+        self.check_poisoned()?;
+        loop {
+            let read = self.reader.inner.in_snapshot(|conn, at| {
+                let stored = sqlite::balance_in(conn, user)?;
+                Ok(match self.reader.overlay_for(at)? {
+                    OverlayFor::Ready(overlay) => Some(Ok(overlay.balance(user, stored))),
+                    OverlayFor::Stale => None,
+                    OverlayFor::TooFar => Some(Err(())),
+                })
+            })?;
+            match read {
+                Some(Ok(balance)) => return balance,
+                Some(Err(())) => {
+                    self.wait_for_the_fold(|| format!("the wallet of {user} is not in memory"))?
+                }
+                None => {}
+            }
+        }
     }
 
     fn sums(&mut self) -> Result<StoreSums> {
@@ -1012,6 +1070,25 @@ impl Store for JournalStore {
 }
 
 impl JournalStore {
+    /// Waits up to [`PACKET_WAIT_MAX`] for the fold to catch up (not at all within a
+    /// [`PACKET_BUSY_SPELL`] after a wait ran out), else refuses as busy what `what` names.
+    fn wait_for_the_fold(&mut self, what: impl FnOnce() -> String) -> Result<()> {
+        let now = Instant::now();
+        let wait = match self.packet_busy_until {
+            Some(until) if now < until => Duration::ZERO,
+            _ => PACKET_WAIT_MAX,
+        };
+        if !self.shared.wait_folded(wait)? {
+            self.packet_busy_until = Some(Instant::now() + PACKET_BUSY_SPELL);
+            return Err(StoreError::Busy(format!(
+                "{} and the journal's fold is behind; try again shortly",
+                what()
+            )));
+        }
+        self.packet_busy_until = None;
+        Ok(())
+    }
+
     /// Stops the fold where it is and forgets the store without its clean shutdown: the
     /// journal is left as `kill -9` would leave it. For tests.
     #[cfg(test)]
@@ -1267,7 +1344,7 @@ impl Reader for JournalReader {
     }
 
     fn balance(&self, user: &UserId) -> Result<Option<i64>> {
-        self.with_overlay(|c| sqlite::balance_in(c, user), |stored, o, _, _| Ok(o.balance(user).or(stored)))
+        self.with_overlay(|c| sqlite::balance_in(c, user), |stored, o, _, _| o.balance(user, stored))
     }
 
     fn entries(&self, user: &UserId, before_id: Option<i64>, limit: u32) -> Result<Vec<EntryRow>> {
@@ -1405,13 +1482,19 @@ fn encode_record(out: &mut Vec<u8>, seq: u64, batch: &Batch) -> Result<()> {
     if len > RECORD_BYTES_MAX {
         return Err(StoreError::Io(format!("a batch of {len} bytes is over the journal's bound")));
     }
-    let sum = crc(seq, &out_buf[HEADER_BYTES..]);
-    out_buf[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-    out_buf[4..8].copy_from_slice(&(len as u32).to_le_bytes());
-    out_buf[8..16].copy_from_slice(&seq.to_le_bytes());
-    out_buf[CRC_AT..CRC_AT + 4].copy_from_slice(&sum.to_le_bytes());
+    write_header(&mut out_buf, MAGIC, seq);
     *out = out_buf;
     Ok(())
+}
+
+/// Fills the header of the record in `record`, whose payload follows it to the end.
+fn write_header(record: &mut [u8], magic: u32, seq: u64) {
+    let len = record.len() - HEADER_BYTES;
+    let sum = crc(seq, &record[HEADER_BYTES..]);
+    record[0..4].copy_from_slice(&magic.to_le_bytes());
+    record[4..8].copy_from_slice(&(len as u32).to_le_bytes());
+    record[8..16].copy_from_slice(&seq.to_le_bytes());
+    record[CRC_AT..CRC_AT + 4].copy_from_slice(&sum.to_le_bytes());
 }
 
 fn decode(payload: &[u8]) -> Result<Batch> {
@@ -1419,14 +1502,29 @@ fn decode(payload: &[u8]) -> Result<Batch> {
         .map_err(|e| StoreError::Corrupt(format!("a journal record does not decode: {e}")))
 }
 
-/// The payload of the record at the start of `bytes`, if one is there whole: its magic, a
+/// The payload of a record written before credits ([`MAGIC_V1`]) as the same batch, with no
+/// credits, is written now: postcard writes a struct's fields in order, a `Vec` as its length
+/// (a varint) and its items, so the new second field is one zero byte after `wallets`. `None`
+/// when `wallets` does not decode; the record is then left as it is, to fail as any
+/// undecodable record does.
+fn upgrade_v1(payload: &[u8]) -> Option<Vec<u8>> {
+    let (_, rest): (Vec<(&str, i64)>, &[u8]) = postcard::take_from_bytes(payload).ok()?;
+    let at = payload.len() - rest.len();
+    let mut out = Vec::with_capacity(payload.len() + 1);
+    out.extend_from_slice(&payload[..at]);
+    out.push(0);
+    out.extend_from_slice(rest);
+    Some(out)
+}
+
+/// The payload of the record at the start of `bytes`, if one is there whole: `magic`, a
 /// length within [`RECORD_BYTES_MAX`] and within `bytes`, seq `want`, and its CRC.
-fn whole_record(bytes: &[u8], want: u64) -> Option<&[u8]> {
+fn whole_record(bytes: &[u8], want: u64, magic: u32) -> Option<&[u8]> {
     let header = bytes.get(..HEADER_BYTES)?;
     let word = |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().expect("4 bytes"));
     let len = word(4) as usize;
     let seq = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
-    if word(0) != MAGIC || len > RECORD_BYTES_MAX || seq != want {
+    if word(0) != magic || len > RECORD_BYTES_MAX || seq != want {
         return None;
     }
     let payload = bytes.get(HEADER_BYTES..HEADER_BYTES + len)?;
@@ -1445,15 +1543,22 @@ struct Scan {
 }
 
 /// Reads the records of a segment whose first record is `first_seq`: consecutive seqs, each
-/// whole and matching its CRC; the first that is not ends the log.
+/// whole and matching its CRC; the first that is not ends the log. Records of the format
+/// before credits come back in today's ([`upgrade_v1`]).
 fn scan(bytes: &[u8], first_seq: u64) -> Scan {
     let mut records = Vec::new();
     let mut at = 0usize;
     loop {
         let rest = &bytes[at..];
         let want = first_seq + records.len() as u64;
-        let whole =
-            whole_record(rest, want).map(|payload| (want, payload.to_vec(), HEADER_BYTES + payload.len()));
+        let whole = whole_record(rest, want, MAGIC)
+            .map(|payload| (want, payload.to_vec(), HEADER_BYTES + payload.len()))
+            .or_else(|| {
+                whole_record(rest, want, MAGIC_V1).map(|payload| {
+                    let upgraded = upgrade_v1(payload).unwrap_or_else(|| payload.to_vec());
+                    (want, upgraded, HEADER_BYTES + payload.len())
+                })
+            });
         match whole {
             Some((seq, payload, n)) => {
                 records.push((seq, payload));
@@ -1762,6 +1867,42 @@ mod tests {
         assert!(postcard::from_bytes::<(UserId, i64)>(&bad).is_err());
         let empty = postcard::to_allocvec(&(String::new(), 7_i64)).unwrap();
         assert!(postcard::from_bytes::<(UserId, i64)>(&empty).is_err());
+    }
+
+    /// A journal left by the version before credits ("HBJ1" records, without the field) is
+    /// read as the same batches with no credits, beside records of today's format; the old
+    /// format is read, never written.
+    #[test]
+    fn records_of_the_format_before_credits_are_read_as_batches_without_them() {
+        let old = batch("alice", 10);
+        // The record as that version wrote it: the same fields in order, but credits.
+        let rest = (
+            &old.entries,
+            &old.new_packets,
+            &old.packet_updates,
+            &old.claims,
+            &old.outbox_new,
+            &old.outbox_acked,
+            &old.watermarks,
+            &old.idempotency,
+            &old.totals,
+        );
+        let mut v1 = vec![0; HEADER_BYTES];
+        v1.extend(postcard::to_allocvec(&old.wallets).unwrap());
+        v1.extend(postcard::to_allocvec(&rest).unwrap());
+        write_header(&mut v1, MAGIC_V1, 1);
+        let mut new = batch("bob", 5);
+        new.credits.push((UserId::parse("carol").unwrap(), 3));
+        let mut v2 = Vec::new();
+        encode_record(&mut v2, 2, &new).unwrap();
+        assert_eq!(v2[0..4], MAGIC.to_le_bytes());
+        let file = [v1, v2].concat();
+        let s = scan(&file, 1);
+        assert_eq!((s.records.len(), s.dirty_tail, s.good_bytes as usize), (2, false, file.len()));
+        let back = decode(&s.records[0].1).unwrap();
+        assert!(back.credits.is_empty());
+        assert_eq!(postcard::to_allocvec(&back).unwrap(), postcard::to_allocvec(&old).unwrap());
+        assert_eq!(decode(&s.records[1].1).unwrap().credits, new.credits);
     }
 
     #[test]
@@ -2148,6 +2289,65 @@ mod tests {
         }
         assert_eq!(one_by_one.sums().unwrap(), merged.sums().unwrap());
         assert_eq!(merged.journal_seq().unwrap(), 50);
+    }
+
+    /// Credits merged: a user's add up, a balance written counts those before it, and those
+    /// after it add to it; the fold writes what the batches one by one would have.
+    #[test]
+    fn merged_credits_write_what_the_batches_wrote() {
+        let u = |s: &str| UserId::parse(s).unwrap();
+        let batches = || {
+            vec![
+                Batch { wallets: vec![(u("ben"), 40)], ..Batch::default() },
+                Batch { credits: vec![(u("amy"), 7), (u("ben"), 3), (u("dee"), 2)], ..Batch::default() },
+                // ben spends 10 of the 43 the set read, dee 1 of 2.
+                Batch {
+                    wallets: vec![(u("ben"), 33), (u("dee"), 1)],
+                    credits: vec![(u("cy"), 1)],
+                    ..Batch::default()
+                },
+                Batch { credits: vec![(u("ben"), 1), (u("amy"), 2), (u("cy"), 4)], ..Batch::default() },
+            ]
+        };
+        let m = merge(batches());
+        assert_eq!(m[0].wallets, vec![(u("ben"), 34), (u("dee"), 1)]);
+        assert_eq!(m[0].credits, vec![(u("amy"), 9), (u("dee"), 0), (u("cy"), 5)], "dee's 2 are spent");
+        let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (mut one_by_one, reader_a) = crate::open_sqlite(dir_a.path(), 0, 1).unwrap();
+        for b in &batches() {
+            one_by_one.commit(b).unwrap();
+        }
+        let (mut merged, reader_b) = crate::open_sqlite(dir_b.path(), 0, 1).unwrap();
+        merged.commit_folded(&m, 4).unwrap();
+        for who in ["amy", "ben", "cy", "dee", "eve"] {
+            assert_eq!(reader_a.balance(&u(who)).unwrap(), reader_b.balance(&u(who)).unwrap(), "{who}");
+        }
+        assert_eq!(reader_b.balance(&u("ben")).unwrap(), Some(34));
+        assert_eq!(one_by_one.sums().unwrap(), merged.sums().unwrap());
+    }
+
+    /// The set's read of a wallet it does not hold counts every credit committed: those the
+    /// fold applied, and those it has not, read beside the file; when more is not folded than
+    /// the index takes, the fold catches up first rather than the file be read alone.
+    #[test]
+    fn a_balance_the_set_does_not_hold_counts_every_credit_committed() {
+        let (_dir, _jdir, mut store) = fresh_journal();
+        let u = |s: &str| UserId::parse(s).unwrap();
+        store.commit(&Batch { wallets: vec![(u("amy"), 50)], ..Batch::default() }).unwrap();
+        store.sums().unwrap();
+        hold_the_fold(&store);
+        store.commit(&Batch { credits: vec![(u("amy"), 7), (u("ben"), 3)], ..Batch::default() }).unwrap();
+        store.commit(&Batch { credits: vec![(u("ben"), 4)], ..Batch::default() }).unwrap();
+        store.commit(&Batch { wallets: vec![(u("cy"), 5)], ..Batch::default() }).unwrap();
+        store.commit(&Batch { credits: vec![(u("cy"), 1)], ..Batch::default() }).unwrap();
+        for (who, want) in [("amy", Some(57)), ("ben", Some(7)), ("cy", Some(6)), ("dee", None)] {
+            assert_eq!(store.balance(&u(who)).unwrap(), want, "{who}");
+        }
+        assert_eq!(lock(&store.shared.state).folded_seq, 1, "read beside the file, none folded");
+        lock(&store.shared.state).overlay_bytes_max = 0;
+        assert_eq!(store.balance(&u("ben")).unwrap(), Some(7));
+        assert_eq!(lock(&store.shared.state).folded_seq, store.last_seq, "the fold caught up first");
+        assert_eq!(store.sums().unwrap().balances_fen, 57 + 7 + 6);
     }
 
     #[test]

@@ -175,6 +175,12 @@ pub struct Totals {
 pub struct Batch {
     /// Final balances of the wallets the batch touched (upsert).
     pub wallets: Vec<(UserId, i64)>,
+    /// Amounts added to wallets the set does not hold in memory: those of users it has not
+    /// debited since it loaded, such as claimers. The store adds each to the balance it holds (a wallet
+    /// it does not have starts at 0). Written before `wallets`: a balance there already counts
+    /// the same user's credits here, as the set read them ([`Store::balance`]). Journal records
+    /// put this field second, where history reads it (`overlay::HistoryView`).
+    pub credits: Vec<(UserId, i64)>,
     pub entries: Vec<Entry>,
     /// New packets (with their audience) in their initial state.
     pub new_packets: Vec<PacketHeader>,
@@ -194,6 +200,7 @@ impl Batch {
     /// Empties the batch and keeps its allocations, for the next one.
     pub fn clear(&mut self) {
         self.wallets.clear();
+        self.credits.clear();
         self.entries.clear();
         self.new_packets.clear();
         self.packet_updates.clear();
@@ -207,6 +214,7 @@ impl Batch {
 
     pub fn is_empty(&self) -> bool {
         self.wallets.is_empty()
+            && self.credits.is_empty()
             && self.entries.is_empty()
             && self.new_packets.is_empty()
             && self.packet_updates.is_empty()
@@ -263,6 +271,12 @@ pub trait Store: Send + 'static {
 
     /// Reads one packet (with claims) that is no longer in memory, e.g. closed long ago.
     fn packet(&mut self, id: PacketId) -> Result<Option<Packet>>;
+
+    /// The balance of a wallet the set does not hold in memory, as every batch committed so
+    /// far leaves it (`None`: no such wallet), read when the set first debits a user since it
+    /// loaded. It must count every committed credit ([`Batch::credits`]): a balance read short
+    /// would be written back short.
+    fn balance(&mut self, user: &UserId) -> Result<Option<i64>>;
 
     /// Sums for the audit, read in one consistent snapshot.
     fn sums(&mut self) -> Result<StoreSums>;

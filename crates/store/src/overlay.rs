@@ -84,6 +84,8 @@ enum What {
     Entry(Pending),
     /// The balance the record wrote.
     Wallet(i64),
+    /// An amount the record added to the balance ([`Batch::credits`]).
+    Credit(i64),
     /// A packet the user sent (boxed: a header is large, and few items are one).
     Sent(Box<PacketHeader>),
     /// A packet that became exhausted with the user as best luck.
@@ -182,7 +184,7 @@ struct Pending {
     at_ms: Millis,
 }
 
-/// What history reads of a journal record: a [`Batch`]'s first four fields, decoded from the
+/// What history reads of a journal record: a [`Batch`]'s first five fields, decoded from the
 /// record as it encodes them (postcard writes the fields in order, without names or lengths,
 /// so decoding stops after these and leaves claims, outbox and idempotency records unread),
 /// with user ids borrowed from the record, not allocated. Its fields must stay `Batch`'s, in
@@ -191,6 +193,8 @@ struct Pending {
 pub(crate) struct HistoryView<'a> {
     #[serde(borrow)]
     wallets: Vec<(&'a str, i64)>,
+    #[serde(borrow)]
+    credits: Vec<(&'a str, i64)>,
     #[serde(borrow)]
     entries: Vec<EntryView<'a>>,
     new_packets: Vec<PacketHeader>,
@@ -325,6 +329,10 @@ impl Overlay {
             self.file(e.user, hashes[i], What::Entry(pending))?;
         }
         self.hashes = hashes;
+        // Credits before balances, as the store writes them: a balance counts them.
+        for (name, fen) in batch.credits {
+            self.file(name, FastHash::of(name), What::Credit(fen))?;
+        }
         for (name, fen) in batch.wallets {
             self.file(name, FastHash::of(name), What::Wallet(fen))?;
         }
@@ -389,12 +397,31 @@ impl Overlay {
             .ok_or_else(|| overflow("an entry id"))
     }
 
-    /// The user's balance as the newest record not folded wrote it.
-    pub(crate) fn balance(&self, user: &UserId) -> Option<i64> {
-        self.items_of(user).find_map(|i| match i.what {
-            What::Wallet(fen) => Some(fen),
-            _ => None,
-        })
+    /// The user's balance with the records not folded applied to `stored`, the file's: the
+    /// newest balance written, else the file's, plus every credit after it. `None`: no wallet
+    /// in either.
+    pub(crate) fn balance(&self, user: &UserId, stored: Option<i64>) -> Result<Option<i64>> {
+        let mut credited: Option<i64> = None;
+        let mut base = stored;
+        for i in self.items_of(user) {
+            match i.what {
+                What::Wallet(fen) => {
+                    base = Some(fen);
+                    break;
+                }
+                What::Credit(fen) => {
+                    credited =
+                        Some(credited.unwrap_or(0).checked_add(fen).ok_or_else(|| overflow("a balance"))?)
+                }
+                _ => {}
+            }
+        }
+        match (base, credited) {
+            (base, None) => Ok(base),
+            (base, Some(c)) => {
+                base.unwrap_or(0).checked_add(c).map(Some).ok_or_else(|| overflow("a balance"))
+            }
+        }
     }
 
     /// The user's entries not folded, newest first, those that `keep`, before entry id `before`.
@@ -584,6 +611,7 @@ mod tests {
         };
         let batch = Batch {
             wallets: vec![(user("alice"), 700), (user("bob"), 150)],
+            credits: vec![(user("carol"), 5)],
             entries: vec![entry.clone()],
             new_packets: vec![header.clone()],
             packet_updates: vec![update.clone()],
@@ -613,6 +641,7 @@ mod tests {
         let bytes = postcard::to_allocvec(&batch).unwrap();
         let view = history_view(&bytes).unwrap();
         assert_eq!(view.wallets, vec![("alice", 700), ("bob", 150)]);
+        assert_eq!(view.credits, vec![("carol", 5)]);
         assert_eq!(view.entries.len(), 1);
         let e = &view.entries[0];
         assert_eq!(

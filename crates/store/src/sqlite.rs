@@ -7,7 +7,7 @@
 //! open (after a failed commit the engine calls `load` again on the same object), never panic
 //! on an I/O error, and never open a data dir made for another set count.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -113,14 +113,14 @@ pub(crate) fn open_sqlite_with(
     }
     std::fs::create_dir_all(dir)
         .map_err(|e| StoreError::Io(format!("cannot create data dir {}: {e}", dir.display())))?;
-    let path = dir.join(format!("set-{set}.sqlite"));
+    let path = file_path(dir, set);
 
     let mut conn = Connection::open(&path)
         .map_err(|e| StoreError::Io(format!("cannot open {}: {e}", path.display())))?;
     configure_writer(&conn)?;
     schema::migrate(&mut conn, &path, set, sets)?;
 
-    let reader = SqliteReader::new(open_read_pool(&path)?);
+    let reader = SqliteReader::new(open_read_pool(&path, READ_CONNECTIONS_MAX)?);
     let checkpointer = Checkpointer::start(&path)?;
     let mut store = SqliteStore::new(conn, set, checkpointer);
     // A journal left by a run with the journal on: what it holds is acknowledged, so it is
@@ -131,6 +131,16 @@ pub(crate) fn open_sqlite_with(
         leftovers == Leftovers::FoldKeepingSpare,
     )?;
     Ok((store, reader))
+}
+
+fn file_path(dir: &Path, set: u32) -> PathBuf {
+    dir.join(format!("set-{set}.sqlite"))
+}
+
+/// A reader of set `set`'s file with one connection of its own, for the set's thread: its
+/// reads never wait for a connection a query holds.
+pub(crate) fn own_reader(dir: &Path, set: u32) -> Result<SqliteReader> {
+    Ok(SqliteReader::new(open_read_pool(&file_path(dir, set), 1)?))
 }
 
 /// Copies the WAL back into the database file from a thread of its own, so the engine's
@@ -184,7 +194,7 @@ fn configure_writer(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
-fn open_read_pool(path: &Path) -> Result<r2d2::Pool<SqliteConnectionManager>> {
+fn open_read_pool(path: &Path, connections: u32) -> Result<r2d2::Pool<SqliteConnectionManager>> {
     // Read-write flags with `query_only` rather than SQLITE_OPEN_READ_ONLY: a read-only
     // connection cannot create the WAL index (-shm) and fails to open whenever the writer has
     // just closed and removed it, while `query_only` refuses every write all the same.
@@ -199,7 +209,7 @@ fn open_read_pool(path: &Path) -> Result<r2d2::Pool<SqliteConnectionManager>> {
         Ok(())
     });
     r2d2::Pool::builder()
-        .max_size(READ_CONNECTIONS_MAX)
+        .max_size(connections)
         .min_idle(Some(1))
         .connection_timeout(READ_WAIT_MAX)
         // A local file does not go stale like a network connection: skip the test query.

@@ -58,6 +58,12 @@ fn reopen_loads_exactly_what_was_committed() {
 }
 
 #[test]
+fn credits_add_to_the_stored_balance() {
+    let pg = PgCluster::start();
+    common::credits_add_to_the_stored_balance(|| open(&pg));
+}
+
+#[test]
 fn load_prunes_idempotency_records_past_retention() {
     let pg = PgCluster::start();
     common::load_prunes_idempotency_records_past_retention(|| open(&pg));

@@ -8,7 +8,8 @@ use std::path::Path;
 
 use common::{entry, user, world, Y2026_MS};
 use hongbao_store::{
-    open_sqlite, Batch, EntryKind, Reader, SqliteReader, SqliteStore, Store, StoreError, Totals,
+    open_journaled_sqlite, open_sqlite, Batch, EntryKind, Reader, SqliteReader, SqliteStore, Store,
+    StoreError, Totals,
 };
 
 fn open(dir: &Path) -> (SqliteStore, SqliteReader) {
@@ -30,6 +31,19 @@ fn deposit(who: &str, balance_fen: i64, amount_fen: i64, at_ms: i64, deposits_fe
 fn reopen_loads_exactly_what_was_committed() {
     let dir = tempfile::tempdir().unwrap();
     common::reopen_loads_exactly_what_was_committed(|| open(dir.path()));
+}
+
+#[test]
+fn credits_add_to_the_stored_balance() {
+    let dir = tempfile::tempdir().unwrap();
+    common::credits_add_to_the_stored_balance(|| open(dir.path()));
+}
+
+/// The same through the journal: the set's read and a query add the records not folded yet.
+#[test]
+fn credits_add_to_the_stored_balance_through_the_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    common::credits_add_to_the_stored_balance(|| open_journaled_sqlite(dir.path(), 0, 1).unwrap());
 }
 
 #[test]

@@ -16,7 +16,7 @@ use super::archive::{date_text, ArchivedDay};
 use super::partitions::DAY_MS;
 use super::rows::{self, get, to_u64, Columns, Users};
 use super::write::read_packet_row;
-use super::Manager;
+use super::{Manager, Statements};
 use crate::{EntryRow, PacketRow, Paging, Reader, ReceivedPage, Result, SentPage, Span};
 
 /// Most rows one page returns, whatever the caller asks: a query never materializes more
@@ -117,6 +117,15 @@ fn before_or_newest(before: Option<i64>) -> i64 {
     before.unwrap_or(i64::MAX)
 }
 
+/// The balance of `user` on `client` (`None`: no wallet).
+pub(super) fn balance_in(client: &mut Client, st: &mut Statements, user: &UserId) -> Result<Option<i64>> {
+    let s = st.get(client, SELECT_BALANCE)?;
+    match client.query_opt(&s, &[&user.as_str()])? {
+        Some(r) => Ok(Some(rows::balance(get(&r, 0)?, user)?)),
+        None => Ok(None),
+    }
+}
+
 /// Totals and a page from one snapshot.
 fn snapshot(client: &mut Client) -> Result<Transaction<'_>> {
     Ok(client.build_transaction().isolation_level(IsolationLevel::RepeatableRead).read_only(true).start()?)
@@ -126,11 +135,7 @@ impl Reader for PgReader {
     fn balance(&self, user: &UserId) -> Result<Option<i64>> {
         let mut conn = self.conn()?;
         let (client, st) = conn.split();
-        let s = st.get(client, SELECT_BALANCE)?;
-        match client.query_opt(&s, &[&user.as_str()])? {
-            Some(r) => Ok(Some(rows::balance(get(&r, 0)?, user)?)),
-            None => Ok(None),
-        }
+        balance_in(client, st, user)
     }
 
     fn entries(&self, user: &UserId, before_id: Option<i64>, limit: u32) -> Result<Vec<EntryRow>> {

@@ -52,6 +52,9 @@ const WRITE_BATCH: &str = "WITH \
  w AS (INSERT INTO wallets (user_id, balance_fen) \
      SELECT * FROM unnest($1::text[], $2::int8[]) \
      ON CONFLICT (user_id) DO UPDATE SET balance_fen = excluded.balance_fen), \
+ cr AS (INSERT INTO wallets (user_id, balance_fen) \
+     SELECT * FROM unnest($41::text[], $42::int8[]) \
+     ON CONFLICT (user_id) DO UPDATE SET balance_fen = wallets.balance_fen + excluded.balance_fen), \
  e AS (INSERT INTO entries (id, user_id, kind, amount_fen, packet_id, at_ms) \
      SELECT nextval('entries_id_seq'), e.u, e.k, e.a, e.p, e.t \
      FROM unnest($3::text[], $4::text[], $5::int8[], $6::int8[], $7::int8[]) \
@@ -280,6 +283,14 @@ impl Store for PgStore {
         written.map_err(|e| crate::commit_failed(set, e))
     }
 
+    /// Read on the set's own connection, where every batch it wrote is committed.
+    fn balance(&mut self, user: &UserId) -> Result<Option<i64>> {
+        self.on_connection(|conn, _| {
+            let (client, st) = conn.split();
+            super::read::balance_in(client, st, user)
+        })
+    }
+
     fn packet(&mut self, id: PacketId) -> Result<Option<Packet>> {
         self.on_connection(|conn, _| {
             let (client, st) = conn.split();
@@ -499,6 +510,37 @@ fn last_per_key<'a, T, K: Eq + Hash>(items: &'a [T], key: impl Fn(&'a T) -> K) -
     out
 }
 
+/// A batch's credits as one sum per user, leaving out the users whose balance the batch
+/// writes (`balanced`): that balance counts their credits, and the statement's CTEs must not
+/// touch one wallet row twice (PostgreSQL would apply one of the two, unpredictably), nor one
+/// upsert the same row twice (it refuses).
+fn credits_per_user<'a>(credits: &'a [(UserId, i64)], balanced: &[&str]) -> Result<(Vec<&'a str>, Vec<i64>)> {
+    if credits.is_empty() {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let balanced: std::collections::HashSet<&str> = balanced.iter().copied().collect();
+    let mut at: HashMap<&str, usize> = HashMap::with_capacity(credits.len());
+    let (mut users, mut fens): (Vec<&str>, Vec<i64>) = (Vec::new(), Vec::new());
+    for (user, fen) in credits {
+        let user = user.as_str();
+        if balanced.contains(user) {
+            continue;
+        }
+        match at.entry(user) {
+            std::collections::hash_map::Entry::Occupied(e) => {
+                let sum = &mut fens[*e.get()];
+                *sum = sum.checked_add(*fen).ok_or_else(|| corrupt(format!("credits to {user} overflow")))?;
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(users.len());
+                users.push(user);
+                fens.push(*fen);
+            }
+        }
+    }
+    Ok((users, fens))
+}
+
 /// Writes the whole batch atomically: new packets first (in a transaction around the rest,
 /// when there are any), then everything else in one statement; the caller turns any error into
 /// `Io`. Idempotency records are upserts, not plain inserts: the engine may forget a record at
@@ -557,6 +599,7 @@ fn write_rest(c: &mut impl GenericClient, st: &mut Statements, b: &Batch) -> Res
     let wallets = last_per_key(&b.wallets, |(user, _)| user.as_str());
     let w_users: Vec<&str> = wallets.iter().map(|(u, _)| u.as_str()).collect();
     let w_fens: Vec<i64> = wallets.iter().map(|(_, fen)| *fen).collect();
+    let (cr_users, cr_fens) = credits_per_user(&b.credits, &w_users)?;
 
     let e = &b.entries;
     let e_users: Vec<&str> = e.iter().map(|e| e.user.as_str()).collect();
@@ -617,7 +660,7 @@ fn write_rest(c: &mut impl GenericClient, st: &mut Statements, b: &Batch) -> Res
     let write_totals = b.totals.is_some();
 
     let s = st.get(c, WRITE_BATCH)?;
-    let params: [&(dyn ToSql + Sync); 40] = [
+    let params: [&(dyn ToSql + Sync); 42] = [
         &w_users,
         &w_fens,
         &e_users,
@@ -658,6 +701,8 @@ fn write_rest(c: &mut impl GenericClient, st: &mut Statements, b: &Batch) -> Res
         &totals.deposits_fen,
         &totals.withdrawals_fen,
         &write_totals,
+        &cr_users,
+        &cr_fens,
     ];
     c.query_one(&s, &params)?;
     Ok(())

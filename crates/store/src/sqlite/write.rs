@@ -7,7 +7,7 @@
 
 use std::sync::OnceLock;
 
-use hongbao_core::{hint, Audience, Claim, Millis, Packet, PacketId, PacketStatus};
+use hongbao_core::{hint, Audience, Claim, Millis, Packet, PacketId, PacketStatus, UserId};
 use rusqlite::{Connection, OptionalExtension, Statement, Transaction, TransactionBehavior};
 
 use super::rows::{self, corrupt, to_i64, Columns, Users};
@@ -130,6 +130,12 @@ impl Store for SqliteStore {
         };
         tx.commit()?;
         Ok(Some(Packet::restore(row.header, row.status, row.refunded_fen, claims)))
+    }
+
+    fn balance(&mut self, user: &UserId) -> Result<Option<i64>> {
+        self.recover()?;
+        // The writer's own connection: every batch it committed is there.
+        super::read::balance_in(&self.conn, user)
     }
 
     fn sums(&mut self) -> Result<StoreSums> {
@@ -297,11 +303,7 @@ pub(super) fn read_packet_row(
 }
 
 /// The audience rows of a group packet; none for an `Anyone` packet (and none are read).
-pub(super) fn read_group(
-    conn: &Connection,
-    row: &PacketRow,
-    users: &mut Users,
-) -> Result<Vec<hongbao_core::UserId>> {
+pub(super) fn read_group(conn: &Connection, row: &PacketRow, users: &mut Users) -> Result<Vec<UserId>> {
     let mut group = Vec::new();
     if row.header.audience == Audience::Anyone {
         return Ok(group);
@@ -349,6 +351,22 @@ fn read_totals(conn: &Connection) -> Result<Totals> {
 /// Order matters: packets exist before their updates, audience and claims refer to them.
 /// Writes one batch's rows inside `tx`; the caller commits.
 fn write_batch(tx: &Transaction<'_>, b: &Batch) -> Result<()> {
+    // Credits first: a balance in `wallets` already counts its user's credits here.
+    if !b.credits.is_empty() {
+        let order = in_name_order(&b.credits, |c| c.0.as_str());
+        insert_rows(
+            tx,
+            &CREDITS,
+            &b.credits,
+            &order,
+            |c| c.0.as_str(),
+            |st, first, _, (user, fen)| {
+                st.raw_bind_parameter(first, user.as_str())?;
+                st.raw_bind_parameter(first + 1, fen)
+            },
+        )?;
+    }
+
     if !b.wallets.is_empty() {
         // In key order, here and for entries and claims: each insert then descends the B-tree
         // along the path the last one took, through pages already in the CPU's cache (the
@@ -603,6 +621,14 @@ static WALLETS: Insert = Insert::new(
     "(?, ?)",
     " ON CONFLICT (user) DO UPDATE SET balance_fen = excluded.balance_fen",
 );
+/// A credit to a wallet the set does not hold: added to the stored balance, or the wallet made
+/// with it. The sum cannot overflow: balances are never negative, and the set keeps their
+/// total in checked arithmetic.
+static CREDITS: Insert = Insert::new(
+    "INSERT OR ROLLBACK INTO wallets (user, balance_fen) VALUES",
+    "(?, ?)",
+    " ON CONFLICT (user) DO UPDATE SET balance_fen = balance_fen + excluded.balance_fen",
+);
 static ENTRIES: Insert = Insert::new(
     "INSERT OR ROLLBACK INTO entries (user, id, kind, amount_fen, packet_id, at_ms) VALUES",
     "(?, ?, ?, ?, ?, ?)",
@@ -733,7 +759,7 @@ mod tests {
     #[test]
     fn rows_past_one_statements_worth_are_written_in_order() {
         use crate::{ClaimRow, Entry, EntryKind};
-        use hongbao_core::{Claim, PacketIdGen, UserId};
+        use hongbao_core::{Claim, PacketIdGen};
 
         let mut conn = Connection::open_in_memory().unwrap();
         super::super::schema::migrate(&mut conn, std::path::Path::new("mem"), 0, 1).unwrap();

@@ -86,6 +86,7 @@ pub fn world_at(set: u32, t: i64) -> World {
     let exhausted = ids.next(t);
     let batch = Batch {
         wallets: vec![(user("alice"), 500), (user("bob"), 220), (user("carol"), 0)],
+        credits: vec![],
         entries: vec![
             entry("alice", EntryKind::Deposit, 1_000, None, t),
             entry("alice", EntryKind::Send, 300, Some(active), t + 1),
@@ -201,6 +202,37 @@ pub fn reopen_loads_exactly_what_was_committed<S: Store, R: Reader>(open: impl F
     assert_eq!(closed.claim_of(&user("dave")).map(|c| c.amount_fen), Some(100));
     assert!(store.packet(PacketIdGen::new(0, Some(w.exhausted)).next(Y2026_MS)).unwrap().is_none());
     assert_eq!(store.packet(w.active).unwrap().unwrap().opened_fen(), 120);
+}
+
+/// Credits ([`Batch::credits`]) add to the balance the store holds, make a wallet it does not
+/// have, add up within a batch, and give way to a balance the same batch writes for the user
+/// (which counts them); `Store::balance`, the reader, the sums and a reload all see them.
+pub fn credits_add_to_the_stored_balance<S: Store, R: Reader>(open: impl Fn() -> (S, R)) {
+    {
+        let (mut store, reader) = open();
+        store
+            .commit(&Batch { wallets: vec![(user("amy"), 50), (user("cy"), 15)], ..Batch::default() })
+            .unwrap();
+        store
+            .commit(&Batch {
+                credits: vec![(user("amy"), 7), (user("ben"), 3), (user("cy"), 10), (user("ben"), 4)],
+                // cy's 15 and 10 more, then 2 spent: the set read 25 and wrote 23.
+                wallets: vec![(user("cy"), 23)],
+                ..Batch::default()
+            })
+            .unwrap();
+        for (who, want) in [("amy", Some(57)), ("ben", Some(7)), ("cy", Some(23)), ("dee", None)] {
+            assert_eq!(store.balance(&user(who)).unwrap(), want, "{who}, the set's read");
+            assert_eq!(reader.balance(&user(who)).unwrap(), want, "{who}, a query");
+        }
+        assert_eq!(store.sums().unwrap().balances_fen, 57 + 7 + 23);
+        store.commit(&Batch { credits: vec![(user("ben"), 1)], ..Batch::default() }).unwrap();
+        assert_eq!(store.balance(&user("ben")).unwrap(), Some(8));
+    }
+    let (mut store, _reader) = open();
+    let mut wallets = store.load(0).unwrap().wallets;
+    wallets.sort();
+    assert_eq!(wallets, vec![(user("amy"), 57), (user("ben"), 8), (user("cy"), 23)]);
 }
 
 pub fn load_prunes_idempotency_records_past_retention<S: Store, R: Reader>(open: impl Fn() -> (S, R)) {
