@@ -113,6 +113,53 @@ async fn claims_across_sets_credit_each_receiver_once() {
     engine.shutdown().await;
 }
 
+/// A set does not hold a claimer's wallet until it first debits them: their credits are rows
+/// the store adds up. Their balances read whole, their first withdrawal or send reads the
+/// store (with what the fold has not applied yet), and a restart finds every balance where
+/// it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claimers_spend_what_their_sets_credited_without_holding_their_wallets() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0_MS);
+    let engine = start(dir.path(), 2, &clock);
+    engine.deposit(user("boss"), fen(100_000), rid("d1")).await.unwrap();
+    let claimers: Vec<UserId> = (0..30).map(|i| user(&format!("c{i}"))).collect();
+    for k in 0..3 {
+        let v = send(&engine, "boss", Kind::Equal, 3_000, 30, Audience::Anyone, None, &format!("s{k}"));
+        let p = engine.send(v).await.unwrap();
+        let answers = engine.claim_many(claimers.iter().map(|u| (p.id, u.clone())).collect()).await;
+        assert!(answers.iter().all(|a| matches!(a, Ok(c) if c.amount_fen == 100)), "{answers:?}");
+    }
+    settled_audit(&engine).await;
+    for u in &claimers {
+        assert_eq!(engine.wallet(u.clone()).await.unwrap().balance_fen, 300, "{u}");
+    }
+    for (i, u) in claimers.iter().enumerate() {
+        let w = engine.withdraw(u.clone(), fen(120), rid(&format!("w{i}"))).await.unwrap();
+        assert_eq!(w.balance_fen, 180, "{u}: the 300 the store holds for them, less 120");
+    }
+    let more = engine.withdraw(claimers[0].clone(), fen(181), rid("w-more")).await;
+    assert_eq!(more, Err(EngineError::InsufficientFunds));
+    // A claimer sends what they received; c1 (held now) and two new claimers are credited.
+    let v = send(&engine, "c0", Kind::Equal, 180, 3, Audience::Anyone, None, "c0-s");
+    let p = engine.send(v).await.unwrap();
+    for who in ["c1", "n1", "n2"] {
+        assert_eq!(engine.claim(p.id, user(who)).await.unwrap().amount_fen, 60);
+    }
+    let a = settled_audit(&engine).await;
+    assert_eq!((a.balances_fen, a.escrow_fen), (100_000 - 30 * 120, 0));
+    engine.shutdown().await;
+
+    let engine = start(dir.path(), 2, &clock);
+    for (who, want) in [("boss", 91_000), ("c0", 0), ("c1", 240), ("c2", 180), ("n1", 60)] {
+        assert_eq!(engine.wallet(user(who)).await.unwrap().balance_fen, want, "{who}");
+    }
+    engine.withdraw(user("n2"), fen(60), rid("n2-w")).await.unwrap();
+    let a = settled_audit(&engine).await;
+    assert_eq!(a.balances_fen, 100_000 - 30 * 120 - 60);
+    engine.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expiry_refunds_the_remainder_once_across_restarts() {
     let dir = tempfile::tempdir().unwrap();
