@@ -795,10 +795,10 @@ impl SetState {
     }
 
     /// Asks for what a claim of `packet` by `user` will touch, a few claims before it is
-    /// settled: the place of the user's claim in the packet's index, and the place of their
-    /// wallet if this set holds it. In the in-process festival, where every claimer is new,
-    /// the wallet tables are hundreds of megabytes and the packets' indexes tens, and each was
-    /// a miss to memory that the set otherwise waited for.
+    /// settled: the place of the user's claim in the packet's index, and the place where this
+    /// set would hold their wallet (most claimers' wallets are not held, and the tables stay
+    /// small). In the in-process festival, where every claimer is new, the packets' indexes
+    /// are tens of megabytes, and each was a miss to memory that the set otherwise waited for.
     fn look_ahead(&self, ctx: &SetContext, packet: PacketId, user: &UserId) {
         if let Some(p) = self.packets.get(&packet) {
             p.prefetch_claim(user);

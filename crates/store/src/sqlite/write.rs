@@ -352,40 +352,13 @@ fn read_totals(conn: &Connection) -> Result<Totals> {
 /// Writes one batch's rows inside `tx`; the caller commits.
 fn write_batch(tx: &Transaction<'_>, b: &Batch) -> Result<()> {
     // Credits first: a balance in `wallets` already counts its user's credits here.
-    if !b.credits.is_empty() {
-        let order = in_name_order(&b.credits, |c| c.0.as_str());
-        insert_rows(
-            tx,
-            &CREDITS,
-            &b.credits,
-            &order,
-            |c| c.0.as_str(),
-            |st, first, _, (user, fen)| {
-                st.raw_bind_parameter(first, user.as_str())?;
-                st.raw_bind_parameter(first + 1, fen)
-            },
-        )?;
-    }
-
-    if !b.wallets.is_empty() {
-        // In key order, here and for entries and claims: each insert then descends the B-tree
-        // along the path the last one took, through pages already in the CPU's cache (the
-        // fold's rows arrive in the order they were made, scattered over the whole table).
-        // Should a user appear twice, the later balance is still written last: the rows of
-        // one statement are written in the order they are listed.
-        let order = in_name_order(&b.wallets, |w| w.0.as_str());
-        insert_rows(
-            tx,
-            &WALLETS,
-            &b.wallets,
-            &order,
-            |w| w.0.as_str(),
-            |st, first, _, (user, fen)| {
-                st.raw_bind_parameter(first, user.as_str())?;
-                st.raw_bind_parameter(first + 1, fen)
-            },
-        )?;
-    }
+    write_wallet_rows(tx, &CREDITS, &b.credits)?;
+    // In key order, here and for entries and claims: each insert then descends the B-tree
+    // along the path the last one took, through pages already in the CPU's cache (the fold's
+    // rows arrive in the order they were made, scattered over the whole table). Should a user
+    // appear twice, the later balance is still written last: the rows of one statement are
+    // written in the order they are listed.
+    write_wallet_rows(tx, &WALLETS, &b.wallets)?;
 
     if !b.entries.is_empty() {
         // Ids in the order the entries were made, after the last one ever issued; written in
@@ -639,6 +612,25 @@ static CLAIMS: Insert = Insert::new(
     "(?, ?, ?, ?, ?)",
     "",
 );
+
+/// Writes (user, fen) rows by `kind` (balances or credits), in the users' order.
+fn write_wallet_rows(tx: &Transaction<'_>, kind: &Insert, rows: &[(UserId, i64)]) -> Result<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let order = in_name_order(rows, |w| w.0.as_str());
+    insert_rows(
+        tx,
+        kind,
+        rows,
+        &order,
+        |w| w.0.as_str(),
+        |st, first, _, (user, fen)| {
+            st.raw_bind_parameter(first, user.as_str())?;
+            st.raw_bind_parameter(first + 1, fen)
+        },
+    )
+}
 
 /// Inserts `rows` in `order` (their places), [`ROWS_PER_INSERT`] a statement and the rest one
 /// by one (a statement for each length left over would crowd the statement cache), each row
