@@ -167,9 +167,9 @@ impl Table {
 }
 
 impl Wallets {
-    /// Room for `wallets` spread by each table's share, so a start with a million wallets does
-    /// not double its tables on the way.
-    pub(crate) fn with_capacity(wallets: usize) -> Wallets {
+    /// Room for `wallets` spread by each table's share. A set starts empty (`Default`): it
+    /// holds no wallet until it debits its user, so nothing is known to size the tables for.
+    fn with_capacity(wallets: usize) -> Wallets {
         let each = |shard| (wallets * weight(shard)).div_ceil(PICKS);
         Wallets { shards: (0..SHARDS).map(|shard| Table::with_capacity(each(shard))).collect() }
     }
